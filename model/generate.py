@@ -1,0 +1,267 @@
+"""Sampling and the decode loop.
+
+Generation has two compiled functions and a thin Python driver:
+
+* ``prefill``: runs the prompt (right-padded to a length bucket, so a few
+  shapes cover every prompt) through the model into the KV cache and samples
+  the first new token.
+* ``decode``: a ``lax.while_loop`` that feeds the last sampled token, samples
+  the next and repeats, for up to ``n_steps`` tokens (at most ``DECODE_BLOCK``)
+  or until every row has produced end-of-document. Many tokens run per call
+  with no Python round trip; streaming simply asks for fewer steps per call.
+
+The driver (``generate_text`` / ``stream_text``) turns token blocks into text:
+it holds back an incomplete UTF-8 sequence and any text that might be the
+start of a stop sequence, and it cuts the output at the first stop sequence.
+Sampling parameters are traced values, so changing them never recompiles.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import functools
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.gpt2 import GPT, KVCache
+from model.tokenizer import Tokenizer
+
+DECODE_BLOCK = 64  # most tokens one decode call produces
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens.
+
+    Attributes:
+      max_new_tokens: most tokens to generate.
+      temperature: 0 is greedy; otherwise logits are divided by it.
+      top_k: keep the k most likely tokens (0 = all).
+      top_p: keep the smallest set of tokens whose probability reaches p.
+      seed: seed of the sampling RNG; equal seeds give equal samples.
+      stop: generation ends before the first occurrence of any of these strings.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop sequences must be non-empty strings, got {self.stop!r}")
+
+
+def sample(logits, key, temperature, top_k, top_p):
+    """Draws one token per row.
+
+    Args:
+      logits: [B, V] float32.
+      key: PRNG key.
+      temperature, top_p: [B] float32; top_k: [B] int32 (0 = no limit).
+
+    Returns:
+      [B] int32 token ids; rows with temperature 0 take the argmax.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+
+    def draw(_):
+        order = jnp.argsort(-logits, axis=-1)  # [B, V] most likely first
+        ranked = jnp.take_along_axis(logits, order, axis=-1) / jnp.maximum(temperature, 1e-6)[:, None]
+        rank = jnp.arange(logits.shape[-1])[None, :]  # [1, V]
+        keep = (top_k[:, None] == 0) | (rank < top_k[:, None])
+        probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of more likely tokens
+        keep &= (rank == 0) | (mass_before < top_p[:, None])
+        choice = jax.random.categorical(key, jnp.where(keep, ranked, -jnp.inf), axis=-1)  # [B]
+        drawn = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    # Skip the sort entirely when every row is greedy.
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
+
+
+@dataclasses.dataclass
+class DecodeState:
+    """Everything the decode loop carries between calls (one row per sequence)."""
+
+    cache: KVCache
+    token: jax.Array  # [B] last sampled token, not yet fed to the model
+    position: jax.Array  # [B] position that ``token`` will take
+    done: jax.Array  # [B] bool: row produced end-of-document
+    key: jax.Array
+
+
+jax.tree_util.register_dataclass(
+    DecodeState, data_fields=["cache", "token", "position", "done", "key"], meta_fields=[]
+)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+def prefill(graphdef, state, tokens, length, start, cache, key, temperature, top_k, top_p, eot_id):
+    """Feeds a right-padded prompt and samples the first new token.
+
+    Args:
+      tokens: [B, T] prompt ids, right-padded to the bucket length T.
+      length: [B] true prompt length per row (>= 1).
+      start: [B] position of ``tokens[:, 0]`` (tokens before it are in ``cache``).
+      cache: KV cache for the rows.
+
+    Returns:
+      ``(DecodeState, first_token [B])``.
+    """
+    model: GPT = nnx.merge(graphdef, state)
+    positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]  # [B, T]
+    logits, _, cache = model(tokens, positions, cache)
+    last = jnp.take_along_axis(logits, (length - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+    key, sub = jax.random.split(key)
+    token = sample(last, sub, temperature, top_k, top_p)
+    return DecodeState(cache, token, start + length, token == eot_id, key), token
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("decode_state",))
+def decode(graphdef, state, decode_state: DecodeState, n_steps, temperature, top_k, top_p, eot_id):
+    """Generates up to ``n_steps`` (<= DECODE_BLOCK) more tokens per row in one call.
+
+    Returns:
+      ``(DecodeState, tokens [B, DECODE_BLOCK], n_done)``: the first ``n_done``
+      columns are new tokens (``eot_id`` after a row finished).
+    """
+    model: GPT = nnx.merge(graphdef, state)
+    B = decode_state.token.shape[0]
+    # One vectorised split per call: a split per step costs a threefry loop per token.
+    keys = jax.random.split(decode_state.key, DECODE_BLOCK + 1)
+
+    def keep_going(carry):
+        i, ds, _ = carry
+        return (i < n_steps) & ~jnp.all(ds.done)
+
+    def step(carry):
+        i, ds, out = carry
+        logits, _, cache = model(ds.token[:, None], ds.position[:, None], ds.cache)  # [B, 1, V]
+        token = sample(logits[:, 0], keys[i], temperature, top_k, top_p)
+        token = jnp.where(ds.done, eot_id, token)
+        out = out.at[:, i].set(token)
+        ds = DecodeState(cache, token, ds.position + 1, ds.done | (token == eot_id), ds.key)
+        return i + 1, ds, out
+
+    out = jnp.full((B, DECODE_BLOCK), eot_id, jnp.int32)
+    n_done, decode_state, out = jax.lax.while_loop(keep_going, step, (0, decode_state, out))
+    decode_state.key = keys[-1]
+    return decode_state, out, n_done
+
+
+def bucket_length(n: int, room: int) -> int:
+    """Smallest power of two >= n (at least MIN_BUCKET), capped at ``room``."""
+    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), room)
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" (stop sequence or end of document) or "length"
+
+
+def stream_tokens(
+    model: GPT, prompt: list[int], params: SamplingParams, eot_id: int, block: int = DECODE_BLOCK
+) -> Iterator[list[int]]:
+    """Yields lists of new token ids (batch 1), ``block`` tokens per compiled call.
+
+    The last token of the last list is ``eot_id`` if the model ended the document.
+    """
+    config = model.config
+    if not prompt:
+        raise ValueError("prompt must hold at least one token (start documents with end-of-document)")
+    if len(prompt) + params.max_new_tokens > config.n_positions:
+        raise ValueError(
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+            f"the context window of {config.n_positions} tokens"
+        )
+    if params.max_new_tokens == 0:
+        return
+    graphdef, state = nnx.split(model)
+    T = bucket_length(len(prompt), config.n_positions)
+    tokens = jnp.asarray([prompt + [eot_id] * (T - len(prompt))], jnp.int32)  # [1, T]
+    temperature = jnp.full((1,), params.temperature, jnp.float32)
+    top_k = jnp.full((1,), params.top_k, jnp.int32)
+    top_p = jnp.full((1,), params.top_p, jnp.float32)
+    ds, first = prefill(
+        graphdef, state, tokens, jnp.asarray([len(prompt)]), jnp.zeros((1,), jnp.int32),
+        KVCache.init(config, 1), jax.random.key(params.seed), temperature, top_k, top_p, eot_id,
+    )
+    yield [int(first[0])]
+    remaining = params.max_new_tokens - 1
+    while remaining > 0 and not bool(ds.done[0]):
+        n = min(block, remaining, DECODE_BLOCK)
+        ds, out, n_done = decode(graphdef, state, ds, n, temperature, top_k, top_p, eot_id)
+        new = [int(t) for t in out[0, : int(n_done)]]
+        if eot_id in new:
+            new = new[: new.index(eot_id) + 1]
+        remaining -= len(new)
+        yield new
+
+
+def _stop_cut(text: str, stops: tuple[str, ...]) -> tuple[int | None, int]:
+    """(index of the first complete stop sequence or None, length safe to emit)."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        return min(hits), min(hits)
+    safe = len(text)
+    for s in stops:  # hold back a tail that could still grow into a stop sequence
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                safe = min(safe, len(text) - k)
+                break
+    return None, safe
+
+
+def stream_text(
+    model: GPT, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams, block: int = DECODE_BLOCK
+) -> Iterator[str | Completion]:
+    """Yields text deltas as they become final, then one ``Completion``."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text, emitted, generated, reason = "", 0, [], "length"
+    for new in stream_tokens(model, prompt, params, tokenizer.eot_id, block):
+        ended = new[-1] == tokenizer.eot_id
+        generated += new[:-1] if ended else new
+        text += utf8.decode(tokenizer.decode_bytes(new[:-1] if ended else new))
+        stop_at, safe = _stop_cut(text, params.stop)
+        if stop_at is not None:
+            text, reason = text[:stop_at], "stop"
+            break
+        if ended:
+            reason = "stop"
+            break
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    else:
+        text += utf8.decode(b"", final=True)
+        stop_at, _ = _stop_cut(text, params.stop)
+        if stop_at is not None:
+            text, reason = text[:stop_at], "stop"
+    if len(text) > emitted:
+        yield text[emitted:]
+    yield Completion(text=text, tokens=generated, finish_reason=reason)
+
+
+def generate_text(model: GPT, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams) -> Completion:
+    """Non-streaming generation: the whole completion at once."""
+    *_, completion = stream_text(model, tokenizer, prompt, params)
+    return completion

@@ -1,0 +1,231 @@
+"""GPT-2 in Flax NNX, functional in its KV cache.
+
+The network is GPT-2 exactly (learned token and position embeddings, pre-LN
+blocks, tanh-GELU MLP, final LayerNorm, LM head tied to ``wte``) and its
+parameters carry GPT-2's names, so Hugging Face weights map one to one
+(``h.N.attn.c_attn.weight`` -> ``h.attn.c_attn.kernel[N]``; HF's Conv1D
+already stores weights as ``[in, out]``).
+
+The blocks are separate modules (``h.0`` .. ``h.{L-1}``), applied by a loop
+that unrolls at trace time. Stacking them and running ``lax.scan`` compiles
+faster, but on CPU the scan's per-layer dynamic slicing of the weights made a
+single-token step 2.4x slower (4 tiny blocks: 1.50 ms scanned, 0.62 ms
+unrolled), and single-token decode is what a completion server lives on.
+
+The KV cache holds one fixed-size buffer ``[B, H, S, hd]`` per layer for keys
+and one for values (heads before slots, so attention's matmuls read it without
+a transpose); the slot index is the absolute token position. A call writes its T new keys/values at slots
+``positions[b, 0] .. positions[b, 0] + T - 1`` and a query at position p
+attends to slots ``<= p``. Slots past the current position (stale tokens from
+an edit, or right-padding of a bucketed prefill) are therefore never seen and
+need no clearing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import GPTConfig
+
+
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, indexed by absolute position."""
+
+    k: tuple[jax.Array, ...]  # L x [B, H, S, hd]
+    v: tuple[jax.Array, ...]  # L x [B, H, S, hd]
+
+    @classmethod
+    def init(cls, config: GPTConfig, batch_size: int, length: int | None = None) -> "KVCache":
+        length = config.n_positions if length is None else length
+        shape = (batch_size, config.n_head, length, config.head_dim)
+        # Distinct buffers: the cache is donated, and a buffer may be donated once.
+        zeros = lambda: tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.n_layer))
+        return cls(zeros(), zeros())
+
+
+def _write(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Writes ``new`` [B, H, T, hd] into ``cache`` [B, H, S, hd] at row-wise slot ``start`` [B]."""
+    for b in range(new.shape[0]):  # B is static; each row's update happens in place
+        cache = jax.lax.dynamic_update_slice(cache, new[b : b + 1], (b, 0, start[b], 0))
+    return cache
+
+
+def _layer_norm(config: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        config.n_embd,
+        epsilon=config.layer_norm_epsilon,
+        use_fast_variance=False,  # two-pass variance, as torch computes it
+        dtype=config.compute_dtype,
+        param_dtype=config.weight_dtype,
+        rngs=rngs,
+    )
+
+
+def _linear(config: GPTConfig, n_in: int, n_out: int, std: float, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        n_in,
+        n_out,
+        kernel_init=nnx.initializers.normal(std),
+        dtype=config.compute_dtype,
+        param_dtype=config.weight_dtype,
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        D = config.n_embd
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2's scaled init
+        self.c_attn = _linear(config, D, 3 * D, 0.02, rngs)
+        self.c_proj = _linear(config, D, D, residual_std, rngs)
+
+    def __call__(self, x, positions, kv):
+        """Causal self-attention.
+
+        Args:
+          x: [B, T, D] inputs.
+          positions: [B, T] absolute positions; contiguous within a row.
+          kv: ``(k, v)`` cache of this layer, each [B, H, S, hd], or None.
+
+        Returns:
+          ``(y [B, T, D], new_kv)``.
+        """
+        B, T, D = x.shape
+        H, hd = self.config.n_head, self.config.head_dim
+        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 x [B, T, D]
+        heads_first = lambda a: a.reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # [B, H, T, hd]
+        q, k, v = heads_first(q), heads_first(k), heads_first(v)
+        scale = 1.0 / math.sqrt(hd)
+        causal = positions[:, None, :] <= positions[:, :, None]  # [B, T, T]
+        scores = jnp.einsum("bhtd,bhsd->bhts", q, k) * scale  # [B, H, T, T]
+        scores = jnp.where(causal[:, None], scores.astype(jnp.float32), _MASKED)
+        if kv is None:
+            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+            y = jnp.einsum("bhts,bhsd->bthd", probs, v)  # [B, T, H, hd]
+        else:
+            # Attend to the cache as it was (slots before this call's first
+            # position) plus the new keys, then write the new keys. Reading
+            # the cache after the write made XLA duplicate the update and copy
+            # every layer's cache on every decode step (3x slower at 1024 slots).
+            cache_k, cache_v = kv
+            S = cache_k.shape[2]
+            seen = jnp.arange(S)[None, :] < positions[:, :1]  # [B, S]
+            past = jnp.einsum("bhtd,bhsd->bhts", q, cache_k) * scale  # [B, H, T, S]
+            past = jnp.where(seen[:, None, None], past.astype(jnp.float32), _MASKED)
+            probs = jax.nn.softmax(jnp.concatenate([past, scores], axis=-1), axis=-1).astype(v.dtype)
+            y = jnp.einsum("bhts,bhsd->bthd", probs[..., :S], cache_v) + jnp.einsum(
+                "bhts,bhsd->bthd", probs[..., S:], v
+            )  # [B, T, H, hd]
+            kv = (_write(cache_k, k, positions[:, 0]), _write(cache_v, v, positions[:, 0]))
+        y = y.reshape(B, T, D)  # [B, T, D]
+        return self.c_proj(y), kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        D = config.n_embd
+        self.c_fc = _linear(config, D, 4 * D, 0.02, rngs)
+        self.c_proj = _linear(config, 4 * D, D, 0.02 / math.sqrt(2 * config.n_layer), rngs)
+
+    def __call__(self, x):
+        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))  # [B, T, D]
+
+
+class Block(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.ln_1 = _layer_norm(config, rngs)
+        self.attn = Attention(config, rngs=rngs)
+        self.ln_2 = _layer_norm(config, rngs)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, kv):
+        a, kv = self.attn(self.ln_1(x), positions, kv)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, kv
+
+
+class GPT(nnx.Module):
+    """GPT-2 language model with a tied LM head."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.wte = nnx.Embed(
+            config.vocab_size,
+            config.n_embd,
+            embedding_init=nnx.initializers.normal(0.02),
+            dtype=config.compute_dtype,
+            param_dtype=config.weight_dtype,
+            rngs=rngs,
+        )
+        self.wpe = nnx.Embed(
+            config.n_positions,
+            config.n_embd,
+            embedding_init=nnx.initializers.normal(0.01),
+            dtype=config.compute_dtype,
+            param_dtype=config.weight_dtype,
+            rngs=rngs,
+        )
+        self.h = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
+        self.ln_f = _layer_norm(config, rngs)
+
+    def __call__(self, tokens, positions, cache: KVCache | None = None):
+        """Runs the model on T new tokens per row.
+
+        Args:
+          tokens: [B, T] int token ids.
+          positions: [B, T] absolute positions, contiguous within a row and
+            below ``n_positions``.
+          cache: the KV cache holding positions before ``positions[:, 0]``,
+            or None for a cache-free forward over exactly these tokens.
+
+        Returns:
+          ``(logits [B, T, V] float32, hidden [B, T, D], new_cache)`` where
+          ``hidden`` is the output of ``ln_f`` and ``new_cache`` is None when
+          ``cache`` is None.
+        """
+        x = self.wte(tokens) + self.wpe(positions)  # [B, T, D]
+        new_k, new_v = [], []
+        for layer, block in enumerate(self.h):
+            kv = None if cache is None else (cache.k[layer], cache.v[layer])
+            x, kv = block(x, positions, kv)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        hidden = self.ln_f(x)  # [B, T, D]
+        logits = self.wte.attend(hidden).astype(jnp.float32)  # [B, T, V]
+        return logits, hidden, None if cache is None else KVCache(tuple(new_k), tuple(new_v))
+
+
+def init_model(config: GPTConfig, seed: int = 0) -> GPT:
+    return GPT(config, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: GPTConfig) -> GPT:
+    """A parameter-free skeleton (shapes and dtypes only) to restore into."""
+    return nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+def forward(graphdef, state, tokens, positions, cache=None):
+    """Jitted ``GPT.__call__`` on a split model (``nnx.split(model)``)."""
+    return nnx.merge(graphdef, state)(tokens, positions, cache)
+
+
+def next_token_loss(model: GPT, tokens: jax.Array) -> jax.Array:
+    """Mean cross-entropy of predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]``."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+    logits, _, _ = model(inputs, positions)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1).mean()
