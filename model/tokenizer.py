@@ -91,6 +91,14 @@ class Tokenizer:
         """Token ids of plain text; never yields a special token."""
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def encode_document(self, text: str) -> list[int]:
+        """Ids of ``text`` as the start of a document: end-of-document, then the text.
+
+        Training separates documents with ``<|endoftext|>``, so it also marks
+        where a new document begins (and makes an empty prompt valid).
+        """
+        return [self.eot_id, *self.encode(text)]
+
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Exact bytes of ``ids``; may end inside a UTF-8 sequence."""
         return b"".join(self._bytes[i] for i in ids)
