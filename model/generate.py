@@ -14,6 +14,8 @@ The driver (``generate_text`` / ``stream_text``) turns token blocks into text:
 it holds back an incomplete UTF-8 sequence and any text that might be the
 start of a stop sequence, and it cuts the output at the first stop sequence.
 Sampling parameters are traced values, so changing them never recompiles.
+The token for position p of a row is drawn with ``fold_in(row_key, p)``, so a
+seed gives the same text whatever the block size or batch composition.
 """
 
 from __future__ import annotations
@@ -67,12 +69,12 @@ class SamplingParams:
             raise ValueError(f"stop sequences must be non-empty strings, got {self.stop!r}")
 
 
-def sample(logits, key, temperature, top_k, top_p):
+def sample(logits, keys, temperature, top_k, top_p):
     """Draws one token per row.
 
     Args:
       logits: [B, V] float32.
-      key: PRNG key.
+      keys: [B] PRNG keys, one per row.
       temperature, top_p: [B] float32; top_k: [B] int32 (0 = no limit).
 
     Returns:
@@ -88,7 +90,7 @@ def sample(logits, key, temperature, top_k, top_p):
         probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of more likely tokens
         keep &= (rank == 0) | (mass_before < top_p[:, None])
-        choice = jax.random.categorical(key, jnp.where(keep, ranked, -jnp.inf), axis=-1)  # [B]
+        choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, ranked, -jnp.inf))  # [B]
         drawn = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
         return jnp.where(temperature > 0, drawn, greedy)
 
@@ -104,7 +106,7 @@ class DecodeState:
     token: jax.Array  # [B] last sampled token, not yet fed to the model
     position: jax.Array  # [B] position that ``token`` will take
     done: jax.Array  # [B] bool: row produced end-of-document
-    key: jax.Array
+    key: jax.Array  # [B] sampling key of each row
 
 
 jax.tree_util.register_dataclass(
@@ -113,7 +115,7 @@ jax.tree_util.register_dataclass(
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
-def prefill(graphdef, state, tokens, length, start, cache, key, temperature, top_k, top_p, eot_id):
+def prefill(graphdef, state, tokens, length, start, cache, keys, temperature, top_k, top_p, eot_id):
     """Feeds a right-padded prompt and samples the first new token.
 
     Args:
@@ -121,6 +123,7 @@ def prefill(graphdef, state, tokens, length, start, cache, key, temperature, top
       length: [B] true prompt length per row (>= 1).
       start: [B] position of ``tokens[:, 0]`` (tokens before it are in ``cache``).
       cache: KV cache for the rows.
+      keys: [B] sampling key of each row.
 
     Returns:
       ``(DecodeState, first_token [B])``.
@@ -129,9 +132,8 @@ def prefill(graphdef, state, tokens, length, start, cache, key, temperature, top
     positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]  # [B, T]
     logits, _, cache = model(tokens, positions, cache)
     last = jnp.take_along_axis(logits, (length - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
-    key, sub = jax.random.split(key)
-    token = sample(last, sub, temperature, top_k, top_p)
-    return DecodeState(cache, token, start + length, token == eot_id, key), token
+    token = sample(last, jax.vmap(jax.random.fold_in)(keys, start + length), temperature, top_k, top_p)
+    return DecodeState(cache, token, start + length, token == eot_id, keys), token
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnames=("decode_state",))
@@ -144,8 +146,9 @@ def decode(graphdef, state, decode_state: DecodeState, n_steps, temperature, top
     """
     model: GPT = nnx.merge(graphdef, state)
     B = decode_state.token.shape[0]
-    # One vectorised split per call: a split per step costs a threefry loop per token.
-    keys = jax.random.split(decode_state.key, DECODE_BLOCK + 1)
+    # Keys for every step of the block at once (one vectorised threefry per call).
+    offsets = decode_state.position[:, None] + 1 + jnp.arange(DECODE_BLOCK)[None, :]  # [B, DECODE_BLOCK]
+    step_keys = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)))(decode_state.key, offsets)
 
     def keep_going(carry):
         i, ds, _ = carry
@@ -154,7 +157,7 @@ def decode(graphdef, state, decode_state: DecodeState, n_steps, temperature, top
     def step(carry):
         i, ds, out = carry
         logits, _, cache = model(ds.token[:, None], ds.position[:, None], ds.cache)  # [B, 1, V]
-        token = sample(logits[:, 0], keys[i], temperature, top_k, top_p)
+        token = sample(logits[:, 0], step_keys[:, i], temperature, top_k, top_p)
         token = jnp.where(ds.done, eot_id, token)
         out = out.at[:, i].set(token)
         ds = DecodeState(cache, token, ds.position + 1, ds.done | (token == eot_id), ds.key)
@@ -162,7 +165,6 @@ def decode(graphdef, state, decode_state: DecodeState, n_steps, temperature, top
 
     out = jnp.full((B, DECODE_BLOCK), eot_id, jnp.int32)
     n_done, decode_state, out = jax.lax.while_loop(keep_going, step, (0, decode_state, out))
-    decode_state.key = keys[-1]
     return decode_state, out, n_done
 
 
@@ -203,7 +205,7 @@ def stream_tokens(
     top_p = jnp.full((1,), params.top_p, jnp.float32)
     ds, first = prefill(
         graphdef, state, tokens, jnp.asarray([len(prompt)]), jnp.zeros((1,), jnp.int32),
-        KVCache.init(config, 1), jax.random.key(params.seed), temperature, top_k, top_p, eot_id,
+        KVCache.init(config, 1), jax.random.key(params.seed)[None], temperature, top_k, top_p, eot_id,
     )
     yield [int(first[0])]
     remaining = params.max_new_tokens - 1
