@@ -1,0 +1,44 @@
+"""The ponder command end to end: init, generate, convert, and its error messages."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ponder_cli
+
+
+def _ponder(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ponder_cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(20):
+        (root / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + len(str(x))\n" * 20)
+    (root / "latin1.py").write_bytes(b"s = '\xe9'\n")  # not UTF-8: skipped
+    return root
+
+
+def test_init_generate_convert(corpus, tmp_path):
+    ckpt, hf_dir, back = tmp_path / "ckpt", tmp_path / "hf", tmp_path / "back"
+    assert ponder_cli.main(["init", "--out", str(ckpt), "--corpus", str(corpus), "--vocab-size", "300"]) == 0
+    result = _ponder("generate", "--checkpoint", str(ckpt), "--max-tokens", "12", "def f(")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("def f(") and len(result.stdout) > len("def f(")
+    assert "finish_reason=length" in result.stderr
+    assert ponder_cli.main(["convert", "--to-hf", str(ckpt), "--out", str(hf_dir)]) == 0
+    assert (hf_dir / "model.safetensors").is_file()
+    assert ponder_cli.main(["convert", "--from-hf", str(hf_dir), "--out", str(back)]) == 0
+    again = _ponder("generate", "--checkpoint", str(back), "--max-tokens", "12", "def f(")
+    assert again.stdout == result.stdout
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    assert ponder_cli.main(["generate", "--checkpoint", str(tmp_path / "missing"), "x"]) == 2
+    err = capsys.readouterr().err
+    assert "ponder generate: error: checkpoint directory" in err and "Traceback" not in err
+    assert ponder_cli.main(["convert", "--from-hf", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
