@@ -33,7 +33,8 @@ from model.gpt2 import GPT, KVCache
 from model.tokenizer import Tokenizer
 
 DECODE_BLOCK = 64  # most tokens one decode call produces
-MIN_BUCKET = 16
+MIN_BUCKET = 16  # shortest prefill bucket
+MIN_CACHE = 128  # shortest KV cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,14 +199,17 @@ def stream_tokens(
     if params.max_new_tokens == 0:
         return
     graphdef, state = nnx.split(model)
-    T = bucket_length(len(prompt), config.n_positions)
+    # The cache holds only what this request can reach (a power of two, so few
+    # shapes are compiled): attention reads every slot on every step.
+    S = min(max(MIN_CACHE, 1 << (len(prompt) + params.max_new_tokens - 1).bit_length()), config.n_positions)
+    T = bucket_length(len(prompt), S)
     tokens = jnp.asarray([prompt + [eot_id] * (T - len(prompt))], jnp.int32)  # [1, T]
     temperature = jnp.full((1,), params.temperature, jnp.float32)
     top_k = jnp.full((1,), params.top_k, jnp.int32)
     top_p = jnp.full((1,), params.top_p, jnp.float32)
     ds, first = prefill(
         graphdef, state, tokens, jnp.asarray([len(prompt)]), jnp.zeros((1,), jnp.int32),
-        KVCache.init(config, 1), jax.random.key(params.seed)[None], temperature, top_k, top_p, eot_id,
+        KVCache.init(config, 1, S), jax.random.key(params.seed)[None], temperature, top_k, top_p, eot_id,
     )
     yield [int(first[0])]
     remaining = params.max_new_tokens - 1
