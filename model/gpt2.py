@@ -3,7 +3,7 @@
 The network is GPT-2 exactly (learned token and position embeddings, pre-LN
 blocks, tanh-GELU MLP, final LayerNorm, LM head tied to ``wte``) and its
 parameters carry GPT-2's names, so Hugging Face weights map one to one
-(``h.N.attn.c_attn.weight`` -> ``h.attn.c_attn.kernel[N]``; HF's Conv1D
+(``h.N.attn.c_attn.weight`` -> ``h.N.attn.c_attn.kernel``; HF's Conv1D
 already stores weights as ``[in, out]``).
 
 The blocks are separate modules (``h.0`` .. ``h.{L-1}``), applied by a loop
@@ -14,11 +14,12 @@ unrolled), and single-token decode is what a completion server lives on.
 
 The KV cache holds one fixed-size buffer ``[B, H, S, hd]`` per layer for keys
 and one for values (heads before slots, so attention's matmuls read it without
-a transpose); the slot index is the absolute token position. A call writes its T new keys/values at slots
-``positions[b, 0] .. positions[b, 0] + T - 1`` and a query at position p
-attends to slots ``<= p``. Slots past the current position (stale tokens from
-an edit, or right-padding of a bucketed prefill) are therefore never seen and
-need no clearing.
+a transpose); the slot index is the absolute token position. A call with T
+new tokens attends to cache slots before ``positions[b, 0]`` plus its own
+tokens (causally), then writes its keys/values at slots ``positions[b, 0] ..
+positions[b, 0] + T - 1``. Slots at or past the first new position (stale
+tokens from an edit, or right-padding of a bucketed prefill) are never seen
+and need no clearing.
 """
 
 from __future__ import annotations
