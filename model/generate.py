@@ -131,8 +131,9 @@ def prefill(graphdef, state, tokens, length, start, cache, keys, temperature, to
     """
     model: GPT = nnx.merge(graphdef, state)
     positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]  # [B, T]
-    logits, _, cache = model(tokens, positions, cache)
-    last = jnp.take_along_axis(logits, (length - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+    _, hidden, cache = model(tokens, positions, cache, compute_logits=False)  # hidden [B, T, D]
+    last_hidden = jnp.take_along_axis(hidden, (length - 1)[:, None, None], axis=1)  # [B, 1, D]
+    last = model.logits(last_hidden)[:, 0]  # [B, V]: the head runs on one position per row
     token = sample(last, jax.vmap(jax.random.fold_in)(keys, start + length), temperature, top_k, top_p)
     return DecodeState(cache, token, start + length, token == eot_id, keys), token
 

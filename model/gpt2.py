@@ -36,6 +36,7 @@ from model.config import GPTConfig
 
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
+ATTN_BLOCK = 256  # query block of causal attention over long prompts
 
 
 class KVCache(NamedTuple):
@@ -108,11 +109,29 @@ class Attention(nnx.Module):
         q, k, v = heads_first(q), heads_first(k), heads_first(v)
         scale = 1.0 / math.sqrt(hd)
         causal = positions[:, None, :] <= positions[:, :, None]  # [B, T, T]
-        scores = jnp.einsum("bhtd,bhsd->bhts", q, k) * scale  # [B, H, T, T]
-        scores = jnp.where(causal[:, None], scores.astype(jnp.float32), _MASKED)
+
+        def attend(q_rows, n_keys):
+            """Queries ``q_rows`` (a slice of T) against the first ``n_keys`` new keys."""
+            scores = jnp.einsum("bhtd,bhsd->bhts", q[:, :, q_rows], k[:, :, :n_keys]) * scale  # [B, H, t, s]
+            mask = causal[:, q_rows, :n_keys]
+            return jnp.where(mask[:, None], scores.astype(jnp.float32), _MASKED)  # [B, H, t, s]
+
+        def attend_new_only():
+            if T <= ATTN_BLOCK or T % ATTN_BLOCK:
+                probs = jax.nn.softmax(attend(slice(None), T), axis=-1).astype(v.dtype)
+                return jnp.einsum("bhts,bhsd->bthd", probs, v)  # [B, T, H, hd]
+            # Long prompts: query block i only needs keys of blocks 0..i, which
+            # skips the masked upper triangle (37% of the work at 4 blocks) and
+            # keeps each softmax small enough to stay in cache.
+            out = []
+            for i in range(T // ATTN_BLOCK):
+                rows, n_keys = slice(i * ATTN_BLOCK, (i + 1) * ATTN_BLOCK), (i + 1) * ATTN_BLOCK
+                probs = jax.nn.softmax(attend(rows, n_keys), axis=-1).astype(v.dtype)
+                out.append(jnp.einsum("bhts,bhsd->bthd", probs, v[:, :, :n_keys]))  # [B, ATTN_BLOCK, H, hd]
+            return jnp.concatenate(out, axis=1)  # [B, T, H, hd]
+
         if kv is None:
-            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-            y = jnp.einsum("bhts,bhsd->bthd", probs, v)  # [B, T, H, hd]
+            y = attend_new_only()
         else:
             # Attend to the cache as it was (slots before this call's first
             # position) plus the new keys, then write the new keys. Reading
@@ -120,13 +139,23 @@ class Attention(nnx.Module):
             # every layer's cache on every decode step (3x slower at 1024 slots).
             cache_k, cache_v = kv
             S = cache_k.shape[2]
-            seen = jnp.arange(S)[None, :] < positions[:, :1]  # [B, S]
-            past = jnp.einsum("bhtd,bhsd->bhts", q, cache_k) * scale  # [B, H, T, S]
-            past = jnp.where(seen[:, None, None], past.astype(jnp.float32), _MASKED)
-            probs = jax.nn.softmax(jnp.concatenate([past, scores], axis=-1), axis=-1).astype(v.dtype)
-            y = jnp.einsum("bhts,bhsd->bthd", probs[..., :S], cache_v) + jnp.einsum(
-                "bhts,bhsd->bthd", probs[..., S:], v
-            )  # [B, T, H, hd]
+
+            def attend_past_and_new():
+                seen = jnp.arange(S)[None, :] < positions[:, :1]  # [B, S]
+                past = jnp.einsum("bhtd,bhsd->bhts", q, cache_k) * scale  # [B, H, T, S]
+                past = jnp.where(seen[:, None, None], past.astype(jnp.float32), _MASKED)
+                probs = jnp.concatenate([past, attend(slice(None), T)], axis=-1)
+                probs = jax.nn.softmax(probs, axis=-1).astype(v.dtype)
+                return jnp.einsum("bhts,bhsd->bthd", probs[..., :S], cache_v) + jnp.einsum(
+                    "bhts,bhsd->bthd", probs[..., S:], v
+                )  # [B, T, H, hd]
+
+            if T == 1:
+                y = attend_past_and_new()
+            else:
+                # A prompt at the start of its document has no past: skip reading
+                # (and softmaxing over) S empty slots, which doubled prefill time.
+                y = jax.lax.cond(jnp.any(positions[:, 0] > 0), attend_past_and_new, attend_new_only)
             kv = (_write(cache_k, k, positions[:, 0]), _write(cache_v, v, positions[:, 0]))
         y = y.reshape(B, T, D)  # [B, T, D]
         return self.c_proj(y), kv
@@ -180,7 +209,7 @@ class GPT(nnx.Module):
         self.h = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
         self.ln_f = _layer_norm(config, rngs)
 
-    def __call__(self, tokens, positions, cache: KVCache | None = None):
+    def __call__(self, tokens, positions, cache: KVCache | None = None, *, compute_logits: bool = True):
         """Runs the model on T new tokens per row.
 
         Args:
@@ -189,6 +218,8 @@ class GPT(nnx.Module):
             below ``n_positions``.
           cache: the KV cache holding positions before ``positions[:, 0]``,
             or None for a cache-free forward over exactly these tokens.
+          compute_logits: False skips the LM head (logits is then None), for
+            callers that need logits at a few positions only (``self.logits``).
 
         Returns:
           ``(logits [B, T, V] float32, hidden [B, T, D], new_cache)`` where
@@ -204,6 +235,12 @@ class GPT(nnx.Module):
                 new_k.append(kv[0])
                 new_v.append(kv[1])
         hidden = self.ln_f(x)  # [B, T, D]
+        logits = self.logits(hidden) if compute_logits else None
+        return logits, hidden, None if cache is None else KVCache(tuple(new_k), tuple(new_v))
+
+
+    def logits(self, hidden):
+        """Tied LM head: [B, T, D] -> [B, T, V] float32."""
         B, T, D = hidden.shape
         if B * T <= 64:
             # Decode: [V, D] x [B*T, D] -> [V, B*T] reads wte as stored. The
@@ -213,8 +250,7 @@ class GPT(nnx.Module):
             logits = logits.T.reshape(B, T, -1)  # [B, T, V]
         else:
             logits = self.wte.attend(hidden)  # [B, T, V]
-        logits = logits.astype(jnp.float32)
-        return logits, hidden, None if cache is None else KVCache(tuple(new_k), tuple(new_v))
+        return logits.astype(jnp.float32)
 
 
 def init_model(config: GPTConfig, seed: int = 0) -> GPT:

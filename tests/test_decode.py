@@ -42,6 +42,25 @@ def test_token_by_token_and_mixed_prefill_equal_full_forward(model, small_config
         assert np.abs(np.asarray(logits) - full[:, start:end]).max() <= 1e-5, (start, end)
 
 
+def test_long_prefill_then_decode_equals_full_forward(code_tokenizer):
+    """Block-causal prefill into the cache, then cached decoding, against one full forward."""
+    import dataclasses
+
+    from model.config import GPTConfig
+    from model.gpt2 import ATTN_BLOCK
+
+    config = dataclasses.replace(GPTConfig.tiny(vocab_size=len(code_tokenizer)), n_positions=2 * ATTN_BLOCK + 8)
+    model = init_model(config, seed=5)
+    tokens = np.random.default_rng(3).integers(0, config.vocab_size, (1, 2 * ATTN_BLOCK + 8))
+    full = _full_logits(model, tokens)
+    graphdef, state = nnx.split(model)
+    cache = KVCache.init(config, batch_size=1)
+    for start, end in [(0, 2 * ATTN_BLOCK), (2 * ATTN_BLOCK, 2 * ATTN_BLOCK + 1), (2 * ATTN_BLOCK + 1, 2 * ATTN_BLOCK + 8)]:
+        positions = jnp.arange(start, end)[None]
+        logits, _, cache = forward(graphdef, state, jnp.asarray(tokens[:, start:end]), positions, cache)
+        assert np.abs(np.asarray(logits) - full[:, start:end]).max() <= 1e-5, (start, end)
+
+
 def test_rows_at_different_positions_and_stale_slots(model, small_config):
     """Each row writes at its own position; slots past a row's position are never attended."""
     rng = np.random.default_rng(1)
