@@ -1,0 +1,189 @@
+"""TTT-Linear: an independent NumPy reference, dual = primal, convolution causality, RoPE."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model.ttt import TTTConfig, TTTLinear, causal_conv, rope
+
+CONFIG = TTTConfig(width=32, n_head=4, mini_batch=16)
+
+
+def _randomised_layer(config=CONFIG, seed=0) -> TTTLinear:
+    """A layer whose every slow parameter is random, so no term can hide behind an init value."""
+    layer = TTTLinear(config, rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(layer)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+    leaves = [leaf + 0.3 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+# --- An independent reference in float64 NumPy: loops, no JAX, hand-written LN backward.
+
+
+def _ln(z, scale, bias, eps):
+    mu = z.mean()
+    var = ((z - mu) ** 2).mean()
+    return (z - mu) / math.sqrt(var + eps) * scale + bias
+
+
+def _ln_loss_grad(z, target, scale, bias, eps):
+    """d/dz of 0.5 * |LN(z) - target|^2."""
+    d = z.size
+    mu = z.mean()
+    rstd = 1.0 / math.sqrt(((z - mu) ** 2).mean() + eps)
+    zhat = (z - mu) * rstd
+    g_hat = (zhat * scale + bias - target) * scale
+    return rstd * (g_hat - g_hat.sum() / d - zhat * (g_hat * zhat).sum() / d)
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def numpy_ttt_linear(p, x, lam, config: TTTConfig):
+    """TTT-Linear forward for one sequence x [T, D] with gate scales lam [T / K]."""
+    T, D = x.shape
+    H, d, K = config.n_head, config.head_dim, config.mini_batch
+    xqk = x @ p["wq"]["kernel"]
+    xv = x @ p["wv"]["kernel"]
+
+    def conv(kernel, bias):
+        W = kernel.shape[0]
+        out = np.tile(bias, (T, 1))
+        for t in range(T):
+            for k in range(W):
+                src = t - (W - 1) + k
+                if src >= 0:
+                    out[t] += kernel[k] * xqk[src]
+        return out
+
+    def rotate(v, pos):
+        out = v.copy()
+        for m in range(d // 2):
+            angle = pos * config.rope_theta ** (-2 * m / d)
+            a, b = v[2 * m], v[2 * m + 1]
+            out[2 * m], out[2 * m + 1] = a * math.cos(angle) - b * math.sin(angle), a * math.sin(angle) + b * math.cos(angle)
+        return out
+
+    xq_all, xk_all = conv(p["conv_q"], p["conv_q_bias"]), conv(p["conv_k"], p["conv_k_bias"])
+    sigma_all = 1 / (1 + np.exp(-(x @ p["lr_proj"]["kernel"] + p["lr_proj"]["bias"])))  # [T, H]
+    tau = np.maximum(0.0, 1.0 / (np.arange(K) + 1.0) + p["tau_offset"])
+    heads_out = np.zeros((T, D))
+    for h in range(H):
+        cols = slice(h * d, (h + 1) * d)
+        W, b = p["W0"][h].copy(), p["b0"][h].copy()
+        scale, bias = p["ttt_ln_scale"][h], p["ttt_ln_bias"][h]
+        for start in range(0, T, K):
+            W_start, b_start = W.copy(), b.copy()
+            step = config.base_lr * lam[start // K] / d
+            sum_W, sum_b = np.zeros_like(W), np.zeros_like(b)
+            for i in range(K):
+                t = start + i
+                xq, xk = rotate(xq_all[t, cols], i), rotate(xk_all[t, cols], i)
+                target = xv[t, cols] - xk
+                g = _ln_loss_grad(xk @ W_start + b_start, target, scale, bias, config.ln_eps)
+                sum_W += sigma_all[t, h] * np.outer(xk, g)
+                sum_b += sigma_all[t, h] * g
+                W_i, b_i = W_start - step * tau[i] * sum_W, b_start - step * tau[i] * sum_b
+                heads_out[t, cols] = xq + _ln(xq @ W_i + b_i, scale, bias, config.ln_eps)
+            W, b = W_i, b_i
+    normed = np.stack([_ln(row, p["post_norm"]["scale"], p["post_norm"]["bias"], 1e-6) for row in heads_out])
+    gated = _gelu_tanh(x @ p["wg"]["kernel"]) * normed
+    return gated @ p["wo"]["kernel"], (W, b)
+
+
+def _params64(layer):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(layer)))
+
+
+def _inputs(T, B=2, seed=0, config=CONFIG):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(B, T, config.width)).astype(np.float32)
+    lam = rng.uniform(0.0, 4.0, size=(B, T // config.mini_batch)).astype(np.float32)
+    return x, lam
+
+
+@pytest.mark.parametrize("T", [16, 48])
+def test_layer_matches_numpy_reference(T):
+    layer = _randomised_layer()
+    x, lam = _inputs(T)
+    y, (W, b) = layer(jnp.asarray(x), jnp.asarray(lam))
+    params = _params64(layer)
+    for row in range(x.shape[0]):
+        expected, (W_ref, b_ref) = numpy_ttt_linear(params, x[row].astype(np.float64), lam[row], CONFIG)
+        assert np.abs(np.asarray(y[row]) - expected).max() <= 1e-5
+        # Last head's final fast weights (the reference loops heads; it returns the last one).
+        assert np.abs(np.asarray(W[row, -1]) - W_ref).max() <= 1e-5
+        assert np.abs(np.asarray(b[row, -1]) - b_ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dual_form_equals_primal_form(seed):
+    rng = np.random.default_rng(seed)
+    config = TTTConfig(width=int(rng.choice([32, 64])), n_head=int(rng.choice([2, 4])), mini_batch=16)
+    layer = _randomised_layer(config, seed)
+    T = 16 * int(rng.integers(1, 6))
+    x, lam = _inputs(T, seed=seed, config=config)
+    dual, (W_d, b_d) = layer(jnp.asarray(x), jnp.asarray(lam))
+    primal, (W_p, b_p) = layer(jnp.asarray(x), jnp.asarray(lam), primal=True)
+    assert np.abs(np.asarray(dual) - np.asarray(primal)).max() <= 1e-5
+    assert np.abs(np.asarray(W_d) - np.asarray(W_p)).max() <= 1e-5
+    assert np.abs(np.asarray(b_d) - np.asarray(b_p)).max() <= 1e-5
+
+
+def test_causal_conv_sees_exactly_the_last_four_inputs():
+    x = jax.random.normal(jax.random.key(0), (1, 20, 3))
+    kernel, bias = jax.random.normal(jax.random.key(1), (4, 3)), jnp.ones(3)
+    base = causal_conv(x, kernel, bias)
+    t = 10
+    bumped = causal_conv(x.at[0, t].add(1.0), kernel, bias)
+    changed = np.where(np.abs(np.asarray(bumped - base)).max(-1)[0] > 0)[0]
+    assert list(changed) == [10, 11, 12, 13]  # outputs t..t+3 see input t, including output t itself
+    # Before the start counts as zeros: output 0 is bias + last tap * x[0].
+    assert np.allclose(base[0, 0], bias + kernel[-1] * x[0, 0], atol=1e-6)
+
+
+def test_rope_position_restarts_every_mini_batch():
+    K, d = CONFIG.mini_batch, 8
+    v = jax.random.normal(jax.random.key(2), (d,))
+    x = jnp.tile(v, (3 * K, 1))  # the same vector at every position
+    rotated = rope(x, jnp.arange(3 * K) % K, 10000.0)
+    assert np.allclose(rotated[:K], rotated[K : 2 * K]) and np.allclose(rotated[:K], rotated[2 * K :])
+    assert np.allclose(rotated[0], v)  # position 0 is the identity
+    # Interleaved pairs rotate by position * theta^(-2m/d): pair 0 at position 1 turns by 1 radian.
+    a, b = v[0], v[1]
+    assert np.allclose(rotated[1, :2], [a * np.cos(1) - b * np.sin(1), a * np.sin(1) + b * np.cos(1)], atol=1e-6)
+    assert np.allclose(jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(v), atol=1e-5)
+
+
+def test_layer_is_causal():
+    layer = _randomised_layer()
+    x, lam = _inputs(64, B=1)
+    base, _ = layer(jnp.asarray(x), jnp.asarray(lam))
+    t = 37
+    x2 = x.copy()
+    x2[0, t:] += np.random.default_rng(9).normal(size=x2[0, t:].shape)
+    bumped, _ = layer(jnp.asarray(x2), jnp.asarray(lam))
+    assert np.array_equal(np.asarray(base[0, :t]), np.asarray(bumped[0, :t]))
+    assert not np.allclose(base[0, t], bumped[0, t])
+
+
+def test_zero_initialised_output_projection_outputs_zero():
+    layer = TTTLinear(CONFIG, rngs=nnx.Rngs(0))
+    x, lam = _inputs(32)
+    y, _ = layer(jnp.asarray(x), jnp.asarray(lam))
+    assert not np.asarray(y).any()
+
+
+def test_lambda_zero_leaves_fast_weights_unchanged():
+    layer = _randomised_layer()
+    x, _ = _inputs(32)
+    _, (W, b) = layer(jnp.asarray(x), jnp.zeros((2, 2)))
+    assert np.array_equal(np.asarray(W[0]), np.asarray(layer.W0[...]))
+    assert np.array_equal(np.asarray(b[0]), np.asarray(layer.b0[...]))
