@@ -22,10 +22,15 @@ state); the dual form computes all K outputs of a mini-batch with matmuls:
 ``Zbar = XQ W0 + b0 - (eta * tril(XQ XK^T)) G - eta G``. Both are here; the
 primal form is the reference the tests hold the dual form to.
 
+Incremental decoding: ``TTTState`` holds the fast weights at the current
+mini-batch start, the running sums, the convolution history and the token
+count; ``step`` advances it by one token (primal form) and ``extend`` by any
+number, from any offset. ``__call__`` (dual form) runs whole mini-batches from
+a document start and returns the state to continue from.
+
 Not yet built (issue 3): TTT-MLP, the gating network and its schedules,
-incremental decode state, document resets, the TTT language model, update
-clipping and non-finite refusal. Sequences must be a whole number of
-mini-batches for now.
+document resets, the TTT language model, update clipping and non-finite
+refusal; the dual form needs a whole number of mini-batches.
 """
 
 from __future__ import annotations
@@ -71,19 +76,49 @@ class TTTConfig:
         return self.width // self.n_head
 
 
-def causal_conv(x, kernel, bias):
+@dataclasses.dataclass
+class TTTState:
+    """Fast-weight state of one TTT layer for B sequences: a cache like the KV cache.
+
+    Attributes:
+      W: [B, H, d, d], b: [B, H, d]: fast weights at the current mini-batch start.
+      sum_W: [B, H, d, d], sum_b: [B, H, d]: running ``sum_j sigma_j XK_j^T g_j``
+        (and ``sum_j sigma_j g_j``) over the current mini-batch so far.
+      conv_history: [B, W-1, D]: last inputs of the Q/K convolutions.
+      count: [B] tokens seen in the document.
+    """
+
+    W: jax.Array
+    b: jax.Array
+    sum_W: jax.Array
+    sum_b: jax.Array
+    conv_history: jax.Array
+    count: jax.Array
+
+
+jax.tree_util.register_dataclass(
+    TTTState, data_fields=["W", "b", "sum_W", "sum_b", "conv_history", "count"], meta_fields=[]
+)
+
+
+def causal_conv(x, kernel, bias, history=None):
     """Depthwise causal convolution: ``out[t] = bias + sum_k kernel[k] * x[t - (W-1) + k]``.
 
     Args:
       x: [B, T, C]; kernel: [W, C]; bias: [C].
+      history: [B, W-1, C] inputs before ``x`` (zeros at a document start).
 
     Returns:
-      [B, T, C]; output t depends on inputs t-W+1 .. t only (zeros before the start).
+      ``(out [B, T, C], new_history [B, W-1, C])``; output t depends on inputs
+      t-W+1 .. t only.
     """
     W = kernel.shape[0]
-    padded = jnp.pad(x, ((0, 0), (W - 1, 0), (0, 0)))  # [B, T + W - 1, C]
-    T = x.shape[1]
-    return bias + sum(kernel[k] * padded[:, k : k + T] for k in range(W))
+    B, T, C = x.shape
+    if history is None:
+        history = jnp.zeros((B, W - 1, C), x.dtype)
+    padded = jnp.concatenate([history, x], axis=1)  # [B, T + W - 1, C]
+    out = bias + sum(kernel[k] * padded[:, k : k + T] for k in range(W))
+    return out, padded[:, T:]
 
 
 def rope(x, positions, theta: float):
@@ -179,26 +214,49 @@ class TTTLinear(nnx.Module):
         self.wg = nnx.Linear(D, D, use_bias=False, kernel_init=normal, rngs=rngs)
         self.wo = nnx.Linear(D, D, use_bias=False, kernel_init=nnx.initializers.zeros, rngs=rngs)
 
-    def heads(self, x):
-        """Per-head XQ, XK, target and sigma for x [B, T, D] -> [B, H, T, d] x3, [B, H, T]."""
+    def init_state(self, batch_size: int) -> TTTState:
+        """The state at a document start: trained initial fast weights, nothing seen."""
+        c = self.config
+        B, H, d = batch_size, c.n_head, c.head_dim
+        W = jnp.broadcast_to(self.W0[...], (B, H, d, d))
+        b = jnp.broadcast_to(self.b0[...], (B, H, d))
+        history = jnp.zeros((B, c.conv_width - 1, c.width), W.dtype)
+        return TTTState(W, b, jnp.zeros_like(W), jnp.zeros_like(b), history, jnp.zeros((B,), jnp.int32))
+
+    def heads(self, x, history, count):
+        """Per-head inputs of the fast network.
+
+        Args:
+          x: [B, T, D]; history: [B, W-1, D] conv inputs before x; count: [B]
+            document position of x[:, 0].
+
+        Returns:
+          ``(XQ, XK, target [B, H, T, d], sigma [B, H, T], new_history)``.
+        """
         c = self.config
         B, T, D = x.shape
         xqk = self.wq(x)  # [B, T, D]
         split = lambda a: a.reshape(B, T, c.n_head, c.head_dim).transpose(0, 2, 1, 3)  # [B, H, T, d]
-        XQ = split(causal_conv(xqk, self.conv_q[...], self.conv_q_bias[...]))
-        XK = split(causal_conv(xqk, self.conv_k[...], self.conv_k_bias[...]))
+        xq, new_history = causal_conv(xqk, self.conv_q[...], self.conv_q_bias[...], history)
+        xk, _ = causal_conv(xqk, self.conv_k[...], self.conv_k_bias[...], history)
+        positions = ((count[:, None] + jnp.arange(T)[None, :]) % c.mini_batch)[:, None]  # [B, 1, T]
+        XQ, XK = rope(split(xq), positions, c.rope_theta), rope(split(xk), positions, c.rope_theta)
         XV = split(self.wv(x))
-        positions = jnp.arange(T) % c.mini_batch  # RoPE position restarts each mini-batch
-        XQ, XK = rope(XQ, positions, c.rope_theta), rope(XK, positions, c.rope_theta)
         sigma = jax.nn.sigmoid(self.lr_proj(x)).transpose(0, 2, 1)  # [B, H, T]
-        return XQ, XK, XV - XK, sigma
+        return XQ, XK, XV - XK, sigma, new_history
+
+    def _output(self, x, heads_out):
+        """Heads [B, H, T, d] -> [B, T, D]: concatenate, LayerNorm, GELU gate, output projection."""
+        B, H, T, d = heads_out.shape
+        out = self.post_norm(heads_out.transpose(0, 2, 1, 3).reshape(B, T, H * d))  # [B, T, D]
+        return self.wo(jax.nn.gelu(self.wg(x), approximate=True) * out)
 
     def tau(self):
         K = self.config.mini_batch
         return jnp.maximum(0.0, 1.0 / (jnp.arange(K) + 1.0) + self.tau_offset[...])  # [K]
 
     def __call__(self, x, lam, *, primal: bool = False):
-        """Runs the layer over whole mini-batches, fast weights starting from W0, b0.
+        """Runs the layer over whole mini-batches from the start of a document.
 
         Args:
           x: [B, T, D] with T a multiple of the mini-batch size.
@@ -206,7 +264,8 @@ class TTTLinear(nnx.Module):
           primal: use the token-by-token primal form instead of the dual form.
 
         Returns:
-          ``(y [B, T, D], (W [B, H, d, d], b [B, H, d]))``: outputs and final fast weights.
+          ``(y [B, T, D], TTTState)``: outputs, and the state after the last
+          token (from which ``step`` / ``extend`` continue).
         """
         c = self.config
         B, T, D = x.shape
@@ -214,7 +273,8 @@ class TTTLinear(nnx.Module):
         if T % K:
             raise ValueError(f"sequence length {T} is not a multiple of the mini-batch size {K}")
         n = T // K
-        XQ, XK, target, sigma = self.heads(x)
+        state = self.init_state(B)
+        XQ, XK, target, sigma, history = self.heads(x, state.conv_history, state.count)
         as_minibatches = lambda a: a.reshape(B, H, n, K, *a.shape[3:]).swapaxes(1, 2)  # [B, n, H, K, ...]
         XQ, XK, target, sigma = map(as_minibatches, (XQ, XK, target, sigma))
         tau, ln_scale, ln_bias = self.tau(), self.ttt_ln_scale[...], self.ttt_ln_bias[...]
@@ -232,10 +292,61 @@ class TTTLinear(nnx.Module):
             out, W, b = all_rows(*inputs, W, b, ln_scale, ln_bias)  # out [B, H, K, d]
             return (W, b), out
 
-        fast = (jnp.broadcast_to(self.W0[...], (B, H, d, d)), jnp.broadcast_to(self.b0[...], (B, H, d)))
         inputs = tuple(a.swapaxes(0, 1) for a in (XQ, XK, target, sigma)) + (lam.T,)  # leading [n] to scan over
-        fast, out = jax.lax.scan(scan_step, fast, inputs)  # out [n, B, H, K, d]
-        out = out.transpose(1, 0, 3, 2, 4).reshape(B, T, D)  # [B, T, D]: heads concatenated
-        out = self.post_norm(out)
-        out = jax.nn.gelu(self.wg(x), approximate=True) * out
-        return self.wo(out), fast
+        (W, b), out = jax.lax.scan(scan_step, (state.W, state.b), inputs)  # out [n, B, H, K, d]
+        heads_out = out.transpose(1, 2, 0, 3, 4).reshape(B, H, T, d)  # [B, H, T, d]
+        state = TTTState(W, b, state.sum_W, state.sum_b, history, state.count + T)
+        return self._output(x, heads_out), state
+
+    def step(self, state: TTTState, x, lam):
+        """One token per row in primal form: the decode path.
+
+        Args:
+          state: the rows' TTT state; x: [B, D]; lam: [B] gate scale of the
+            mini-batch this token belongs to.
+
+        Returns:
+          ``(y [B, D], new_state)``.
+        """
+        c = self.config
+        K, d = c.mini_batch, c.head_dim
+        XQ, XK, target, sigma, history = self.heads(x[:, None], state.conv_history, state.count)
+        XQ, XK, target, sigma = XQ[:, :, 0], XK[:, :, 0], target[:, :, 0], sigma[:, :, 0]  # [B, H, d], [B, H]
+        ln = lambda z: _head_ln(z, self.ttt_ln_scale[...], self.ttt_ln_bias[...], c.ln_eps)
+        # Gradient of this token's loss at the mini-batch-start weights.
+        Z = jnp.einsum("bhi,bhij->bhj", XK, state.W) + state.b  # [B, H, d]
+        g = jax.grad(lambda Z: 0.5 * jnp.sum((ln(Z) - target) ** 2))(Z)  # [B, H, d]
+        sum_W = state.sum_W + sigma[..., None, None] * XK[..., :, None] * g[..., None, :]
+        sum_b = state.sum_b + sigma[..., None] * g
+        i = state.count % K  # [B] position inside the mini-batch
+        coef = (c.base_lr / d) * lam * self.tau()[i]  # [B]
+        W_i = state.W - coef[:, None, None, None] * sum_W
+        b_i = state.b - coef[:, None, None] * sum_b
+        heads_out = XQ + ln(jnp.einsum("bhi,bhij->bhj", XQ, W_i) + b_i)  # [B, H, d]
+        end = (i == K - 1)[:, None, None]  # the mini-batch closes: its end weights become the start
+        new_state = TTTState(
+            W=jnp.where(end[..., None], W_i, state.W),
+            b=jnp.where(end, b_i, state.b),
+            sum_W=jnp.where(end[..., None], 0.0, sum_W),
+            sum_b=jnp.where(end, 0.0, sum_b),
+            conv_history=history,
+            count=state.count + 1,
+        )
+        return self._output(x[:, None], heads_out[:, :, None])[:, 0], new_state
+
+    def extend(self, state: TTTState, x, lam):
+        """Feeds T tokens per row token by token (any length, any starting offset).
+
+        Args:
+          x: [B, T, D]; lam: [B, T] gate scale of each token's mini-batch.
+
+        Returns:
+          ``(y [B, T, D], new_state)``.
+        """
+
+        def one(state, inputs):
+            y, state = self.step(state, *inputs)
+            return state, y
+
+        state, y = jax.lax.scan(one, state, (x.swapaxes(0, 1), lam.T))
+        return y.swapaxes(0, 1), state

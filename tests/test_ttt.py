@@ -113,7 +113,8 @@ def _inputs(T, B=2, seed=0, config=CONFIG):
 def test_layer_matches_numpy_reference(T):
     layer = _randomised_layer()
     x, lam = _inputs(T)
-    y, (W, b) = layer(jnp.asarray(x), jnp.asarray(lam))
+    y, state = layer(jnp.asarray(x), jnp.asarray(lam))
+    W, b = state.W, state.b
     params = _params64(layer)
     for row in range(x.shape[0]):
         expected, (W_ref, b_ref) = numpy_ttt_linear(params, x[row].astype(np.float64), lam[row], CONFIG)
@@ -130,8 +131,9 @@ def test_dual_form_equals_primal_form(seed):
     layer = _randomised_layer(config, seed)
     T = 16 * int(rng.integers(1, 6))
     x, lam = _inputs(T, seed=seed, config=config)
-    dual, (W_d, b_d) = layer(jnp.asarray(x), jnp.asarray(lam))
-    primal, (W_p, b_p) = layer(jnp.asarray(x), jnp.asarray(lam), primal=True)
+    dual, dual_state = layer(jnp.asarray(x), jnp.asarray(lam))
+    primal, primal_state = layer(jnp.asarray(x), jnp.asarray(lam), primal=True)
+    W_d, b_d, W_p, b_p = dual_state.W, dual_state.b, primal_state.W, primal_state.b
     assert np.abs(np.asarray(dual) - np.asarray(primal)).max() <= 1e-5
     assert np.abs(np.asarray(W_d) - np.asarray(W_p)).max() <= 1e-5
     assert np.abs(np.asarray(b_d) - np.asarray(b_p)).max() <= 1e-5
@@ -140,9 +142,9 @@ def test_dual_form_equals_primal_form(seed):
 def test_causal_conv_sees_exactly_the_last_four_inputs():
     x = jax.random.normal(jax.random.key(0), (1, 20, 3))
     kernel, bias = jax.random.normal(jax.random.key(1), (4, 3)), jnp.ones(3)
-    base = causal_conv(x, kernel, bias)
+    base, _ = causal_conv(x, kernel, bias)
     t = 10
-    bumped = causal_conv(x.at[0, t].add(1.0), kernel, bias)
+    bumped, _ = causal_conv(x.at[0, t].add(1.0), kernel, bias)
     changed = np.where(np.abs(np.asarray(bumped - base)).max(-1)[0] > 0)[0]
     assert list(changed) == [10, 11, 12, 13]  # outputs t..t+3 see input t, including output t itself
     # Before the start counts as zeros: output 0 is bias + last tap * x[0].
@@ -184,6 +186,37 @@ def test_zero_initialised_output_projection_outputs_zero():
 def test_lambda_zero_leaves_fast_weights_unchanged():
     layer = _randomised_layer()
     x, _ = _inputs(32)
-    _, (W, b) = layer(jnp.asarray(x), jnp.zeros((2, 2)))
+    _, state = layer(jnp.asarray(x), jnp.zeros((2, 2)))
+    W, b = state.W, state.b
     assert np.array_equal(np.asarray(W[0]), np.asarray(layer.W0[...]))
     assert np.array_equal(np.asarray(b[0]), np.asarray(layer.b0[...]))
+
+
+def _lam_per_token(lam, K):
+    return np.repeat(lam, K, axis=1)
+
+
+@pytest.mark.parametrize("splits", [[0, 64], [0, 1, 2, 15, 16, 17, 40, 64], [0, 13, 14, 33, 47, 48, 64]])
+def test_incremental_decoding_equals_full_forward(splits):
+    """Token-by-token from any offset, in pieces of any length, equals the dual form."""
+    layer = _randomised_layer()
+    x, lam = _inputs(64)
+    full, final = layer(jnp.asarray(x), jnp.asarray(lam))
+    lam_tokens = _lam_per_token(lam, CONFIG.mini_batch)
+    state = layer.init_state(2)
+    for start, end in zip(splits[:-1], splits[1:]):
+        y, state = layer.extend(state, jnp.asarray(x[:, start:end]), jnp.asarray(lam_tokens[:, start:end]))
+        assert np.abs(np.asarray(y) - np.asarray(full[:, start:end])).max() <= 1e-5, (start, end)
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(final)):
+        assert np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max() <= 1e-5
+
+
+def test_decoding_continues_from_a_dual_prefill():
+    layer = _randomised_layer()
+    x, lam = _inputs(64)
+    full, _ = layer(jnp.asarray(x), jnp.asarray(lam))
+    _, state = layer(jnp.asarray(x[:, :32]), jnp.asarray(lam[:, :2]))  # dual prefill of two mini-batches
+    lam_tokens = _lam_per_token(lam, CONFIG.mini_batch)
+    for t in range(32, 64):
+        y, state = layer.step(state, jnp.asarray(x[:, t]), jnp.asarray(lam_tokens[:, t]))
+        assert np.abs(np.asarray(y) - np.asarray(full[:, t])).max() <= 1e-5, t
