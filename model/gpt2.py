@@ -239,17 +239,20 @@ class GPT(nnx.Module):
         return logits, hidden, None if cache is None else KVCache(tuple(new_k), tuple(new_v))
 
 
-    def logits(self, hidden):
-        """Tied LM head: [B, T, D] -> [B, T, V] float32."""
+    def logits(self, hidden, *, frozen: bool = False):
+        """Tied LM head: [B, T, D] -> [B, T, V] float32; ``frozen`` stops gradients to ``wte``."""
         B, T, D = hidden.shape
+        embedding = self.wte.embedding[...]
+        if frozen:
+            embedding = jax.lax.stop_gradient(embedding)
         if B * T <= 64:
             # Decode: [V, D] x [B*T, D] -> [V, B*T] reads wte as stored. The
             # [B*T, D] x [D, V] form made XLA transpose all of wte on every
             # decode step on CPU.
-            logits = jax.lax.dot_general(self.wte.embedding[...], hidden.reshape(B * T, D), (((1,), (1,)), ((), ())))
+            logits = jax.lax.dot_general(embedding, hidden.reshape(B * T, D), (((1,), (1,)), ((), ())))
             logits = logits.T.reshape(B, T, -1)  # [B, T, V]
         else:
-            logits = self.wte.attend(hidden)  # [B, T, V]
+            logits = jnp.einsum("btd,vd->btv", hidden, embedding)  # [B, T, V]
         return logits.astype(jnp.float32)
 
 
