@@ -28,9 +28,13 @@ count; ``step`` advances it by one token (primal form) and ``extend`` by any
 number, from any offset. ``__call__`` (dual form) runs whole mini-batches from
 a document start and returns the state to continue from.
 
+Stability: ``settle`` clips each mini-batch's fast-weight change per head
+and refuses non-finite updates (counted in the state). ``reset`` returns rows
+of a state to the start of a document.
+
 Not yet built (issue 3): TTT-MLP, the gating network and its schedules,
-document resets, the TTT language model, update clipping and non-finite
-refusal; the dual form needs a whole number of mini-batches.
+document resets inside packed sequences (segment ids); the dual form needs a
+whole number of mini-batches.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class TTTConfig:
       base_lr: base learning rate of the fast weights.
       rope_theta: RoPE base.
       ln_eps: epsilon of the per-head LayerNorm inside the fast network.
+      max_update_norm: cap on the Frobenius norm of one mini-batch's change of
+        a head's fast weights (W and b together); None = no cap.
     """
 
     width: int = 256
@@ -64,6 +70,7 @@ class TTTConfig:
     base_lr: float = 1.0
     rope_theta: float = 10000.0
     ln_eps: float = 1e-6
+    max_update_norm: float | None = None
 
     def __post_init__(self):
         if self.width % self.n_head:
@@ -86,6 +93,7 @@ class TTTState:
         (and ``sum_j sigma_j g_j``) over the current mini-batch so far.
       conv_history: [B, W-1, D]: last inputs of the Q/K convolutions.
       count: [B] tokens seen in the document.
+      refused: [B] mini-batch updates refused (per head) for being non-finite.
     """
 
     W: jax.Array
@@ -94,11 +102,37 @@ class TTTState:
     sum_b: jax.Array
     conv_history: jax.Array
     count: jax.Array
+    refused: jax.Array
 
 
 jax.tree_util.register_dataclass(
-    TTTState, data_fields=["W", "b", "sum_W", "sum_b", "conv_history", "count"], meta_fields=[]
+    TTTState, data_fields=["W", "b", "sum_W", "sum_b", "conv_history", "count", "refused"], meta_fields=[]
 )
+
+
+def settle(W0, b0, W1, b1, max_norm):
+    """The fast weights a mini-batch leaves behind, made safe.
+
+    The change ``(W1 - W0, b1 - b0)`` of each head is scaled down to Frobenius
+    norm ``max_norm`` (if set), and a non-finite result is refused: the head
+    keeps ``W0, b0``. Outputs inside the mini-batch are not affected; this only
+    guards the state carried forward.
+
+    Args:
+      W0, W1: [..., d, d]; b0, b1: [..., d].
+
+    Returns:
+      ``(W, b, refused [...] int32)``.
+    """
+    dW, db = W1 - W0, b1 - b0
+    if max_norm is not None:
+        norm = jnp.sqrt(jnp.sum(dW**2, axis=(-2, -1)) + jnp.sum(db**2, axis=-1))  # [...]
+        shrink = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+        dW, db = dW * shrink[..., None, None], db * shrink[..., None]
+    finite = jnp.all(jnp.isfinite(dW), axis=(-2, -1)) & jnp.all(jnp.isfinite(db), axis=-1)
+    W = jnp.where(finite[..., None, None], W0 + dW, W0)
+    b = jnp.where(finite[..., None], b0 + db, b0)
+    return W, b, (~finite).astype(jnp.int32)
 
 
 def causal_conv(x, kernel, bias, history=None):
@@ -221,7 +255,14 @@ class TTTLinear(nnx.Module):
         W = jnp.broadcast_to(self.W0[...], (B, H, d, d))
         b = jnp.broadcast_to(self.b0[...], (B, H, d))
         history = jnp.zeros((B, c.conv_width - 1, c.width), W.dtype)
-        return TTTState(W, b, jnp.zeros_like(W), jnp.zeros_like(b), history, jnp.zeros((B,), jnp.int32))
+        zeros = jnp.zeros((B,), jnp.int32)
+        return TTTState(W, b, jnp.zeros_like(W), jnp.zeros_like(b), history, zeros, zeros)
+
+    def reset(self, state: TTTState, rows) -> TTTState:
+        """Document boundary: rows where ``rows`` [B] is True go back to the start-of-document state."""
+        fresh = self.init_state(state.count.shape[0])
+        pick = lambda new, old: jnp.where(rows.reshape(-1, *([1] * (old.ndim - 1))), new, old)
+        return jax.tree.map(pick, fresh, state)
 
     def heads(self, x, history, count):
         """Per-head inputs of the fast network.
@@ -288,14 +329,16 @@ class TTTLinear(nnx.Module):
 
         @jax.checkpoint  # rematerialise each mini-batch in the backward pass
         def scan_step(fast, inputs):
-            W, b = fast
-            out, W, b = all_rows(*inputs, W, b, ln_scale, ln_bias)  # out [B, H, K, d]
-            return (W, b), out
+            W0, b0, refused = fast
+            out, W1, b1 = all_rows(*inputs, W0, b0, ln_scale, ln_bias)  # out [B, H, K, d]
+            W, b, refused_now = settle(W0, b0, W1, b1, c.max_update_norm)
+            return (W, b, refused + refused_now.sum(-1)), out
 
         inputs = tuple(a.swapaxes(0, 1) for a in (XQ, XK, target, sigma)) + (lam.T,)  # leading [n] to scan over
-        (W, b), out = jax.lax.scan(scan_step, (state.W, state.b), inputs)  # out [n, B, H, K, d]
+        carry = (state.W, state.b, state.refused)
+        (W, b, refused), out = jax.lax.scan(scan_step, carry, inputs)  # out [n, B, H, K, d]
         heads_out = out.transpose(1, 2, 0, 3, 4).reshape(B, H, T, d)  # [B, H, T, d]
-        state = TTTState(W, b, state.sum_W, state.sum_b, history, state.count + T)
+        state = TTTState(W, b, state.sum_W, state.sum_b, history, state.count + T, refused)
         return self._output(x, heads_out), state
 
     def step(self, state: TTTState, x, lam):
@@ -323,14 +366,17 @@ class TTTLinear(nnx.Module):
         W_i = state.W - coef[:, None, None, None] * sum_W
         b_i = state.b - coef[:, None, None] * sum_b
         heads_out = XQ + ln(jnp.einsum("bhi,bhij->bhj", XQ, W_i) + b_i)  # [B, H, d]
-        end = (i == K - 1)[:, None, None]  # the mini-batch closes: its end weights become the start
+        # When the mini-batch closes, its end weights (settled) become the next start.
+        end = i == K - 1  # [B]
+        W_end, b_end, refused = settle(state.W, state.b, W_i, b_i, c.max_update_norm)
         new_state = TTTState(
-            W=jnp.where(end[..., None], W_i, state.W),
-            b=jnp.where(end, b_i, state.b),
-            sum_W=jnp.where(end[..., None], 0.0, sum_W),
-            sum_b=jnp.where(end, 0.0, sum_b),
+            W=jnp.where(end[:, None, None, None], W_end, state.W),
+            b=jnp.where(end[:, None, None], b_end, state.b),
+            sum_W=jnp.where(end[:, None, None, None], 0.0, sum_W),
+            sum_b=jnp.where(end[:, None, None], 0.0, sum_b),
             conv_history=history,
             count=state.count + 1,
+            refused=state.refused + jnp.where(end, refused.sum(-1), 0),
         )
         return self._output(x[:, None], heads_out[:, :, None])[:, 0], new_state
 

@@ -1,5 +1,6 @@
 """TTT-Linear: an independent NumPy reference, dual = primal, convolution causality, RoPE."""
 
+import dataclasses
 import math
 
 import jax
@@ -220,3 +221,48 @@ def test_decoding_continues_from_a_dual_prefill():
     for t in range(32, 64):
         y, state = layer.step(state, jnp.asarray(x[:, t]), jnp.asarray(lam_tokens[:, t]))
         assert np.abs(np.asarray(y) - np.asarray(full[:, t])).max() <= 1e-5, t
+
+
+def test_update_clip_caps_each_heads_change_in_both_forms():
+    config = dataclasses.replace(CONFIG, max_update_norm=0.05)
+    layer = _randomised_layer(config)
+    x, lam = _inputs(32)
+    dual, dual_state = layer(jnp.asarray(x), jnp.asarray(lam))
+    lam_tokens = _lam_per_token(lam, config.mini_batch)
+    primal, primal_state = layer.extend(layer.init_state(2), jnp.asarray(x), jnp.asarray(lam_tokens))
+    assert np.abs(np.asarray(dual) - np.asarray(primal)).max() <= 1e-5
+    assert np.abs(np.asarray(dual_state.W) - np.asarray(primal_state.W)).max() <= 1e-6
+    # After the first mini-batch each head moved by exactly the cap (the raw steps are far larger).
+    _, first = layer(jnp.asarray(x[:, :16]), jnp.asarray(lam[:, :1]))
+    moved = np.sqrt(
+        ((np.asarray(first.W) - np.asarray(layer.W0[...])) ** 2).sum((-2, -1))
+        + ((np.asarray(first.b) - np.asarray(layer.b0[...])) ** 2).sum(-1)
+    )
+    assert np.allclose(moved, 0.05, rtol=1e-4)
+
+
+def test_non_finite_updates_are_refused_and_counted():
+    layer = _randomised_layer()
+    x, lam = _inputs(32)
+    x[0, 20] = np.inf  # poisons row 0's second mini-batch
+    _, state = layer(jnp.asarray(x), jnp.asarray(lam))
+    _, clean = layer(jnp.asarray(x[:, :16]), jnp.asarray(lam[:, :1]))
+    assert int(state.refused[0]) > 0 and int(state.refused[1]) == 0
+    assert np.isfinite(np.asarray(state.W)).all()
+    # Row 0 kept the weights from before the poisoned mini-batch, for the refused heads.
+    assert np.array_equal(np.asarray(state.W[0]), np.asarray(clean.W[0]))
+
+
+def test_reset_returns_rows_to_the_document_start():
+    layer = _randomised_layer()
+    x, lam = _inputs(32)
+    _, state = layer(jnp.asarray(x), jnp.asarray(lam))
+    state = layer.reset(state, jnp.asarray([True, False]))
+    fresh = layer.init_state(2)
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(fresh)):
+        assert np.array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    # Document B after a reset gives what it gives on its own.
+    lam_tokens = _lam_per_token(lam, CONFIG.mini_batch)
+    after, _ = layer.extend(state, jnp.asarray(x[:, :16]), jnp.asarray(lam_tokens[:, :16]))
+    alone, _ = layer(jnp.asarray(x[:, :16]), jnp.asarray(lam[:, :1]))
+    assert np.abs(np.asarray(after[0]) - np.asarray(alone[0])).max() <= 1e-5
