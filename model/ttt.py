@@ -255,8 +255,8 @@ class TTTLinear(nnx.Module):
         W = jnp.broadcast_to(self.W0[...], (B, H, d, d))
         b = jnp.broadcast_to(self.b0[...], (B, H, d))
         history = jnp.zeros((B, c.conv_width - 1, c.width), W.dtype)
-        zeros = jnp.zeros((B,), jnp.int32)
-        return TTTState(W, b, jnp.zeros_like(W), jnp.zeros_like(b), history, zeros, zeros)
+        count, refused = jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32)  # distinct: states may be donated
+        return TTTState(W, b, jnp.zeros_like(W), jnp.zeros_like(b), history, count, refused)
 
     def reset(self, state: TTTState, rows) -> TTTState:
         """Document boundary: rows where ``rows`` [B] is True go back to the start-of-document state."""

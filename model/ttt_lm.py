@@ -5,9 +5,12 @@
 The TTT output projections start at zero, so a fresh model predicts exactly
 what the base does.
 
+``step`` is the decode path: one token per row through the base's KV cache
+and every TTT layer's primal step; it reproduces the full forward.
+
 Not yet built (issue 3): the gating network (callers pass the gate scales
-lam), the incremental decode path through base + TTT, and document resets
-inside packed sequences.
+lam), end-of-document tokens as boundaries, and document resets inside
+packed sequences.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax
 from flax import nnx
 
 from model.config import GPTConfig
-from model.gpt2 import GPT
+from model.gpt2 import GPT, KVCache
 from model.ttt import TTTConfig, TTTLinear, TTTState
 
 
@@ -64,3 +67,25 @@ class TTTTransformerLM(nnx.Module):
             h = h + delta
             states.append(state)
         return self.base.logits(h, frozen=True), states
+
+    def init_states(self, batch_size: int) -> list[TTTState]:
+        return [layer.init_state(batch_size) for layer in self.ttt]
+
+    def step(self, tokens, positions, cache: KVCache, states: list[TTTState], lam):
+        """One token per row: the decode path.
+
+        Args:
+          tokens, positions: [B]; cache: the base's KV cache; states: one per
+            TTT layer; lam: [B] gate scale of the mini-batch each token is in.
+
+        Returns:
+          ``(logits [B, V], cache, states)``.
+        """
+        _, hidden, cache = self.base(tokens[:, None], positions[:, None], cache, compute_logits=False)
+        h = hidden[:, 0]  # [B, D]
+        new_states = []
+        for norm, layer, state in zip(self.ttt_norms, self.ttt, states):
+            delta, state = layer.step(state, norm(h), lam)
+            h = h + delta
+            new_states.append(state)
+        return self.base.logits(h[:, None], frozen=True)[:, 0], cache, new_states

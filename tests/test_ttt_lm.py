@@ -43,3 +43,30 @@ def test_base_is_frozen_and_ttt_is_trained():
     # The zero output projection is the first thing to learn.
     assert np.asarray(grads.ttt[0].wo.kernel[...]).any()
 
+
+
+def _trained_looking(model):
+    """Random (non-zero) TTT parameters, so the TTT path changes the logits."""
+    ttt_state = nnx.state(model.ttt)
+    leaves, treedef = jax.tree.flatten(ttt_state)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    noisy = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    nnx.update(model.ttt, jax.tree.unflatten(treedef, noisy))
+    return model
+
+
+def test_token_by_token_decoding_equals_full_forward():
+    from model.gpt2 import KVCache
+
+    model = _trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0)))
+    tokens, positions, lam = _batch()
+    full, final_states = model(tokens, positions, lam)
+    base_logits, _, _ = model.base(tokens, positions)
+    assert not np.allclose(np.asarray(full), np.asarray(base_logits))  # the TTT path is live
+    cache, states = KVCache.init(BASE, 2), model.init_states(2)
+    lam_tokens = jnp.repeat(lam, CONFIG.ttt.mini_batch, axis=1)
+    step = nnx.jit(lambda model, *args: model.step(*args))
+    for t in range(tokens.shape[1]):  # every offset inside three mini-batches
+        logits, cache, states = step(model, tokens[:, t], positions[:, t], cache, states, lam_tokens[:, t])
+        assert np.abs(np.asarray(logits) - np.asarray(full[:, t])).max() <= 1e-5, t
+    assert np.abs(np.asarray(states[1].W) - np.asarray(final_states[1].W)).max() <= 1e-5
