@@ -296,17 +296,32 @@ class TTTLinear(nnx.Module):
         K = self.config.mini_batch
         return jnp.maximum(0.0, 1.0 / (jnp.arange(K) + 1.0) + self.tau_offset[...])  # [K]
 
-    def __call__(self, x, lam, *, primal: bool = False):
-        """Runs the layer over whole mini-batches from the start of a document.
+    def __call__(self, x, lam, state: TTTState | None = None, *, primal: bool = False):
+        """Runs the layer over whole mini-batches (dual form).
 
         Args:
           x: [B, T, D] with T a multiple of the mini-batch size.
           lam: [B, T / K] gate scale of each mini-batch.
+          state: where to start (a document start when None); its token count
+            must sit on a mini-batch boundary.
           primal: use the token-by-token primal form instead of the dual form.
 
         Returns:
           ``(y [B, T, D], TTTState)``: outputs, and the state after the last
-          token (from which ``step`` / ``extend`` continue).
+          token (from which ``step`` / ``extend`` / another call continue).
+        """
+        y, state, _ = self.chunk(x, lam, state, primal=primal)
+        return y, state
+
+    def chunk(self, x, lam, state: TTTState | None = None, *, update: bool = True, primal: bool = False):
+        """``__call__`` plus the reconstruction loss before and after, for gating features.
+
+        With ``update=False`` the fast weights are only applied (a skipped
+        chunk): no gradients, no K x K products, the same outputs as ``lam = 0``.
+
+        Returns:
+          ``(y [B, T, D], TTTState, (loss_before [B], loss_after [B]))``: mean
+          per-token reconstruction loss at the weights before and after.
         """
         c = self.config
         B, T, D = x.shape
@@ -314,11 +329,20 @@ class TTTLinear(nnx.Module):
         if T % K:
             raise ValueError(f"sequence length {T} is not a multiple of the mini-batch size {K}")
         n = T // K
-        state = self.init_state(B)
+        state = self.init_state(B) if state is None else state
         XQ, XK, target, sigma, history = self.heads(x, state.conv_history, state.count)
+        ln_scale, ln_bias = self.ttt_ln_scale[...], self.ttt_ln_bias[...]
+        ln = lambda z: _head_ln(z, ln_scale[:, None], ln_bias[:, None], c.ln_eps)  # over [B, H, T, d]
+        fast = lambda X, W, b: jnp.einsum("bhti,bhij->bhtj", X, W) + b[:, :, None]  # [B, H, T, d]
+        recon = lambda W, b: 0.5 * jnp.mean(jnp.sum((ln(fast(XK, W, b)) - target) ** 2, -1), axis=(1, 2))  # [B]
+        if not update:
+            heads_out = XQ + ln(fast(XQ, state.W, state.b))  # [B, H, T, d]
+            new_state = dataclasses.replace(state, conv_history=history, count=state.count + T)
+            loss = recon(state.W, state.b)
+            return self._output(x, heads_out), new_state, (loss, loss)
+
         as_minibatches = lambda a: a.reshape(B, H, n, K, *a.shape[3:]).swapaxes(1, 2)  # [B, n, H, K, ...]
-        XQ, XK, target, sigma = map(as_minibatches, (XQ, XK, target, sigma))
-        tau, ln_scale, ln_bias = self.tau(), self.ttt_ln_scale[...], self.ttt_ln_bias[...]
+        tau = self.tau()
         minibatch = primal_minibatch if primal else dual_minibatch
 
         def one_head(XQ, XK, target, sigma, lam, W, b, scale, bias):
@@ -328,18 +352,30 @@ class TTTLinear(nnx.Module):
         all_rows = jax.vmap(all_heads, in_axes=(0, 0, 0, 0, 0, 0, 0, None, None))  # over B
 
         @jax.checkpoint  # rematerialise each mini-batch in the backward pass
-        def scan_step(fast, inputs):
-            W0, b0, refused = fast
+        def scan_step(carry, inputs):
+            W0, b0, refused = carry
             out, W1, b1 = all_rows(*inputs, W0, b0, ln_scale, ln_bias)  # out [B, H, K, d]
             W, b, refused_now = settle(W0, b0, W1, b1, c.max_update_norm)
             return (W, b, refused + refused_now.sum(-1)), out
 
-        inputs = tuple(a.swapaxes(0, 1) for a in (XQ, XK, target, sigma)) + (lam.T,)  # leading [n] to scan over
+        inputs = tuple(as_minibatches(a).swapaxes(0, 1) for a in (XQ, XK, target, sigma))  # leading [n]
         carry = (state.W, state.b, state.refused)
-        (W, b, refused), out = jax.lax.scan(scan_step, carry, inputs)  # out [n, B, H, K, d]
+        (W, b, refused), out = jax.lax.scan(scan_step, carry, inputs + (lam.T,))  # out [n, B, H, K, d]
         heads_out = out.transpose(1, 2, 0, 3, 4).reshape(B, H, T, d)  # [B, H, T, d]
-        state = TTTState(W, b, state.sum_W, state.sum_b, history, state.count + T, refused)
-        return self._output(x, heads_out), state
+        new_state = TTTState(W, b, state.sum_W, state.sum_b, history, state.count + T, refused)
+        return self._output(x, heads_out), new_state, (recon(state.W, state.b), recon(W, b))
+
+    def update_flops(self, tokens: int) -> int:
+        """Matmul FLOPs that updating the fast weights adds to applying them, for ``tokens`` tokens.
+
+        Per head and mini-batch of K: gradients at W0 (XK W0, 2Kd^2), the K x K
+        products of the dual form (XQ XK^T, (eta*A) G, eta G: 6K^2 d) and the
+        end-of-mini-batch update (2Kd^2). LayerNorm backward and elementwise
+        work are left out. Applying (XQ W0) is paid by skipped chunks too.
+        """
+        c = self.config
+        K, d = c.mini_batch, c.head_dim
+        return c.n_head * (tokens // K) * (4 * K * d * d + 6 * K * K * d)
 
     def step(self, state: TTTState, x, lam):
         """One token per row in primal form: the decode path.

@@ -8,33 +8,35 @@ import numpy as np
 from flax import nnx
 
 from model.config import GPTConfig
+from model.gating import GateConfig, Schedule
 from model.ttt import TTTConfig
 from model.ttt_lm import TTTLMConfig, TTTTransformerLM
 
 BASE = dataclasses.replace(GPTConfig.tiny(vocab_size=512), n_positions=64, n_embd=64, n_layer=2, n_head=2)
-CONFIG = TTTLMConfig(base=BASE, ttt=TTTConfig(width=64, n_head=4), n_ttt_layers=2)
+CONFIG = TTTLMConfig(base=BASE, ttt=TTTConfig(width=64, n_head=4), n_ttt_layers=2, gate=GateConfig(chunk=16))
+FIXED = Schedule("fixed", value=1.5)
 
 
 def _batch():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 48)))
-    return tokens, jnp.broadcast_to(jnp.arange(48), (2, 48)), jnp.full((2, 3), 1.5)
+    return tokens, jnp.broadcast_to(jnp.arange(48), (2, 48))
 
 
 def test_fresh_ttt_model_predicts_exactly_like_the_base():
     model = TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0))
-    tokens, positions, lam = _batch()
-    logits, states = model(tokens, positions, lam)
+    tokens, positions = _batch()
+    out = model(tokens, positions, FIXED)
     base_logits, _, _ = model.base(tokens, positions)
-    assert np.array_equal(np.asarray(logits), np.asarray(base_logits))
-    assert len(states) == 2 and int(states[0].count[0]) == 48
+    assert np.array_equal(np.asarray(out.logits), np.asarray(base_logits))
+    assert len(out.states) == 2 and int(out.states[0].count[0]) == 48
 
 
 def test_base_is_frozen_and_ttt_is_trained():
     model = TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0))
-    tokens, positions, lam = _batch()
+    tokens, positions = _batch()
 
     def loss(model):
-        logits, _ = model(tokens, positions, lam)
+        logits = model(tokens, positions, FIXED).logits
         return -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], axis=-1), tokens[:, 1:, None], -1).mean()
 
     grads = nnx.grad(loss)(model)
@@ -59,14 +61,81 @@ def test_token_by_token_decoding_equals_full_forward():
     from model.gpt2 import KVCache
 
     model = _trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0)))
-    tokens, positions, lam = _batch()
-    full, final_states = model(tokens, positions, lam)
+    tokens, positions = _batch()
+    out = model(tokens, positions, FIXED)
+    full, final_states = out.logits, out.states
     base_logits, _, _ = model.base(tokens, positions)
     assert not np.allclose(np.asarray(full), np.asarray(base_logits))  # the TTT path is live
     cache, states = KVCache.init(BASE, 2), model.init_states(2)
-    lam_tokens = jnp.repeat(lam, CONFIG.ttt.mini_batch, axis=1)
+    lam_tokens = jnp.full(tokens.shape, FIXED.value)
     step = nnx.jit(lambda model, *args: model.step(*args))
     for t in range(tokens.shape[1]):  # every offset inside three mini-batches
         logits, cache, states = step(model, tokens[:, t], positions[:, t], cache, states, lam_tokens[:, t])
         assert np.abs(np.asarray(logits) - np.asarray(full[:, t])).max() <= 1e-5, t
     assert np.abs(np.asarray(states[1].W) - np.asarray(final_states[1].W)).max() <= 1e-5
+
+
+def _with_random_gate(model):
+    leaves, treedef = jax.tree.flatten(nnx.state(model.gate))
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    noisy = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    nnx.update(model.gate, jax.tree.unflatten(treedef, noisy))
+    return model
+
+
+def test_learned_gate_is_causal():
+    """Changing tokens at positions >= t changes no logit before t and no lam of a chunk starting at or before t."""
+    model = _with_random_gate(_trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0))))
+    tokens, positions = _batch()
+    tokens = jnp.concatenate([tokens, tokens[:, :16]], axis=1)  # 64 tokens: 4 chunks
+    positions = jnp.broadcast_to(jnp.arange(64), tokens.shape)
+    forward = nnx.jit(lambda model, t: model(t, positions))
+    base = forward(model, tokens)
+    assert len(np.unique(np.asarray(base.chunk_lambda))) > 2  # the gate really varies
+    assert np.asarray(base.chunk_updated).any()
+    for t in (5, 16, 33):
+        changed = tokens.at[:, t:].set((tokens[:, t:] + 7) % 512)
+        out = forward(model, changed)
+        assert np.array_equal(np.asarray(out.logits[:, :t]), np.asarray(base.logits[:, :t])), t
+        decided = t // CONFIG.gate.chunk + 1  # chunks 0..t//C start at or before t
+        assert np.array_equal(np.asarray(out.chunk_lambda[:, :decided]), np.asarray(base.chunk_lambda[:, :decided]))
+        assert not np.allclose(np.asarray(out.logits[:, t:]), np.asarray(base.logits[:, t:]))
+
+
+def test_skip_equals_zero_learning_rate_and_does_no_update_work():
+    model = _trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0)))
+    tokens, positions = _batch()
+    skipped = model(tokens, positions, Schedule("skip"))
+    assert not np.asarray(skipped.chunk_updated).any() and not np.asarray(skipped.ttt_flops).any()
+    # The same slow weights with eta = 0 (base_lr 0), through the update path.
+    frozen_config = dataclasses.replace(CONFIG, ttt=dataclasses.replace(CONFIG.ttt, base_lr=0.0))
+    eta_zero = TTTTransformerLM(frozen_config, rngs=nnx.Rngs(0))
+    nnx.update(eta_zero, nnx.state(model))
+    updated = eta_zero(tokens, positions, Schedule("update"))
+    assert np.asarray(updated.chunk_updated).all()
+    assert np.abs(np.asarray(updated.logits) - np.asarray(skipped.logits)).max() <= 1e-5
+    per_chunk = model.ttt[0].update_flops(CONFIG.gate.chunk) * CONFIG.n_ttt_layers
+    assert np.array_equal(np.asarray(updated.ttt_flops), [3 * per_chunk] * 2)
+    # The skip branch traces no mini-batch scan and no gradient: no update work is in it.
+    layer, x = model.ttt[0], jnp.ones((2, 16, 64))
+    skip_jaxpr = str(jax.make_jaxpr(lambda x: layer.chunk(x, jnp.ones((2, 1)), update=False))(x))
+    update_jaxpr = str(jax.make_jaxpr(lambda x: layer.chunk(x, jnp.ones((2, 1)), update=True))(x))
+    assert "scan" in update_jaxpr and "scan" not in skip_jaxpr
+    assert skip_jaxpr.count("dot_general") < update_jaxpr.count("dot_general")
+
+
+def test_fixed_schedules():
+    model = _trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0)))
+    tokens, positions = _batch()
+    tokens = jnp.tile(tokens, (1, 4))  # 192 tokens, 12 chunks
+    positions = jnp.broadcast_to(jnp.arange(192), tokens.shape)
+    random = model(tokens, positions, Schedule("random", rate=0.5, seed=1))
+    updated = np.asarray(random.chunk_updated)
+    assert 0 < updated.mean() < 1 and set(np.unique(np.asarray(random.chunk_lambda))) <= {0.0, 1.0}
+    assert np.array_equal(np.asarray(random.ttt_flops), updated.sum(1) * model.ttt[0].update_flops(16) * 2)
+    fixed = model(tokens, positions, Schedule("fixed", value=2.5))
+    assert np.allclose(np.asarray(fixed.chunk_lambda), 2.5)
+    tiny = model(tokens, positions, Schedule("fixed", value=0.01))  # below the 0.05 threshold: skipped
+    assert not np.asarray(tiny.chunk_updated).any()
+    gated = model(tokens, positions, Schedule("threshold", rate=0.5))
+    assert np.asarray(gated.chunk_updated)[:, 0].all()  # the first chunk always updates
