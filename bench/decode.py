@@ -2,8 +2,9 @@
 
 Both run the same weights (ours exported with ``model.hf.export_hf`` and
 loaded by ``GPT2LMHeadModel``), the same prompt and the same number of greedy
-new tokens, in the same process. Warm-up runs are excluded; each figure is the
-median of ``--runs`` timed runs. Prefill model-FLOPs utilisation is measured
+new tokens, in the same process, taking turns within every round (this VM's speed
+drifts). Warm-up runs are excluded; each figure is the median of ``--runs``
+timed rounds. Prefill model-FLOPs utilisation is measured
 against a large jitted f32 matmul timed in the same run.
 
     python bench/decode.py [--preset tiny] [--prompt-tokens 32] [--new-tokens 128]
@@ -13,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 
 import model  # noqa: F401  (XLA flags)
 import jax
@@ -30,24 +29,15 @@ from model.generate import SamplingParams, prefill, stream_tokens
 from model.gpt2 import KVCache, forward, init_model
 from model.hf import export_hf
 from model.tokenizer import Tokenizer
+from timing import interleaved_medians
 
 
-def median_seconds(fn, runs: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_peak_flops(n: int, runs: int) -> float:
+def peak_matmul(n: int = 2048):
+    """A large jitted f32 matmul (the peak that MFU is measured against) and its FLOPs."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     matmul = jax.jit(lambda a, b: a @ b)
-    return 2 * n**3 / median_seconds(lambda: matmul(a, b).block_until_ready(), runs)
+    return (lambda: matmul(a, b).block_until_ready()), 2 * n**3
 
 
 def forward_flops(config: GPTConfig, T: int, logit_positions: int) -> float:
@@ -101,8 +91,8 @@ def main() -> None:
             )
         hf_tokens[:] = out[0, len(prompt):].tolist()
 
-    ours_decode = median_seconds(ours_generate, args.runs)
-    hf_decode = median_seconds(hf_generate, args.runs)
+    decode = interleaved_medians({"ours": ours_generate, "hf": hf_generate}, args.runs)
+    ours_decode, hf_decode = decode["ours"], decode["hf"]
     same_tokens = ours_tokens == hf_tokens
 
     # Prefill as a server does it: ingest T prompt tokens into the KV cache,
@@ -126,19 +116,28 @@ def main() -> None:
         with torch.no_grad():
             hf(hf_input, use_cache=True, logits_to_keep=1).logits.argmax(-1)
 
-    ours_prefill = median_seconds(ours_prefill_call, args.runs)
-    hf_prefill = median_seconds(hf_prefill_call, args.runs)
 
     # Full forward (as in training): logits at every position, no cache.
     positions = jnp.arange(T)[None]
-    ours_full = median_seconds(lambda: forward(graphdef, state, tokens, positions)[0].block_until_ready(), args.runs)
 
     def hf_forward():
         with torch.no_grad():
             hf(hf_input, use_cache=False)
 
-    hf_full = median_seconds(hf_forward, args.runs)
-    peak = matmul_peak_flops(2048, args.runs)
+    matmul, matmul_flops = peak_matmul()
+    prefill_times = interleaved_medians(
+        {
+            "matmul": matmul,  # timed in the same rounds, so MFU sees the same drift
+            "ours_prefill": ours_prefill_call,
+            "hf_prefill": hf_prefill_call,
+            "ours_full": lambda: forward(graphdef, state, tokens, positions)[0].block_until_ready(),
+            "hf_full": hf_forward,
+        },
+        args.runs,
+    )
+    ours_prefill, hf_prefill = prefill_times["ours_prefill"], prefill_times["hf_prefill"]
+    ours_full, hf_full = prefill_times["ours_full"], prefill_times["hf_full"]
+    peak = matmul_flops / prefill_times["matmul"]
     prefill_flops = forward_flops(config, T, 1)
     full_flops = forward_flops(config, T, T)
 

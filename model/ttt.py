@@ -32,8 +32,11 @@ Stability: ``settle`` clips each mini-batch's fast-weight change per head
 and refuses non-finite updates (counted in the state). ``reset`` returns rows
 of a state to the start of a document.
 
-Not yet built (issue 3): TTT-MLP, the gating network and its schedules,
-document resets inside packed sequences (segment ids); the dual form needs a
+``chunk(update=False)`` only applies the fast weights: the real skip the
+gate (``model.gating``, ``model.ttt_lm``) takes for chunks it does not update.
+
+Not yet built (issue 3): TTT-MLP, document resets inside packed sequences
+(segment ids), a skip in the per-token decode step; the dual form needs a
 whole number of mini-batches.
 """
 

@@ -1,0 +1,24 @@
+"""Timing helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def interleaved_medians(fns: dict, runs: int, warmup: int = 2) -> dict:
+    """Median seconds of each function, timed in turn within every round.
+
+    This VM's speed drifts by tens of percent within seconds; alternating the
+    contenders exposes them to the same drift, so their ratio stays meaningful.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
