@@ -57,7 +57,10 @@ class LMOutput:
       logits: [B, T, V] float32.
       chunk_lambda: [B, n_chunks] lam used per chunk (0 where skipped).
       chunk_updated: [B, n_chunks] bool.
-      ttt_flops: [B] fast-weight update FLOPs executed (``TTTLinear.update_flops``).
+      ttt_flops: [B] fast-weight update FLOPs of the chunks each row updated
+        (``TTTLinear.update_flops``). A chunk is skipped for real only when no
+        row of the batch updates it; otherwise skipped rows ride along with
+        lam = 0 (same result) and are still counted as skipped.
       states: one ``TTTState`` per TTT layer, to continue decoding from.
     """
 
@@ -126,6 +129,7 @@ class TTTTransformerLM(nnx.Module):
                 return x, new_states, recon[0]
 
             # A real skip: when no row updates, the update branch does not run.
+            # Gate features use the first TTT layer's reconstruction losses.
             y_c, states, (recon_before, recon_after) = jax.lax.cond(
                 jnp.any(updated), lambda: run(True), lambda: run(False)
             )
