@@ -11,8 +11,8 @@ and every TTT layer's primal step; it reproduces the full forward.
 The full forward runs chunk by chunk with the gate (``model.gating``).
 
 Not yet built (issue 3): gating in the decode path (``step`` takes lam from
-the caller), end-of-document tokens as boundaries, document resets inside
-packed sequences, UPDATE_k with k > 1, ORACLE.
+the caller), document resets inside packed sequences (segment ids, and
+end-of-document tokens inside a full forward), UPDATE_k with k > 1, ORACLE.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class TTTLMConfig:
     ttt: TTTConfig
     n_ttt_layers: int = 1
     gate: GateConfig = GateConfig()
+    eot_id: int | None = None  # a document starts with this token: decoding resets the fast weights there
 
     def __post_init__(self):
         if self.gate.chunk % self.ttt.mini_batch:
@@ -185,6 +186,10 @@ class TTTTransformerLM(nnx.Module):
     def step(self, tokens, positions, cache: KVCache, states: list[TTTState], lam):
         """One token per row: the decode path.
 
+        An end-of-document token (``config.eot_id``) opens a new document:
+        the row's TTT state is reset before the token is fed. Its position
+        should restart at 0, which hides the old document from attention.
+
         Args:
           tokens, positions: [B]; cache: the base's KV cache; states: one per
             TTT layer; lam: [B] gate scale of the mini-batch each token is in.
@@ -192,6 +197,9 @@ class TTTTransformerLM(nnx.Module):
         Returns:
           ``(logits [B, V], cache, states)``.
         """
+        if self.config.eot_id is not None:
+            boundary = tokens == self.config.eot_id
+            states = [layer.reset(state, boundary) for layer, state in zip(self.ttt, states)]
         _, hidden, cache = self.base(tokens[:, None], positions[:, None], cache, compute_logits=False)
         h = hidden[:, 0]  # [B, D]
         new_states = []

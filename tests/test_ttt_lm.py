@@ -139,3 +139,36 @@ def test_fixed_schedules():
     assert not np.asarray(tiny.chunk_updated).any()
     gated = model(tokens, positions, Schedule("threshold", rate=0.5))
     assert np.asarray(gated.chunk_updated)[:, 0].all()  # the first chunk always updates
+
+
+def test_end_of_document_token_resets_the_decode_state():
+    """Document B decodes the same after document A in the same state as on its own."""
+    from model.gpt2 import KVCache
+
+    eot = 0
+    config = dataclasses.replace(CONFIG, eot_id=eot)
+    model = _trained_looking(TTTTransformerLM(config, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(4)
+    doc_a = [eot, *rng.integers(1, 512, 20).tolist()]
+    doc_b = [eot, *rng.integers(1, 512, 20).tolist()]
+    step = nnx.jit(lambda model, *args: model.step(*args))
+    lam = jnp.full((1,), 1.5)
+
+    def decode(model, docs):
+        cache, states, logits = KVCache.init(BASE, 1), model.init_states(1), []
+        for doc in docs:
+            for position, token in enumerate(doc):  # positions restart with every document
+                out, cache, states = step(model, jnp.asarray([token]), jnp.asarray([position]), cache, states, lam)
+                logits.append(np.asarray(out[0]))
+        return np.stack(logits), states
+
+    after_a, states_after = decode(model, [doc_a, doc_b])
+    alone, states_alone = decode(model, [doc_b])
+    assert np.abs(after_a[len(doc_a) :] - alone).max() <= 1e-5
+    assert np.abs(np.asarray(states_after[0].W) - np.asarray(states_alone[0].W)).max() <= 1e-5
+    # The same weights without a boundary token id: A's fast weights carry over into B.
+    no_boundary = TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0))
+    nnx.update(no_boundary, nnx.state(model))
+    carried, _ = decode(no_boundary, [doc_a, doc_b])
+    assert np.abs(carried[: len(doc_a)] - after_a[: len(doc_a)]).max() <= 1e-5
+    assert not np.allclose(carried[len(doc_a) :], alone, atol=1e-3)
