@@ -47,13 +47,16 @@ def test_base_is_frozen_and_ttt_is_trained():
 
 
 
+def _perturb(module, scale, seed):
+    """Adds Gaussian noise to every parameter of ``module`` in place."""
+    leaves, treedef = jax.tree.flatten(nnx.state(module))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    nnx.update(module, jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+
+
 def _trained_looking(model):
     """Random (non-zero) TTT parameters, so the TTT path changes the logits."""
-    ttt_state = nnx.state(model.ttt)
-    leaves, treedef = jax.tree.flatten(ttt_state)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    noisy = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    nnx.update(model.ttt, jax.tree.unflatten(treedef, noisy))
+    _perturb(model.ttt, 0.1, seed=7)
     return model
 
 
@@ -76,10 +79,7 @@ def test_token_by_token_decoding_equals_full_forward():
 
 
 def _with_random_gate(model):
-    leaves, treedef = jax.tree.flatten(nnx.state(model.gate))
-    keys = jax.random.split(jax.random.key(3), len(leaves))
-    noisy = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    nnx.update(model.gate, jax.tree.unflatten(treedef, noisy))
+    _perturb(model.gate, 0.1, seed=3)
     return model
 
 
