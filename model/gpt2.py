@@ -91,13 +91,15 @@ class Attention(nnx.Module):
         self.c_attn = _linear(config, D, 3 * D, 0.02, rngs)
         self.c_proj = _linear(config, D, D, residual_std, rngs)
 
-    def __call__(self, x, positions, kv):
+    def __call__(self, x, positions, kv, segment_ids=None):
         """Causal self-attention.
 
         Args:
           x: [B, T, D] inputs.
           positions: [B, T] absolute positions; contiguous within a row.
           kv: ``(k, v)`` cache of this layer, each [B, H, S, hd], or None.
+          segment_ids: [B, T] document of each token in a packed row (cache-free
+            calls only); tokens attend within their own document.
 
         Returns:
           ``(y [B, T, D], new_kv)``.
@@ -109,6 +111,8 @@ class Attention(nnx.Module):
         q, k, v = heads_first(q), heads_first(k), heads_first(v)
         scale = 1.0 / math.sqrt(hd)
         causal = positions[:, None, :] <= positions[:, :, None]  # [B, T, T]
+        if segment_ids is not None:
+            causal &= segment_ids[:, None, :] == segment_ids[:, :, None]
 
         def attend(q_rows, n_keys):
             """Queries ``q_rows`` (a slice of T) against the first ``n_keys`` new keys."""
@@ -178,8 +182,8 @@ class Block(nnx.Module):
         self.ln_2 = _layer_norm(config, rngs)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, kv):
-        a, kv = self.attn(self.ln_1(x), positions, kv)
+    def __call__(self, x, positions, kv, segment_ids=None):
+        a, kv = self.attn(self.ln_1(x), positions, kv, segment_ids)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, kv
@@ -209,7 +213,9 @@ class GPT(nnx.Module):
         self.h = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
         self.ln_f = _layer_norm(config, rngs)
 
-    def __call__(self, tokens, positions, cache: KVCache | None = None, *, compute_logits: bool = True):
+    def __call__(
+        self, tokens, positions, cache: KVCache | None = None, *, compute_logits: bool = True, segment_ids=None
+    ):
         """Runs the model on T new tokens per row.
 
         Args:
@@ -220,6 +226,9 @@ class GPT(nnx.Module):
             or None for a cache-free forward over exactly these tokens.
           compute_logits: False skips the LM head (logits is then None), for
             callers that need logits at a few positions only (``self.logits``).
+          segment_ids: [B, T] document ids of a packed cache-free batch
+            (positions restart with each document); attention stays inside
+            each document.
 
         Returns:
           ``(logits [B, T, V] float32, hidden [B, T, D], new_cache)`` where
@@ -230,7 +239,7 @@ class GPT(nnx.Module):
         new_k, new_v = [], []
         for layer, block in enumerate(self.h):
             kv = None if cache is None else (cache.k[layer], cache.v[layer])
-            x, kv = block(x, positions, kv)
+            x, kv = block(x, positions, kv, segment_ids)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

@@ -138,6 +138,11 @@ def settle(W0, b0, W1, b1, max_norm):
     return W, b, (~finite).astype(jnp.int32)
 
 
+def select_rows(rows, new, old):
+    """``new`` where ``rows`` [B] is True, else ``old``; both with a leading batch axis."""
+    return jnp.where(rows.reshape(-1, *([1] * (old.ndim - 1))), new, old)
+
+
 def causal_conv(x, kernel, bias, history=None):
     """Depthwise causal convolution: ``out[t] = bias + sum_k kernel[k] * x[t - (W-1) + k]``.
 
@@ -264,8 +269,7 @@ class TTTLinear(nnx.Module):
     def reset(self, state: TTTState, rows) -> TTTState:
         """Document boundary: rows where ``rows`` [B] is True go back to the start-of-document state."""
         fresh = self.init_state(state.count.shape[0])
-        pick = lambda new, old: jnp.where(rows.reshape(-1, *([1] * (old.ndim - 1))), new, old)
-        return jax.tree.map(pick, fresh, state)
+        return jax.tree.map(lambda new, old: select_rows(rows, new, old), fresh, state)
 
     def heads(self, x, history, count):
         """Per-head inputs of the fast network.

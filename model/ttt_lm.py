@@ -11,8 +11,8 @@ and every TTT layer's primal step; it reproduces the full forward.
 The full forward runs chunk by chunk with the gate (``model.gating``).
 
 Not yet built (issue 3): gating in the decode path (``step`` takes lam from
-the caller), document resets inside packed sequences (segment ids, and
-end-of-document tokens inside a full forward), UPDATE_k with k > 1, ORACLE.
+the caller), end-of-document tokens as boundaries inside a full forward
+(packed rows use segment ids, on chunk boundaries), UPDATE_k with k > 1, ORACLE.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from flax import nnx
 from model.config import GPTConfig
 from model.gpt2 import GPT, KVCache
 from model.gating import N_FEATURES, GateConfig, GatingNetwork, Schedule, chunk_token_stats
-from model.ttt import TTTConfig, TTTLinear, TTTState
+from model.ttt import TTTConfig, TTTLinear, TTTState, select_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,7 @@ class TTTTransformerLM(nnx.Module):
         self.ttt = nnx.List([TTTLinear(config.ttt, rngs=rngs) for _ in range(config.n_ttt_layers)])
         self.gate = GatingNetwork(config.gate, rngs=rngs)
 
-    def __call__(self, tokens, positions, schedule: Schedule = Schedule()) -> LMOutput:
+    def __call__(self, tokens, positions, schedule: Schedule = Schedule(), segment_ids=None) -> LMOutput:
         """Full-sequence forward from a document start, chunk by chunk.
 
         For each chunk c: lam_c from the schedule (features of chunk c-1 and
@@ -97,6 +97,11 @@ class TTTTransformerLM(nnx.Module):
         Args:
           tokens, positions: [B, T], T a multiple of the gate chunk size.
           schedule: where lam comes from (the learned gate by default).
+          segment_ids: [B, T] document ids of packed rows. Documents must
+            start on chunk boundaries (packing pads them to whole chunks):
+            where a chunk's first token opens a new document, the fast
+            weights and the gating history go back to the start-of-document
+            state, and base attention stays inside each document.
 
         Returns:
           An ``LMOutput``.
@@ -106,16 +111,18 @@ class TTTTransformerLM(nnx.Module):
         if T % C:
             raise ValueError(f"sequence length {T} is not a multiple of the gate chunk size {C}")
         n_chunks = T // C
-        base_logits, hidden, _ = self.base(tokens, positions)
+        base_logits, hidden, _ = self.base(tokens, positions, segment_ids=segment_ids)
         base_logits, h = jax.lax.stop_gradient(base_logits), jax.lax.stop_gradient(hidden)  # frozen base
         ce, entropy = chunk_token_stats(base_logits, tokens, C)  # [B, n_chunks] each
         gate = self.config.gate
         layer_flops = self.ttt[0].update_flops(C) * len(self.ttt)
 
         def run_chunk(carry, inputs):
+            h_c, ce_c, entropy_c, index, new_document = inputs  # h_c [B, C, D], new_document [B]
+            # A document opening here starts from the initial fast weights and gating history.
+            carry = jax.tree.map(lambda fresh, old: select_rows(new_document, fresh, old), initial, carry)
             states, features, difficulty, threshold, rate = carry
-            h_c, ce_c, entropy_c, index = inputs  # h_c [B, C, D]
-            lam = self._lam(schedule, features, threshold, index)  # [B]
+            lam = self._lam(schedule, features, threshold, index, (index == 0) | new_document)  # [B]
             lam = jnp.where(lam < gate.threshold, 0.0, lam)  # below the threshold: no update
             updated = lam > 0
 
@@ -143,7 +150,7 @@ class TTTTransformerLM(nnx.Module):
             flops = jnp.where(updated, float(layer_flops), 0.0)
             return (states, features, difficulty, threshold, rate), (y_c, lam, updated, flops)
 
-        carry = (
+        initial = (
             self.init_states(B),
             jnp.zeros((B, N_FEATURES)),
             jnp.zeros((B,)),
@@ -151,8 +158,13 @@ class TTTTransformerLM(nnx.Module):
             jnp.full((B,), schedule.rate),
         )
         per_chunk = lambda a: a.reshape(B, n_chunks, C, *a.shape[2:]).swapaxes(0, 1)  # [n, B, C, ...]
-        inputs = (per_chunk(h), ce.T, entropy.T, jnp.arange(n_chunks))
-        (states, *_), (y, lam, updated, flops) = jax.lax.scan(run_chunk, carry, inputs)
+        if segment_ids is None:
+            new_document = jnp.zeros((n_chunks, B), bool)
+        else:
+            starts = segment_ids[:, ::C]  # [B, n_chunks]: document of each chunk's first token
+            new_document = jnp.concatenate([jnp.zeros((B, 1), bool), starts[:, 1:] != starts[:, :-1]], axis=1).T
+        inputs = (per_chunk(h), ce.T, entropy.T, jnp.arange(n_chunks), new_document)
+        (states, *_), (y, lam, updated, flops) = jax.lax.scan(run_chunk, initial, inputs)
         y = y.swapaxes(0, 1).reshape(B, T, -1)  # [B, T, D]
         return LMOutput(
             logits=self.base.logits(y, frozen=True),
@@ -162,7 +174,7 @@ class TTTTransformerLM(nnx.Module):
             states=states,
         )
 
-    def _lam(self, schedule: Schedule, features, threshold, index):
+    def _lam(self, schedule: Schedule, features, threshold, index, document_start):
         """lam of one chunk per row, from chunk c-1's features and the history. [B]"""
         B = features.shape[0]
         if schedule.kind == "learned":
@@ -176,9 +188,9 @@ class TTTTransformerLM(nnx.Module):
         if schedule.kind == "random":
             key = jax.random.fold_in(jax.random.key(schedule.seed), index)
             return jax.random.bernoulli(key, schedule.rate, (B,)).astype(jnp.float32)
-        # threshold: update when chunk c-1 was hard to reconstruct (the first chunk always updates).
+        # threshold: update when chunk c-1 was hard to reconstruct (a document's first chunk always updates).
         recon_before = features[:, 2]
-        return jnp.where((index == 0) | (recon_before > threshold), 1.0, 0.0)
+        return jnp.where(document_start | (recon_before > threshold), 1.0, 0.0)
 
     def init_states(self, batch_size: int) -> list[TTTState]:
         return [layer.init_state(batch_size) for layer in self.ttt]

@@ -172,3 +172,22 @@ def test_end_of_document_token_resets_the_decode_state():
     carried, _ = decode(no_boundary, [doc_a, doc_b])
     assert np.abs(carried[: len(doc_a)] - after_a[: len(doc_a)]).max() <= 1e-5
     assert not np.allclose(carried[len(doc_a) :], alone, atol=1e-3)
+
+
+def test_packed_documents_do_not_see_each_other():
+    """Document B's logits and lam are the same after document A in one packed row as on their own."""
+    model = _with_random_gate(_trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(5)
+    doc_a, doc_b = rng.integers(0, 512, 32), rng.integers(0, 512, 48)  # whole chunks of 16
+    packed = jnp.asarray(np.concatenate([doc_a, doc_b]))[None]
+    positions = jnp.asarray(np.concatenate([np.arange(32), np.arange(48)]))[None]
+    segments = jnp.asarray(np.repeat([0, 1], [32, 48]))[None]
+    together = model(packed, positions, segment_ids=segments)
+    alone = model(jnp.asarray(doc_b)[None], jnp.arange(48)[None])
+    assert np.abs(np.asarray(together.logits[:, 32:]) - np.asarray(alone.logits)).max() <= 1e-5
+    assert np.abs(np.asarray(together.chunk_lambda[:, 2:]) - np.asarray(alone.chunk_lambda)).max() <= 1e-6
+    for got, want in zip(jax.tree.leaves(together.states), jax.tree.leaves(alone.states)):
+        assert np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max() <= 1e-5
+    # Without segment ids, A's context does reach B.
+    unsegmented = model(packed, positions)
+    assert not np.allclose(np.asarray(unsegmented.logits[:, 32:]), np.asarray(alone.logits), atol=1e-3)
