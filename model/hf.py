@@ -78,7 +78,7 @@ def _hf_name(our_path: tuple[str, ...]) -> str:
 
 def _our_paths(config: GPTConfig) -> list[tuple[str, ...]]:
     state = nnx.to_pure_dict(nnx.state(abstract_model(config)))
-    return [tuple(str(getattr(k, "key", k)) for k in path) for path, _ in _flatten(state)]
+    return [tuple(str(k) for k in path) for path, _ in _flatten(state)]
 
 
 def _flatten(tree, prefix=()):

@@ -18,9 +18,9 @@ on a self-supervised reconstruction loss as the sequence streams in
 
 Because ``eta_ij`` factorises into ``tau_i * sigma_j``, the primal form keeps
 one running sum ``sum_j sigma_j XK_j^T g_j`` per mini-batch (the decode
-state); the dual form computes all K outputs of a mini-batch with matmuls:
-``Zbar = XQ W0 + b0 - (eta * tril(XQ XK^T)) G - eta G``. Both are here; the
-primal form is the reference the tests hold the dual form to.
+state, ``TTTLinear.step``); the dual form computes all K outputs of a
+mini-batch with matmuls: ``Zbar = XQ W0 + b0 - (eta * tril(XQ XK^T)) G - eta G``.
+The tests hold the dual form to the primal one.
 
 Incremental decoding: ``TTTState`` holds the fast weights at the current
 mini-batch start, the running sums, the convolution history and the token
@@ -212,25 +212,6 @@ def dual_minibatch(XQ, XK, target, sigma, tau, lam, W0, b0, ln_scale, ln_bias, b
     return out, W1, b1
 
 
-def primal_minibatch(XQ, XK, target, sigma, tau, lam, W0, b0, ln_scale, ln_bias, base_lr, eps):
-    """The same mini-batch token by token with running gradient sums (the decode path)."""
-    K, d = XQ.shape
-    G = _token_grads(XK, target, W0, b0, ln_scale, ln_bias, eps)  # [K, d], each row at W0
-    scale = base_lr * lam / d
-
-    def step(sums, j):
-        sum_W, sum_b = sums
-        sum_W = sum_W + sigma[j] * jnp.outer(XK[j], G[j])  # [d, d]
-        sum_b = sum_b + sigma[j] * G[j]
-        W_j = W0 - scale * tau[j] * sum_W
-        b_j = b0 - scale * tau[j] * sum_b
-        out = XQ[j] + _head_ln(XQ[j] @ W_j + b_j, ln_scale, ln_bias, eps)
-        return (sum_W, sum_b), out
-
-    (sum_W, sum_b), out = jax.lax.scan(step, (jnp.zeros_like(W0), jnp.zeros_like(b0)), jnp.arange(K))
-    return out, W0 - scale * tau[-1] * sum_W, b0 - scale * tau[-1] * sum_b
-
-
 class TTTLinear(nnx.Module):
     """TTT-Linear: slow parameters here, fast weights threaded through ``__call__``."""
 
@@ -303,7 +284,7 @@ class TTTLinear(nnx.Module):
         K = self.config.mini_batch
         return jnp.maximum(0.0, 1.0 / (jnp.arange(K) + 1.0) + self.tau_offset[...])  # [K]
 
-    def __call__(self, x, lam, state: TTTState | None = None, *, primal: bool = False):
+    def __call__(self, x, lam, state: TTTState | None = None):
         """Runs the layer over whole mini-batches (dual form).
 
         Args:
@@ -311,16 +292,15 @@ class TTTLinear(nnx.Module):
           lam: [B, T / K] gate scale of each mini-batch.
           state: where to start (a document start when None); its token count
             must sit on a mini-batch boundary.
-          primal: use the token-by-token primal form instead of the dual form.
 
         Returns:
           ``(y [B, T, D], TTTState)``: outputs, and the state after the last
           token (from which ``step`` / ``extend`` / another call continue).
         """
-        y, state, _ = self.chunk(x, lam, state, primal=primal)
+        y, state, _ = self.chunk(x, lam, state)
         return y, state
 
-    def chunk(self, x, lam, state: TTTState | None = None, *, update: bool = True, primal: bool = False):
+    def chunk(self, x, lam, state: TTTState | None = None, *, update: bool = True):
         """``__call__`` plus the reconstruction loss before and after, for gating features.
 
         With ``update=False`` the fast weights are only applied (a skipped
@@ -350,10 +330,8 @@ class TTTLinear(nnx.Module):
 
         as_minibatches = lambda a: a.reshape(B, H, n, K, *a.shape[3:]).swapaxes(1, 2)  # [B, n, H, K, ...]
         tau = self.tau()
-        minibatch = primal_minibatch if primal else dual_minibatch
-
         def one_head(XQ, XK, target, sigma, lam, W, b, scale, bias):
-            return minibatch(XQ, XK, target, sigma, tau, lam, W, b, scale, bias, c.base_lr, c.ln_eps)
+            return dual_minibatch(XQ, XK, target, sigma, tau, lam, W, b, scale, bias, c.base_lr, c.ln_eps)
 
         all_heads = jax.vmap(one_head, in_axes=(0, 0, 0, 0, None, 0, 0, 0, 0))  # over H
         all_rows = jax.vmap(all_heads, in_axes=(0, 0, 0, 0, 0, 0, 0, None, None))  # over B

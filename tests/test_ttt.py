@@ -133,7 +133,8 @@ def test_dual_form_equals_primal_form(seed):
     T = 16 * int(rng.integers(1, 6))
     x, lam = _inputs(T, seed=seed, config=config)
     dual, dual_state = layer(jnp.asarray(x), jnp.asarray(lam))
-    primal, primal_state = layer(jnp.asarray(x), jnp.asarray(lam), primal=True)
+    lam_tokens = jnp.asarray(_lam_per_token(lam, config.mini_batch))
+    primal, primal_state = layer.extend(layer.init_state(x.shape[0]), jnp.asarray(x), lam_tokens)
     W_d, b_d, W_p, b_p = dual_state.W, dual_state.b, primal_state.W, primal_state.b
     assert np.abs(np.asarray(dual) - np.asarray(primal)).max() <= 1e-5
     assert np.abs(np.asarray(W_d) - np.asarray(W_p)).max() <= 1e-5
