@@ -1,73 +1,80 @@
-"""The test-time-training layer (TTT-Linear), in dual and primal form.
+"""The test-time-training layer (TTT-Linear and TTT-MLP), in dual and primal form.
 
-A TTT layer holds *fast weights* ``W, b`` per head that take a gradient step
-on a self-supervised reconstruction loss as the sequence streams in
-(DESIGN.md §2). Per head, with mini-batches of K tokens:
+A TTT layer holds *fast weights* per head that take a gradient step on a
+self-supervised reconstruction loss as the sequence streams in (DESIGN.md
+§2). Per head, with mini-batches of K tokens:
 
 * ``xqk = x Wq`` (one shared projection); ``XQ = convQ(xqk)``,
   ``XK = convK(xqk)`` are depthwise causal convolutions of width 4 (output i
   sees inputs i-3..i); ``XV = x Wv``. RoPE rotates XQ and XK with position
   ``p mod K``.
-* Target ``XV - XK``; fast network ``f(z) = LN_h(z W + b)``; per-token loss
-  ``l_j = 0.5 |f(XK_j) - (XV_j - XK_j)|^2``; ``g_j = dl_j/dZ_j`` at the
-  mini-batch-start weights ``W0, b0``.
+* Target ``XV - XK``; fast network ``f(z) = LN_h(z W + b)`` (TTT-Linear) or
+  ``LN_h(gelu(z W1 + b1) W2 + b2)`` (TTT-MLP); per-token loss
+  ``l_j = 0.5 |f(XK_j) - (XV_j - XK_j)|^2``; all gradients of a mini-batch
+  are taken at its start weights.
 * Learning rates ``eta_ij = base_lr * lam * tau_i * sigma_j / d`` for j <= i,
   ``sigma_j = sigmoid(theta_h . x_j + beta_h)``, ``tau_i = max(0, 1/(i+1) + ell_i)``.
-* Token i sees ``W_i = W0 - sum_{j<=i} eta_ij XK_j^T g_j`` and
-  ``b_i = b0 - sum_{j<=i} eta_ij g_j``; output ``XQ_i + LN_h(XQ_i W_i + b_i)``.
+* Token i sees every fast layer at ``W_i = W0 - sum_{j<=i} eta_ij X_j^T g_j``
+  (``X_j`` the layer's input for key j, ``g_j`` the loss gradient at its
+  pre-activation); output ``XQ_i + f_{W_i}(XQ_i)`` (residual inside).
 
 Because ``eta_ij`` factorises into ``tau_i * sigma_j``, the primal form keeps
-one running sum ``sum_j sigma_j XK_j^T g_j`` per mini-batch (the decode
-state, ``TTTLinear.step``); the dual form computes all K outputs of a
-mini-batch with matmuls: ``Zbar = XQ W0 + b0 - (eta * tril(XQ XK^T)) G - eta G``.
-The tests hold the dual form to the primal one.
+one running sum ``sum_j sigma_j grad_j`` per mini-batch (the decode state,
+``TTTLayer.step``); the dual form computes all K outputs of a mini-batch
+with matmuls, layer by layer:
+``Zbar = Xbar W0 + b0 - (eta * tril(Xbar X^T)) G - eta G``, where ``Xbar`` is
+the query's input to that layer (XQ, then gelu of the previous Zbar). The
+tests hold the dual form to the primal one.
 
 Incremental decoding: ``TTTState`` holds the fast weights at the current
 mini-batch start, the running sums, the convolution history and the token
 count; ``step`` advances it by one token (primal form) and ``extend`` by any
-number, from any offset. ``__call__`` (dual form) runs whole mini-batches from
-a document start and returns the state to continue from.
+number, from any offset. ``__call__`` / ``chunk`` (dual form) run whole
+mini-batches from a state on a mini-batch boundary.
 
 Stability: ``settle`` clips each mini-batch's fast-weight change per head
 and refuses non-finite updates (counted in the state). ``reset`` returns rows
 of a state to the start of a document.
 
-``chunk(update=False)`` only applies the fast weights: the real skip the
-gate (``model.gating``, ``model.ttt_lm``) takes for chunks it does not update.
-
-Not yet built (issue 3): TTT-MLP, document resets inside packed sequences
-(segment ids), a skip in the per-token decode step; the dual form needs a
-whole number of mini-batches.
+``chunk(update=False)`` and ``step(update=False)`` only apply the fast
+weights: the real skip the gate (``model.gating``, ``model.ttt_lm``) takes for
+chunks it does not update.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+KINDS = ("linear", "mlp")
+
 
 @dataclasses.dataclass(frozen=True)
 class TTTConfig:
-    """Shape and hyper-parameters of one TTT-Linear layer.
+    """Shape and hyper-parameters of one TTT layer.
 
     Attributes:
       width: model width D the layer reads and writes.
       n_head: fast-weight heads H; head dim d = width / n_head.
+      kind: ``linear`` (one fast layer d -> d) or ``mlp`` (d -> mlp_ratio*d
+        -> d with GELU between).
+      mlp_ratio: hidden width of the TTT-MLP fast network, in head dims.
       mini_batch: K, tokens per fast-weight update.
       conv_width: taps of the causal Q/K convolutions.
       base_lr: base learning rate of the fast weights.
       rope_theta: RoPE base.
       ln_eps: epsilon of the per-head LayerNorm inside the fast network.
       max_update_norm: cap on the Frobenius norm of one mini-batch's change of
-        a head's fast weights (W and b together); None = no cap.
+        a head's fast weights (all fast layers, W and b together); None = no cap.
     """
 
     width: int = 256
     n_head: int = 4
+    kind: str = "linear"
+    mlp_ratio: int = 4
     mini_batch: int = 16
     conv_width: int = 4
     base_lr: float = 1.0
@@ -76,6 +83,8 @@ class TTTConfig:
     max_update_norm: float | None = None
 
     def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"TTTConfig.kind must be one of {KINDS}, got {self.kind!r}")
         if self.width % self.n_head:
             raise ValueError(f"TTTConfig.width ({self.width}) must be divisible by n_head ({self.n_head})")
         if self.head_dim % 2:
@@ -85,24 +94,31 @@ class TTTConfig:
     def head_dim(self) -> int:
         return self.width // self.n_head
 
+    @property
+    def fast_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of each fast layer of one head."""
+        d = self.head_dim
+        return [(d, d)] if self.kind == "linear" else [(d, self.mlp_ratio * d), (self.mlp_ratio * d, d)]
+
 
 @dataclasses.dataclass
 class TTTState:
     """Fast-weight state of one TTT layer for B sequences: a cache like the KV cache.
 
     Attributes:
-      W: [B, H, d, d], b: [B, H, d]: fast weights at the current mini-batch start.
-      sum_W: [B, H, d, d], sum_b: [B, H, d]: running ``sum_j sigma_j XK_j^T g_j``
-        (and ``sum_j sigma_j g_j``) over the current mini-batch so far.
+      W: per fast layer [B, H, in, out]; b: per fast layer [B, H, out]: fast
+        weights at the current mini-batch start.
+      sum_W, sum_b: the same shapes: running ``sum_j sigma_j grad_j`` over the
+        current mini-batch so far.
       conv_history: [B, W-1, D]: last inputs of the Q/K convolutions.
       count: [B] tokens seen in the document.
       refused: [B] mini-batch updates refused (per head) for being non-finite.
     """
 
-    W: jax.Array
-    b: jax.Array
-    sum_W: jax.Array
-    sum_b: jax.Array
+    W: tuple
+    b: tuple
+    sum_W: tuple
+    sum_b: tuple
     conv_history: jax.Array
     count: jax.Array
     refused: jax.Array
@@ -116,25 +132,27 @@ jax.tree_util.register_dataclass(
 def settle(W0, b0, W1, b1, max_norm):
     """The fast weights a mini-batch leaves behind, made safe.
 
-    The change ``(W1 - W0, b1 - b0)`` of each head is scaled down to Frobenius
-    norm ``max_norm`` (if set), and a non-finite result is refused: the head
-    keeps ``W0, b0``. Outputs inside the mini-batch are not affected; this only
-    guards the state carried forward.
+    The change ``(W1 - W0, b1 - b0)`` of each head (all fast layers together)
+    is scaled down to Frobenius norm ``max_norm`` (if set), and a non-finite
+    result is refused: the head keeps ``W0, b0``. Outputs inside the
+    mini-batch are not affected; this only guards the state carried forward.
 
     Args:
-      W0, W1: [..., d, d]; b0, b1: [..., d].
+      W0, W1: tuples of [..., in, out]; b0, b1: tuples of [..., out].
 
     Returns:
       ``(W, b, refused [...] int32)``.
     """
-    dW, db = W1 - W0, b1 - b0
+    dW = [w1 - w0 for w0, w1 in zip(W0, W1)]
+    db = [c1 - c0 for c0, c1 in zip(b0, b1)]
     if max_norm is not None:
-        norm = jnp.sqrt(jnp.sum(dW**2, axis=(-2, -1)) + jnp.sum(db**2, axis=-1))  # [...]
-        shrink = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
-        dW, db = dW * shrink[..., None, None], db * shrink[..., None]
-    finite = jnp.all(jnp.isfinite(dW), axis=(-2, -1)) & jnp.all(jnp.isfinite(db), axis=-1)
-    W = jnp.where(finite[..., None, None], W0 + dW, W0)
-    b = jnp.where(finite[..., None], b0 + db, b0)
+        norm = jnp.sqrt(sum(jnp.sum(w**2, axis=(-2, -1)) for w in dW) + sum(jnp.sum(c**2, axis=-1) for c in db))
+        shrink = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))  # [...]
+        dW, db = [w * shrink[..., None, None] for w in dW], [c * shrink[..., None] for c in db]
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(w), axis=(-2, -1)) for w in dW]
+                               + [jnp.all(jnp.isfinite(c), axis=-1) for c in db]), axis=0)
+    W = tuple(jnp.where(finite[..., None, None], w0 + w, w0) for w0, w in zip(W0, dW))
+    b = tuple(jnp.where(finite[..., None], c0 + c, c0) for c0, c in zip(b0, db))
     return W, b, (~finite).astype(jnp.int32)
 
 
@@ -184,11 +202,41 @@ def _head_ln(z, scale, bias, eps):
     return (z - mean) / jnp.sqrt(var + eps) * scale + bias
 
 
-def _token_grads(XK, target, W0, b0, ln_scale, ln_bias, eps):
-    """g_j = dl_j/dZ_j at W0 for every token (each loss depends on its own row only). [K, d]"""
-    Z = XK @ W0 + b0  # [K, d]
-    loss = lambda Z: 0.5 * jnp.sum((_head_ln(Z, ln_scale, ln_bias, eps) - target) ** 2)
-    return jax.grad(loss)(Z)
+def _gelu(z):
+    return jax.nn.gelu(z, approximate=True)
+
+
+# --- One head's fast network. X: [K, d]; W, b: tuples over fast layers.
+
+
+def fast_apply(X, W, b):
+    """Pre-LayerNorm output of the fast network at fixed weights. [K, d]"""
+    for layer, (w, c) in enumerate(zip(W, b)):
+        X = (_gelu(X) if layer else X) @ w + c
+    return X
+
+
+def fast_grads(XK, target, W, b, ln_scale, ln_bias, eps):
+    """Per-token gradients of the reconstruction loss at fixed weights.
+
+    Returns:
+      ``(inputs, G)``: per fast layer, its input for each key [K, in] and
+      ``g_j = dl_j/dZ_j`` at its pre-activation [K, out] (each token's loss
+      depends on its own row only, so one backward pass gives all K).
+    """
+    inputs, Zs, X = [], [], XK
+    for layer, (w, c) in enumerate(zip(W, b)):
+        X = _gelu(Zs[-1]) if layer else X
+        inputs.append(X)
+        Zs.append(X @ w + c)
+
+    def loss(offsets):  # Z_l + offset_l: the gradient w.r.t. the offset is dl/dZ_l
+        Z = Zs[0] + offsets[0]
+        for layer in range(1, len(W)):
+            Z = _gelu(Z) @ W[layer] + b[layer] + offsets[layer]
+        return 0.5 * jnp.sum((_head_ln(Z, ln_scale, ln_bias, eps) - target) ** 2)
+
+    return inputs, jax.grad(loss)([jnp.zeros_like(Z) for Z in Zs])
 
 
 def dual_minibatch(XQ, XK, target, sigma, tau, lam, W0, b0, ln_scale, ln_bias, base_lr, eps):
@@ -196,28 +244,58 @@ def dual_minibatch(XQ, XK, target, sigma, tau, lam, W0, b0, ln_scale, ln_bias, b
 
     Args:
       XQ, XK, target: [K, d]; sigma, tau: [K]; lam: scalar gate scale.
-      W0: [d, d]; b0: [d]: fast weights at the mini-batch start.
+      W0, b0: tuples of fast weights at the mini-batch start.
 
     Returns:
       ``(out [K, d], W1, b1)``: outputs ``XQ + LN(Zbar)`` and the weights after the mini-batch.
     """
     K, d = XQ.shape
-    G = _token_grads(XK, target, W0, b0, ln_scale, ln_bias, eps)  # [K, d]
+    inputs, G = fast_grads(XK, target, W0, b0, ln_scale, ln_bias, eps)
     tril = jnp.tril(jnp.ones((K, K), XQ.dtype))
     eta = (base_lr * lam / d) * tau[:, None] * sigma[None, :] * tril  # [K, K]
-    Zbar = XQ @ W0 + b0 - (eta * (XQ @ XK.T)) @ G - eta @ G  # [K, d]
+    Zbar = None
+    for w, c, X, g in zip(W0, b0, inputs, G):
+        Xbar = XQ if Zbar is None else _gelu(Zbar)  # the query's input to this layer
+        Zbar = Xbar @ w + c - (eta * (Xbar @ X.T)) @ g - eta @ g  # [K, out]
     out = XQ + _head_ln(Zbar, ln_scale, ln_bias, eps)
-    W1 = W0 - (eta[-1][:, None] * XK).T @ G
-    b1 = b0 - eta[-1] @ G
+    W1 = tuple(w - (eta[-1][:, None] * X).T @ g for w, X, g in zip(W0, inputs, G))
+    b1 = tuple(c - eta[-1] @ g for c, g in zip(b0, G))
     return out, W1, b1
 
 
-class TTTLinear(nnx.Module):
-    """TTT-Linear: slow parameters here, fast weights threaded through ``__call__``."""
+def primal_token(XQ, XK, target, sigma, coef, W0, b0, sum_W, sum_b, ln_scale, ln_bias, eps):
+    """One token of one head in primal form.
+
+    Args:
+      XQ, XK, target: [d]; sigma: scalar; coef: ``base_lr * lam * tau_i / d``.
+      W0, b0: weights at the mini-batch start; sum_W, sum_b: running sums
+        ``sum_{j<i} sigma_j grad_j`` of this mini-batch.
+
+    Returns:
+      ``(out [d], W_i, b_i, sum_W, sum_b)``: the output, the weights token i
+      sees, and the running sums including token i.
+    """
+    inputs, G = fast_grads(XK[None], target[None], W0, b0, ln_scale, ln_bias, eps)
+    sum_W = tuple(s + sigma * X.T @ g for s, X, g in zip(sum_W, inputs, G))  # X^T g: the outer product
+    sum_b = tuple(s + sigma * g[0] for s, g in zip(sum_b, G))
+    W_i = tuple(w - coef * s for w, s in zip(W0, sum_W))
+    b_i = tuple(c - coef * s for c, s in zip(b0, sum_b))
+    out = XQ + _head_ln(fast_apply(XQ[None], W_i, b_i)[0], ln_scale, ln_bias, eps)
+    return out, W_i, b_i, sum_W, sum_b
+
+
+def _over_rows_and_heads(fn, in_axes):
+    """vmap ``fn`` over heads, then over rows; ``in_axes`` gives, per argument, whether it has a row axis."""
+    per_head = jax.vmap(fn)
+    return jax.vmap(per_head, in_axes=tuple(0 if batched else None for batched in in_axes))
+
+
+class TTTLayer(nnx.Module):
+    """A TTT layer: slow parameters here, fast weights threaded through as ``TTTState``."""
 
     def __init__(self, config: TTTConfig, *, rngs: nnx.Rngs):
         self.config = config
-        D, H, d, K = config.width, config.n_head, config.head_dim, config.mini_batch
+        D, H, K = config.width, config.n_head, config.mini_batch
         normal = nnx.initializers.normal(0.02)
         self.wq = nnx.Linear(D, D, use_bias=False, kernel_init=normal, rngs=rngs)
         self.wv = nnx.Linear(D, D, use_bias=False, kernel_init=normal, rngs=rngs)
@@ -229,23 +307,30 @@ class TTTLinear(nnx.Module):
         self.conv_k_bias = nnx.Param(jnp.zeros((D,)))
         self.lr_proj = nnx.Linear(D, H, kernel_init=normal, rngs=rngs)  # theta_h, beta_h
         self.tau_offset = nnx.Param(jnp.zeros((K,)))  # ell_i
-        self.W0 = nnx.Param(normal(rngs.params(), (H, d, d)))
-        self.b0 = nnx.Param(jnp.zeros((H, d)))
-        self.ttt_ln_scale = nnx.Param(jnp.ones((H, d)))
-        self.ttt_ln_bias = nnx.Param(jnp.zeros((H, d)))
+        # Initial fast weights of a document: slow parameters, learned in stage 2.
+        self.W0 = nnx.List([nnx.Param(normal(rngs.params(), (H, n_in, n_out))) for n_in, n_out in config.fast_shapes])
+        self.b0 = nnx.List([nnx.Param(jnp.zeros((H, n_out))) for _, n_out in config.fast_shapes])
+        self.ttt_ln_scale = nnx.Param(jnp.ones((H, config.head_dim)))
+        self.ttt_ln_bias = nnx.Param(jnp.zeros((H, config.head_dim)))
         self.post_norm = nnx.LayerNorm(D, epsilon=1e-6, rngs=rngs)
         self.wg = nnx.Linear(D, D, use_bias=False, kernel_init=normal, rngs=rngs)
         self.wo = nnx.Linear(D, D, use_bias=False, kernel_init=nnx.initializers.zeros, rngs=rngs)
 
+    def initial_fast_weights(self):
+        """``(W, b)``: tuples of the per-head initial fast weights [H, in, out] / [H, out]."""
+        return tuple(w[...] for w in self.W0), tuple(c[...] for c in self.b0)
+
     def init_state(self, batch_size: int) -> TTTState:
         """The state at a document start: trained initial fast weights, nothing seen."""
         c = self.config
-        B, H, d = batch_size, c.n_head, c.head_dim
-        W = jnp.broadcast_to(self.W0[...], (B, H, d, d))
-        b = jnp.broadcast_to(self.b0[...], (B, H, d))
-        history = jnp.zeros((B, c.conv_width - 1, c.width), W.dtype)
-        count, refused = jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32)  # distinct: states may be donated
-        return TTTState(W, b, jnp.zeros_like(W), jnp.zeros_like(b), history, count, refused)
+        W0, b0 = self.initial_fast_weights()
+        W = tuple(jnp.broadcast_to(w, (batch_size, *w.shape)) for w in W0)
+        b = tuple(jnp.broadcast_to(v, (batch_size, *v.shape)) for v in b0)
+        history = jnp.zeros((batch_size, c.conv_width - 1, c.width), jnp.float32)
+        # Distinct buffers everywhere: states may be donated.
+        count, refused = jnp.zeros((batch_size,), jnp.int32), jnp.zeros((batch_size,), jnp.int32)
+        zeros = lambda arrays: tuple(jnp.zeros_like(a) for a in arrays)
+        return TTTState(W, b, zeros(W), zeros(b), history, count, refused)
 
     def reset(self, state: TTTState, rows) -> TTTState:
         """Document boundary: rows where ``rows`` [B] is True go back to the start-of-document state."""
@@ -278,11 +363,24 @@ class TTTLinear(nnx.Module):
         """Heads [B, H, T, d] -> [B, T, D]: concatenate, LayerNorm, GELU gate, output projection."""
         B, H, T, d = heads_out.shape
         out = self.post_norm(heads_out.transpose(0, 2, 1, 3).reshape(B, T, H * d))  # [B, T, D]
-        return self.wo(jax.nn.gelu(self.wg(x), approximate=True) * out)
+        return self.wo(_gelu(self.wg(x)) * out)
 
     def tau(self):
         K = self.config.mini_batch
         return jnp.maximum(0.0, 1.0 / (jnp.arange(K) + 1.0) + self.tau_offset[...])  # [K]
+
+    def _apply(self, X, W, b):
+        """Fast network with its residual at fixed weights: X [B, H, T, d] -> [B, H, T, d]."""
+        apply = _over_rows_and_heads(fast_apply, (True, True, True))
+        ln = lambda z: _head_ln(z, self.ttt_ln_scale[...][:, None], self.ttt_ln_bias[...][:, None], self.config.ln_eps)
+        return X + ln(apply(X, W, b))
+
+    def recon_loss(self, XK, target, W, b):
+        """Mean per-token reconstruction loss at fixed weights, per row. [B]"""
+        apply = _over_rows_and_heads(fast_apply, (True, True, True))
+        c = self.config
+        Z = _head_ln(apply(XK, W, b), self.ttt_ln_scale[...][:, None], self.ttt_ln_bias[...][:, None], c.ln_eps)
+        return 0.5 * jnp.mean(jnp.sum((Z - target) ** 2, -1), axis=(1, 2))
 
     def __call__(self, x, lam, state: TTTState | None = None):
         """Runs the layer over whole mini-batches (dual form).
@@ -312,24 +410,20 @@ class TTTLinear(nnx.Module):
         """
         c = self.config
         B, T, D = x.shape
-        K, H, d = c.mini_batch, c.n_head, c.head_dim
+        K, H = c.mini_batch, c.n_head
         if T % K:
             raise ValueError(f"sequence length {T} is not a multiple of the mini-batch size {K}")
         n = T // K
         state = self.init_state(B) if state is None else state
         XQ, XK, target, sigma, history = self.heads(x, state.conv_history, state.count)
-        ln_scale, ln_bias = self.ttt_ln_scale[...], self.ttt_ln_bias[...]
-        ln = lambda z: _head_ln(z, ln_scale[:, None], ln_bias[:, None], c.ln_eps)  # over [B, H, T, d]
-        fast = lambda X, W, b: jnp.einsum("bhti,bhij->bhtj", X, W) + b[:, :, None]  # [B, H, T, d]
-        recon = lambda W, b: 0.5 * jnp.mean(jnp.sum((ln(fast(XK, W, b)) - target) ** 2, -1), axis=(1, 2))  # [B]
         if not update:
-            heads_out = XQ + ln(fast(XQ, state.W, state.b))  # [B, H, T, d]
             new_state = dataclasses.replace(state, conv_history=history, count=state.count + T)
-            loss = recon(state.W, state.b)
-            return self._output(x, heads_out), new_state, (loss, loss)
+            loss = self.recon_loss(XK, target, state.W, state.b)
+            return self._output(x, self._apply(XQ, state.W, state.b)), new_state, (loss, loss)
 
         as_minibatches = lambda a: a.reshape(B, H, n, K, *a.shape[3:]).swapaxes(1, 2)  # [B, n, H, K, ...]
-        tau = self.tau()
+        tau, ln_scale, ln_bias = self.tau(), self.ttt_ln_scale[...], self.ttt_ln_bias[...]
+
         def one_head(XQ, XK, target, sigma, lam, W, b, scale, bias):
             return dual_minibatch(XQ, XK, target, sigma, tau, lam, W, b, scale, bias, c.base_lr, c.ln_eps)
 
@@ -346,28 +440,38 @@ class TTTLinear(nnx.Module):
         inputs = tuple(as_minibatches(a).swapaxes(0, 1) for a in (XQ, XK, target, sigma))  # leading [n]
         carry = (state.W, state.b, state.refused)
         (W, b, refused), out = jax.lax.scan(scan_step, carry, inputs + (lam.T,))  # out [n, B, H, K, d]
-        heads_out = out.transpose(1, 2, 0, 3, 4).reshape(B, H, T, d)  # [B, H, T, d]
+        heads_out = out.transpose(1, 2, 0, 3, 4).reshape(B, H, T, -1)  # [B, H, T, d]
         new_state = TTTState(W, b, state.sum_W, state.sum_b, history, state.count + T, refused)
-        return self._output(x, heads_out), new_state, (recon(state.W, state.b), recon(W, b))
+        losses = (self.recon_loss(XK, target, state.W, state.b), self.recon_loss(XK, target, W, b))
+        return self._output(x, heads_out), new_state, losses
 
     def update_flops(self, tokens: int) -> int:
         """Matmul FLOPs that updating the fast weights adds to applying them, for ``tokens`` tokens.
 
-        Per head and mini-batch of K: gradients at W0 (XK W0, 2Kd^2), the K x K
-        products of the dual form (XQ XK^T, (eta*A) G, eta G: 6K^2 d) and the
-        end-of-mini-batch update (2Kd^2). LayerNorm backward and elementwise
-        work are left out. Applying (XQ W0) is paid by skipped chunks too.
+        Per head, mini-batch of K and fast layer (in -> out): the keys'
+        forward at W0 (2K in out), the backward into the layer below (2K in
+        out, all but the first layer), the K x K products of the dual form
+        (Xbar X^T: 2K^2 in; (eta*A) G and eta G: 4K^2 out) and the
+        end-of-mini-batch update (2K in out). LayerNorm backward and
+        elementwise work are left out. Applying the fast weights to the
+        queries is paid by skipped chunks too.
         """
         c = self.config
-        K, d = c.mini_batch, c.head_dim
-        return c.n_head * (tokens // K) * (4 * K * d * d + 6 * K * K * d)
+        K = c.mini_batch
+        per_minibatch = sum(
+            (6 if layer else 4) * K * n_in * n_out + 2 * K * K * n_in + 4 * K * K * n_out
+            for layer, (n_in, n_out) in enumerate(c.fast_shapes)
+        )
+        return c.n_head * (tokens // K) * per_minibatch
 
-    def step(self, state: TTTState, x, lam):
+    def step(self, state: TTTState, x, lam, *, update: bool = True):
         """One token per row in primal form: the decode path.
 
         Args:
           state: the rows' TTT state; x: [B, D]; lam: [B] gate scale of the
             mini-batch this token belongs to.
+          update: False only applies the fast weights (a skipped chunk): the
+            same result as ``lam = 0``, without the gradients.
 
         Returns:
           ``(y [B, D], new_state)``.
@@ -375,26 +479,31 @@ class TTTLinear(nnx.Module):
         c = self.config
         K, d = c.mini_batch, c.head_dim
         XQ, XK, target, sigma, history = self.heads(x[:, None], state.conv_history, state.count)
+        if not update:  # the running sums stay as they are: lam = 0 for the whole mini-batch
+            heads_out = self._apply(XQ, state.W, state.b)  # [B, H, 1, d]
+            new_state = dataclasses.replace(state, conv_history=history, count=state.count + 1)
+            return self._output(x[:, None], heads_out)[:, 0], new_state
         XQ, XK, target, sigma = XQ[:, :, 0], XK[:, :, 0], target[:, :, 0], sigma[:, :, 0]  # [B, H, d], [B, H]
-        ln = lambda z: _head_ln(z, self.ttt_ln_scale[...], self.ttt_ln_bias[...], c.ln_eps)
-        # Gradient of this token's loss at the mini-batch-start weights.
-        Z = jnp.einsum("bhi,bhij->bhj", XK, state.W) + state.b  # [B, H, d]
-        g = jax.grad(lambda Z: 0.5 * jnp.sum((ln(Z) - target) ** 2))(Z)  # [B, H, d]
-        sum_W = state.sum_W + sigma[..., None, None] * XK[..., :, None] * g[..., None, :]
-        sum_b = state.sum_b + sigma[..., None] * g
         i = state.count % K  # [B] position inside the mini-batch
         coef = (c.base_lr / d) * lam * self.tau()[i]  # [B]
-        W_i = state.W - coef[:, None, None, None] * sum_W
-        b_i = state.b - coef[:, None, None] * sum_b
-        heads_out = XQ + ln(jnp.einsum("bhi,bhij->bhj", XQ, W_i) + b_i)  # [B, H, d]
+        token = _over_rows_and_heads(
+            lambda *args: primal_token(*args, c.ln_eps),
+            (True, True, True, True, True, True, True, True, True, False, False),
+        )
+        coef_heads = jnp.broadcast_to(coef[:, None], sigma.shape)  # [B, H]
+        heads_out, W_i, b_i, sum_W, sum_b = token(
+            XQ, XK, target, sigma, coef_heads, state.W, state.b, state.sum_W, state.sum_b,
+            self.ttt_ln_scale[...], self.ttt_ln_bias[...],
+        )  # heads_out [B, H, d]
         # When the mini-batch closes, its end weights (settled) become the next start.
         end = i == K - 1  # [B]
         W_end, b_end, refused = settle(state.W, state.b, W_i, b_i, c.max_update_norm)
+        at_end = lambda new, old: select_rows(end, new, old)
         new_state = TTTState(
-            W=jnp.where(end[:, None, None, None], W_end, state.W),
-            b=jnp.where(end[:, None, None], b_end, state.b),
-            sum_W=jnp.where(end[:, None, None, None], 0.0, sum_W),
-            sum_b=jnp.where(end[:, None, None], 0.0, sum_b),
+            W=jax.tree.map(at_end, W_end, state.W),
+            b=jax.tree.map(at_end, b_end, state.b),
+            sum_W=jax.tree.map(lambda s: at_end(jnp.zeros_like(s), s), sum_W),
+            sum_b=jax.tree.map(lambda s: at_end(jnp.zeros_like(s), s), sum_b),
             conv_history=history,
             count=state.count + 1,
             refused=state.refused + jnp.where(end, refused.sum(-1), 0),

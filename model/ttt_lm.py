@@ -26,7 +26,7 @@ from flax import nnx
 from model.config import GPTConfig
 from model.gpt2 import GPT, KVCache
 from model.gating import N_FEATURES, GateConfig, GatingNetwork, Schedule, chunk_token_stats
-from model.ttt import TTTConfig, TTTLinear, TTTState, select_rows
+from model.ttt import TTTConfig, TTTLayer, TTTState, select_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ class LMOutput:
       chunk_lambda: [B, n_chunks] lam used per chunk (0 where skipped).
       chunk_updated: [B, n_chunks] bool.
       ttt_flops: [B] fast-weight update FLOPs of the chunks each row updated
-        (``TTTLinear.update_flops``). A chunk is skipped for real only when no
+        (``TTTLayer.update_flops``). A chunk is skipped for real only when no
         row of the batch updates it; otherwise skipped rows ride along with
         lam = 0 (same result) and are still counted as skipped.
       states: one ``TTTState`` per TTT layer, to continue decoding from.
@@ -84,7 +84,7 @@ class TTTTransformerLM(nnx.Module):
         self.ttt_norms = nnx.List(
             [nnx.LayerNorm(config.base.n_embd, epsilon=1e-5, rngs=rngs) for _ in range(config.n_ttt_layers)]
         )
-        self.ttt = nnx.List([TTTLinear(config.ttt, rngs=rngs) for _ in range(config.n_ttt_layers)])
+        self.ttt = nnx.List([TTTLayer(config.ttt, rngs=rngs) for _ in range(config.n_ttt_layers)])
         self.gate = GatingNetwork(config.gate, rngs=rngs)
 
     def __call__(self, tokens, positions, schedule: Schedule = Schedule(), segment_ids=None) -> LMOutput:

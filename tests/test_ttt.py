@@ -9,19 +9,22 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.ttt import TTTConfig, TTTLinear, causal_conv, rope
+from model.ttt import TTTConfig, TTTLayer, causal_conv, rope
 
 CONFIG = TTTConfig(width=32, n_head=4, mini_batch=16)
 
 
-def _randomised_layer(config=CONFIG, seed=0) -> TTTLinear:
+def _randomised_layer(config=CONFIG, seed=0) -> TTTLayer:
     """A layer whose every slow parameter is random, so no term can hide behind an init value."""
-    layer = TTTLinear(config, rngs=nnx.Rngs(seed))
+    layer = TTTLayer(config, rngs=nnx.Rngs(seed))
     graphdef, state = nnx.split(layer)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
     leaves = [leaf + 0.3 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    layer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    # Keep every tau_i > 0: tau_{K-1} = 0 would zero the end-of-mini-batch update.
+    layer.tau_offset[...] = jnp.abs(layer.tau_offset[...])
+    return layer
 
 
 # --- An independent reference in float64 NumPy: loops, no JAX, hand-written LN backward.
@@ -78,7 +81,7 @@ def numpy_ttt_linear(p, x, lam, config: TTTConfig):
     heads_out = np.zeros((T, D))
     for h in range(H):
         cols = slice(h * d, (h + 1) * d)
-        W, b = p["W0"][h].copy(), p["b0"][h].copy()
+        W, b = p["W0"][0][h].copy(), p["b0"][0][h].copy()
         scale, bias = p["ttt_ln_scale"][h], p["ttt_ln_bias"][h]
         for start in range(0, T, K):
             W_start, b_start = W.copy(), b.copy()
@@ -115,7 +118,7 @@ def test_layer_matches_numpy_reference(T):
     layer = _randomised_layer()
     x, lam = _inputs(T)
     y, state = layer(jnp.asarray(x), jnp.asarray(lam))
-    W, b = state.W, state.b
+    W, b = state.W[0], state.b[0]
     params = _params64(layer)
     for row in range(x.shape[0]):
         expected, (W_ref, b_ref) = numpy_ttt_linear(params, x[row].astype(np.float64), lam[row], CONFIG)
@@ -125,20 +128,23 @@ def test_layer_matches_numpy_reference(T):
         assert np.abs(np.asarray(b[row, -1]) - b_ref).max() <= 1e-5
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_dual_form_equals_primal_form(seed):
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("seed", range(3))
+def test_dual_form_equals_primal_form(kind, seed):
     rng = np.random.default_rng(seed)
-    config = TTTConfig(width=int(rng.choice([32, 64])), n_head=int(rng.choice([2, 4])), mini_batch=16)
+    config = TTTConfig(width=int(rng.choice([32, 64])), n_head=int(rng.choice([2, 4])), kind=kind, mini_batch=16)
     layer = _randomised_layer(config, seed)
     T = 16 * int(rng.integers(1, 6))
     x, lam = _inputs(T, seed=seed, config=config)
     dual, dual_state = layer(jnp.asarray(x), jnp.asarray(lam))
     lam_tokens = jnp.asarray(_lam_per_token(lam, config.mini_batch))
     primal, primal_state = layer.extend(layer.init_state(x.shape[0]), jnp.asarray(x), lam_tokens)
-    W_d, b_d, W_p, b_p = dual_state.W, dual_state.b, primal_state.W, primal_state.b
     assert np.abs(np.asarray(dual) - np.asarray(primal)).max() <= 1e-5
-    assert np.abs(np.asarray(W_d) - np.asarray(W_p)).max() <= 1e-5
-    assert np.abs(np.asarray(b_d) - np.asarray(b_p)).max() <= 1e-5
+    assert len(dual_state.W) == (1 if kind == "linear" else 2)
+    for got, want in zip(jax.tree.leaves((dual_state.W, dual_state.b)), jax.tree.leaves((primal_state.W, primal_state.b))):
+        assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5
+    # The update is live: the fast weights moved.
+    assert np.abs(np.asarray(dual_state.W[-1]) - np.asarray(layer.W0[-1][...])).max() > 1e-3
 
 
 def test_causal_conv_sees_exactly_the_last_four_inputs():
@@ -179,7 +185,7 @@ def test_layer_is_causal():
 
 
 def test_zero_initialised_output_projection_outputs_zero():
-    layer = TTTLinear(CONFIG, rngs=nnx.Rngs(0))
+    layer = TTTLayer(CONFIG, rngs=nnx.Rngs(0))
     x, lam = _inputs(32)
     y, _ = layer(jnp.asarray(x), jnp.asarray(lam))
     assert not np.asarray(y).any()
@@ -189,9 +195,9 @@ def test_lambda_zero_leaves_fast_weights_unchanged():
     layer = _randomised_layer()
     x, _ = _inputs(32)
     _, state = layer(jnp.asarray(x), jnp.zeros((2, 2)))
-    W, b = state.W, state.b
-    assert np.array_equal(np.asarray(W[0]), np.asarray(layer.W0[...]))
-    assert np.array_equal(np.asarray(b[0]), np.asarray(layer.b0[...]))
+    W, b = state.W[0], state.b[0]
+    assert np.array_equal(np.asarray(W[0]), np.asarray(layer.W0[0][...]))
+    assert np.array_equal(np.asarray(b[0]), np.asarray(layer.b0[0][...]))
 
 
 def _lam_per_token(lam, K):
@@ -232,12 +238,12 @@ def test_update_clip_caps_each_heads_change_in_both_forms():
     lam_tokens = _lam_per_token(lam, config.mini_batch)
     primal, primal_state = layer.extend(layer.init_state(2), jnp.asarray(x), jnp.asarray(lam_tokens))
     assert np.abs(np.asarray(dual) - np.asarray(primal)).max() <= 1e-5
-    assert np.abs(np.asarray(dual_state.W) - np.asarray(primal_state.W)).max() <= 1e-6
+    assert np.abs(np.asarray(dual_state.W[0]) - np.asarray(primal_state.W[0])).max() <= 1e-6
     # After the first mini-batch each head moved by exactly the cap (the raw steps are far larger).
     _, first = layer(jnp.asarray(x[:, :16]), jnp.asarray(lam[:, :1]))
     moved = np.sqrt(
-        ((np.asarray(first.W) - np.asarray(layer.W0[...])) ** 2).sum((-2, -1))
-        + ((np.asarray(first.b) - np.asarray(layer.b0[...])) ** 2).sum(-1)
+        ((np.asarray(first.W[0]) - np.asarray(layer.W0[0][...])) ** 2).sum((-2, -1))
+        + ((np.asarray(first.b[0]) - np.asarray(layer.b0[0][...])) ** 2).sum(-1)
     )
     assert np.allclose(moved, 0.05, rtol=1e-4)
 
@@ -249,9 +255,9 @@ def test_non_finite_updates_are_refused_and_counted():
     _, state = layer(jnp.asarray(x), jnp.asarray(lam))
     _, clean = layer(jnp.asarray(x[:, :16]), jnp.asarray(lam[:, :1]))
     assert int(state.refused[0]) > 0 and int(state.refused[1]) == 0
-    assert np.isfinite(np.asarray(state.W)).all()
+    assert np.isfinite(np.asarray(state.W[0])).all()
     # Row 0 kept the weights from before the poisoned mini-batch, for the refused heads.
-    assert np.array_equal(np.asarray(state.W[0]), np.asarray(clean.W[0]))
+    assert np.array_equal(np.asarray(state.W[0][0]), np.asarray(clean.W[0][0]))
 
 
 def test_reset_returns_rows_to_the_document_start():
