@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -60,6 +61,154 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+def _train_corpus(args: argparse.Namespace) -> None:
+    from model.tokenizer import Tokenizer
+    from train import corpus
+
+    roots = args.root or corpus.default_roots()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.tokenizer:
+        tokenizer = Tokenizer.load(args.tokenizer)
+    else:
+        print(f"training a {args.vocab_size}-token code BPE on {', '.join(map(str, roots))}", file=sys.stderr)
+        tokenizer = Tokenizer.train(corpus.python_sources(roots, args.tokenizer_mb << 20), args.vocab_size)
+    tokenizer.save(args.out / "tokenizer.json")
+    report = corpus.build(roots, tokenizer, args.out, args.val_fraction, None if args.max_mb is None else args.max_mb << 20)
+    print(json.dumps(report.to_json(), indent=2))
+
+
+def _train_config(args: argparse.Namespace):
+    from train.trainer import TrainConfig
+
+    fields = ("steps", "batch_size", "seq_len", "lr", "warmup", "weight_decay", "clip", "seed", "fim_rate",
+              "eval_every", "eval_batches", "checkpoint_every_s", "keep")
+    return TrainConfig(**{name: getattr(args, name) for name in fields})
+
+
+def _train_run(args: argparse.Namespace, stage, model, tokenizer) -> None:
+    from train.trainer import TrainMetrics, train
+
+    metrics = TrainMetrics(args.metrics_port) if args.metrics_port is not None else None
+    final = train(stage, model, tokenizer, args.corpus, args.run_dir, _train_config(args), resume=args.resume,
+                  metrics=metrics, progress=not args.no_progress, stop_after=args.stop_after)
+    print(f"wrote {final}", file=sys.stderr)
+
+
+def _train_base(args: argparse.Namespace) -> None:
+    from model import checkpoint
+    from model.config import GPTConfig
+    from model.gpt2 import init_model
+    from model.tokenizer import Tokenizer
+    from train.stages import BaseStage
+
+    if args.init_from:
+        model, tokenizer = checkpoint.load(args.init_from)
+    else:
+        tokenizer = Tokenizer.load(args.corpus / "tokenizer.json")
+        model = init_model(GPTConfig.preset(args.preset, vocab_size=len(tokenizer)), args.seed)
+    if args.seq_len > model.config.n_positions:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's context of {model.config.n_positions}")
+    _train_run(args, BaseStage(seq_len=args.seq_len), model, tokenizer)
+
+
+def _train_ttt(args: argparse.Namespace) -> None:
+    from flax import nnx
+
+    from model import checkpoint
+    from model.gating import GateConfig, Schedule
+    from model.gpt2 import GPT
+    from model.ttt import TTTConfig
+    from model.ttt_lm import TTTLMConfig, TTTTransformerLM
+    from train.stages import TTTStage
+
+    base, tokenizer = checkpoint.load(args.base)
+    if not isinstance(base, GPT):
+        raise ValueError(f"--base {args.base} is a TTT checkpoint; stage 2 starts from a base (stage 1) checkpoint")
+    D = base.config.n_embd
+    config = TTTLMConfig(
+        base=base.config,
+        ttt=TTTConfig(width=D, n_head=args.ttt_heads, kind=args.ttt_kind, mini_batch=args.mini_batch,
+                      max_update_norm=args.max_update_norm),
+        n_ttt_layers=args.ttt_layers,
+        gate=GateConfig(chunk=args.chunk),
+        eot_id=tokenizer.eot_id,
+    )
+    model = TTTTransformerLM(config, rngs=nnx.Rngs(args.seed), base=base)
+    schedule = Schedule(args.schedule, value=args.schedule_value, rate=args.schedule_rate, steps=args.schedule_steps)
+    stage = TTTStage(seq_len=args.seq_len, chunk=args.chunk, schedule=schedule, beta=args.beta, gamma=args.gamma)
+    _train_run(args, stage, model, tokenizer)
+
+
+def _train_plot(args: argparse.Namespace) -> None:
+    from train.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}", file=sys.stderr)
+
+
+def _add_train_commands(commands) -> None:
+    train = commands.add_parser("train", help="build a corpus, train the base model or the TTT layer, plot a run")
+    stages = train.add_subparsers(dest="stage", required=True)
+
+    corpus = stages.add_parser("corpus", help="train a code tokenizer and tokenize Python sources into a corpus")
+    corpus.add_argument("--out", type=Path, required=True)
+    corpus.add_argument("--root", type=Path, action="append", help="source folder (default: stdlib + site-packages)")
+    corpus.add_argument("--tokenizer", type=Path, help="use this tokenizer.json instead of training one")
+    corpus.add_argument("--vocab-size", type=int, default=8192)
+    corpus.add_argument("--tokenizer-mb", type=int, default=64, help="most MiB of source to train the tokenizer on")
+    corpus.add_argument("--val-fraction", type=float, default=0.02)
+    corpus.add_argument("--max-mb", type=int, help="stop after this many MiB of kept source")
+    corpus.set_defaults(run=_train_corpus)
+
+    def common(p, seq_len, lr, batch):
+        p.add_argument("--corpus", type=Path, required=True, help="a directory made by `ponder train corpus`")
+        p.add_argument("--run-dir", type=Path, required=True)
+        p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+        p.add_argument("--steps", type=int, default=1000)
+        p.add_argument("--batch-size", type=int, default=batch)
+        p.add_argument("--seq-len", type=int, default=seq_len)
+        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--warmup", type=int, default=100)
+        p.add_argument("--weight-decay", type=float, default=0.1)
+        p.add_argument("--clip", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--fim-rate", type=float, default=0.1)
+        p.add_argument("--eval-every", type=int, default=200)
+        p.add_argument("--eval-batches", type=int, default=8)
+        p.add_argument("--checkpoint-every-s", type=float, default=300.0)
+        p.add_argument("--keep", type=int, default=3, help="checkpoints kept (the newest)")
+        p.add_argument("--metrics-port", type=int, help="serve Prometheus training metrics on this port")
+        p.add_argument("--no-progress", action="store_true")
+        p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: leave early, as a crash would
+
+    base = stages.add_parser("base", help="stage 1: train the base GPT-2")
+    common(base, seq_len=256, lr=1e-3, batch=8)
+    base.add_argument("--preset", default="tiny", choices=["tiny", "gpt2", "gpt2-medium"])
+    base.add_argument("--init-from", type=Path, help="continue from this checkpoint (e.g. imported GPT-2 weights)")
+    base.set_defaults(run=_train_base)
+
+    ttt = stages.add_parser("ttt", help="stage 2: freeze the base, train the TTT layer and the gate")
+    common(ttt, seq_len=512, lr=3e-3, batch=4)
+    ttt.add_argument("--base", type=Path, required=True, help="the stage-1 checkpoint")
+    ttt.add_argument("--ttt-kind", default="linear", choices=["linear", "mlp"])
+    ttt.add_argument("--ttt-heads", type=int, default=4)
+    ttt.add_argument("--ttt-layers", type=int, default=1)
+    ttt.add_argument("--mini-batch", type=int, default=16)
+    ttt.add_argument("--chunk", type=int, default=64)
+    ttt.add_argument("--max-update-norm", type=float, default=None)
+    ttt.add_argument("--schedule", default="learned", choices=["learned", "skip", "update", "fixed", "random", "threshold"])
+    ttt.add_argument("--schedule-value", type=float, default=1.0, help="lam of --schedule fixed")
+    ttt.add_argument("--schedule-rate", type=float, default=0.5, help="update rate of random / threshold")
+    ttt.add_argument("--schedule-steps", type=int, default=1, help="k of UPDATE_k")
+    ttt.add_argument("--beta", type=float, default=0.1, help="weight of the TTT reconstruction loss")
+    ttt.add_argument("--gamma", type=float, default=0.1, help="weight of mean(lam), the compute penalty")
+    ttt.set_defaults(run=_train_ttt)
+
+    plot = stages.add_parser("plot", help="draw a run's loss and lambda curves to a PNG")
+    plot.add_argument("--run-dir", type=Path, required=True)
+    plot.add_argument("--out", type=Path, required=True)
+    plot.set_defaults(run=_train_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ponder", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", type=Path, required=True)
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(run=_convert)
+    _add_train_commands(commands)
     return parser
 
 
@@ -104,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.run(args)
-    except (CheckpointError, ConversionError, ValueError, FileNotFoundError) as err:
+    except (CheckpointError, ConversionError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"ponder {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

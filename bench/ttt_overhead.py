@@ -5,11 +5,14 @@ chunks of 64) on top. Prefill: the full TTT forward (base logits for the gate
 features, chunk scan, final logits at every position) at UPDATE_1 (lam = 1
 everywhere) and at a 50% update rate (RANDOM schedule: skipped chunks take
 the real skip), against the base model's forward with logits at every
-position. Decode: one jitted call per token on both sides, every token
-updating (the decode step has no skip yet, so 50% costs what 100% does).
+position. Decode: one jitted call per token on both sides, at UPDATE_1 and
+at the same 50% RANDOM schedule (a skipped chunk's steps take the real skip;
+closing a chunk computes the gate features for the next one). Both also at
+the threshold gate aiming at 50%: a schedule that reads the chunk features,
+which cost an LM head over the base hidden states (fixed schedules skip them).
 Medians after warm-up, same process.
 
-    python bench/ttt_overhead.py [--prefill-tokens 1024] [--decode-tokens 128]
+    python bench/ttt_overhead.py [--prefill-tokens 1024] [--decode-tokens 256]
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ from model.ttt import TTTConfig
 from model.ttt_lm import TTTLMConfig, TTTTransformerLM
 from timing import interleaved_medians
 
+HALF = Schedule("random", rate=0.5, seed=0)  # every other chunk on average, skipped chunks skip for real
+GATED = Schedule("threshold", rate=0.5)  # a gate that reads the chunk features (base CE/entropy, TTT losses)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prefill-tokens", type=int, default=1024)
-    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--runs", type=int, default=11)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -52,40 +58,56 @@ def main() -> None:
     base_graphdef, base_state = nnx.split(lm.base)
     base_forward = jax.jit(lambda s, t, p: nnx.merge(base_graphdef, s)(t, p)[0])
     update_all = jax.jit(lambda s, t, p: nnx.merge(graphdef, s)(t, p, Schedule("update")))
-    update_half = jax.jit(lambda s, t, p: nnx.merge(graphdef, s)(t, p, Schedule("random", rate=0.5, seed=0)))
+    update_half = jax.jit(lambda s, t, p: nnx.merge(graphdef, s)(t, p, HALF))
+    update_gated = jax.jit(lambda s, t, p: nnx.merge(graphdef, s)(t, p, GATED))
     prefill = interleaved_medians(
         {
             "base": lambda: base_forward(base_state, tokens, positions).block_until_ready(),
             "update": lambda: update_all(state, tokens, positions).logits.block_until_ready(),
             "half": lambda: update_half(state, tokens, positions).logits.block_until_ready(),
+            "gated": lambda: update_gated(state, tokens, positions).logits.block_until_ready(),
         },
         args.runs,
     )
     base_prefill, ttt_prefill, half_prefill = prefill["base"], prefill["update"], prefill["half"]
     half_rate = float(update_half(state, tokens, positions).chunk_updated.mean())
+    gated_prefill, gated_rate = prefill["gated"], float(update_gated(state, tokens, positions).chunk_updated.mean())
 
     # Decode: one jitted call per token on both sides, from the start of a document.
     n = args.decode_tokens
     base_step = jax.jit(
         lambda s, t, p, c: nnx.merge(base_graphdef, s)(t[:, None], p[:, None], c)[::2], donate_argnums=3
     )
-    ttt_step = jax.jit(lambda s, *args: nnx.merge(graphdef, s).step(*args), donate_argnums=3)
-    ones = jnp.ones((1,))
+    def ttt_decoder(schedule):
+        step = jax.jit(lambda s, *args: nnx.merge(graphdef, s).step(*args, schedule), donate_argnums=(3, 4))
+
+        def decode():
+            cache, doc = KVCache.init(base_config, 1, 512), lm.init_state(1, schedule)
+            for i in range(n):
+                logits, cache, doc = step(state, tokens[:, i], positions[:, i], cache, doc)
+            logits.block_until_ready()
+
+        return decode
 
     def decode_base():
-        cache = KVCache.init(base_config, 1, 256)
+        cache = KVCache.init(base_config, 1, 512)
         for i in range(n):
             logits, cache = base_step(base_state, tokens[:, i], positions[:, i], cache)
         logits.block_until_ready()
 
-    def decode_ttt():
-        cache, states = KVCache.init(base_config, 1, 256), lm.init_states(1)
-        for i in range(n):
-            logits, cache, states = ttt_step(state, tokens[:, i], positions[:, i], cache, states, ones)
-        logits.block_until_ready()
-
-    decode = interleaved_medians({"base": decode_base, "ttt": decode_ttt}, args.runs)
-    base_decode, ttt_decode = decode["base"] / n, decode["ttt"] / n
+    decode = interleaved_medians(
+        {
+            "base": decode_base,
+            "update": ttt_decoder(Schedule("update")),
+            "half": ttt_decoder(HALF),
+            "gated": ttt_decoder(GATED),
+        },
+        args.runs,
+    )
+    gated_decode = decode["gated"] / n
+    gated_decode_rate = float(update_gated(state, tokens[:, :n], positions[:, :n]).chunk_updated.mean())
+    base_decode, ttt_decode, half_decode = decode["base"] / n, decode["update"] / n, decode["half"] / n
+    half_decode_rate = float(update_half(state, tokens[:, :n], positions[:, :n]).chunk_updated.mean())
     results = {
         "prefill_tokens": T,
         "base_prefill_ms": 1e3 * base_prefill,
@@ -94,16 +116,29 @@ def main() -> None:
         "half_update_rate": half_rate,
         "ttt_half_prefill_ms": 1e3 * half_prefill,
         "prefill_ratio_half": half_prefill / base_prefill,
+        "gated_update_rate": gated_rate,
+        "ttt_gated_prefill_ms": 1e3 * gated_prefill,
+        "prefill_ratio_gated": gated_prefill / base_prefill,
         "base_decode_ms_per_token": 1e3 * base_decode,
         "ttt_update1_decode_ms_per_token": 1e3 * ttt_decode,
         "decode_ratio_update1": ttt_decode / base_decode,
+        "half_decode_update_rate": half_decode_rate,
+        "ttt_half_decode_ms_per_token": 1e3 * half_decode,
+        "decode_ratio_half": half_decode / base_decode,
+        "gated_decode_update_rate": gated_decode_rate,
+        "ttt_gated_decode_ms_per_token": 1e3 * gated_decode,
+        "decode_ratio_gated": gated_decode / base_decode,
     }
     print(f"prefill {T} tokens: base {results['base_prefill_ms']:.1f} ms, TTT UPDATE_1 "
           f"{results['ttt_update1_prefill_ms']:.1f} ms -> {results['prefill_ratio_update1']:.2f}x; "
           f"{100 * half_rate:.0f}% of chunks updated {results['ttt_half_prefill_ms']:.1f} ms -> "
-          f"{results['prefill_ratio_half']:.2f}x")
+          f"{results['prefill_ratio_half']:.2f}x; threshold gate ({100 * gated_rate:.0f}% updated) "
+          f"{results['ttt_gated_prefill_ms']:.1f} ms -> {results['prefill_ratio_gated']:.2f}x")
     print(f"decode per token:   base {results['base_decode_ms_per_token']:.2f} ms, TTT UPDATE_1 "
-          f"{results['ttt_update1_decode_ms_per_token']:.2f} ms -> {results['decode_ratio_update1']:.2f}x")
+          f"{results['ttt_update1_decode_ms_per_token']:.2f} ms -> {results['decode_ratio_update1']:.2f}x; "
+          f"{100 * half_decode_rate:.0f}% of chunks updated {results['ttt_half_decode_ms_per_token']:.2f} ms -> {results['decode_ratio_half']:.2f}x; "
+          f"threshold gate ({100 * gated_decode_rate:.0f}%) {results['ttt_gated_decode_ms_per_token']:.2f} ms -> "
+          f"{results['decode_ratio_gated']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -2,7 +2,8 @@
 
 Layout of a checkpoint directory::
 
-    config.json     {"format_version": 1, "model": GPTConfig fields}
+    config.json     {"format_version": 1, "model": GPTConfig fields,
+                     "ttt": TTT language-model fields (TTT checkpoints only)}
     tokenizer.json  the tokenizer (``tokenizers`` JSON)
     state/          model parameters, written by Orbax
     manifest.json   size and SHA-256 of every file above
@@ -29,8 +30,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from model.config import GPTConfig
-from model.gpt2 import GPT, abstract_model
+from model.gpt2 import GPT
+from model.gpt2 import abstract_model as abstract_gpt
 from model.tokenizer import Tokenizer
+from model.ttt_lm import TTTLMConfig, TTTTransformerLM
 
 FORMAT_VERSION = 1
 CONFIG_FILE, TOKENIZER_FILE, STATE_DIR, MANIFEST_FILE = "config.json", "tokenizer.json", "state", "manifest.json"
@@ -53,19 +56,20 @@ def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
     return {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
 
 
-def save(directory: str | Path, model: GPT, tokenizer: Tokenizer, overwrite: bool = False) -> Path:
+def save(directory: str | Path, model: GPT | TTTTransformerLM, tokenizer: Tokenizer, overwrite: bool = False) -> Path:
     """Writes ``model`` and ``tokenizer`` as a checkpoint directory.
 
     Args:
       directory: target directory; must not exist unless ``overwrite``.
-      model: the model to save; its config goes to ``config.json``.
+      model: the base GPT or the TTT language model; its config goes to ``config.json``.
       tokenizer: saved beside it; its vocabulary must fit the model.
 
     Returns:
       The absolute checkpoint path.
     """
     directory = Path(directory).absolute()
-    config: GPTConfig = model.config
+    is_ttt = isinstance(model, TTTTransformerLM)
+    config: GPTConfig = model.config.base if is_ttt else model.config
     if len(tokenizer) > config.vocab_size:
         raise CheckpointError(
             f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
@@ -75,9 +79,10 @@ def save(directory: str | Path, model: GPT, tokenizer: Tokenizer, overwrite: boo
             raise CheckpointError(f"{directory} already exists (pass overwrite=True / --overwrite to replace it)")
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    (directory / CONFIG_FILE).write_text(
-        json.dumps({"format_version": FORMAT_VERSION, "model": config.to_dict()}, indent=2) + "\n"
-    )
+    record = {"format_version": FORMAT_VERSION, "model": config.to_dict()}
+    if is_ttt:
+        record["ttt"] = model.config.to_dict()
+    (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
     tokenizer.save(directory / TOKENIZER_FILE)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / STATE_DIR, nnx.to_pure_dict(nnx.state(model)))
@@ -112,7 +117,8 @@ def _verify_files(directory: Path) -> None:
             raise CheckpointError(f"checkpoint file {path} is corrupt: its SHA-256 does not match {MANIFEST_FILE}")
 
 
-def load_config(directory: str | Path) -> GPTConfig:
+def load_config(directory: str | Path) -> GPTConfig | TTTLMConfig:
+    """The model config of a checkpoint: a ``GPTConfig``, or a ``TTTLMConfig`` for a TTT checkpoint."""
     path = Path(directory) / CONFIG_FILE
     try:
         data = json.loads(path.read_text())
@@ -125,7 +131,8 @@ def load_config(directory: str | Path) -> GPTConfig:
             f"{path}: format_version {data.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
         )
     try:
-        return GPTConfig.from_dict(data.get("model"))
+        base = GPTConfig.from_dict(data.get("model"))
+        return base if data.get("ttt") is None else TTTLMConfig.from_dict(base, data["ttt"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {err}") from None
 
@@ -156,11 +163,18 @@ def _check_tree(saved: Any, expected: Any, where: Path) -> None:
             raise CheckpointError(f"{where}: parameter {name} has dtype {got.dtype}, the config implies {want.dtype}")
 
 
-def load(directory: str | Path) -> tuple[GPT, Tokenizer]:
+def abstract_model(config: GPTConfig | TTTLMConfig) -> GPT | TTTTransformerLM:
+    """A parameter-free skeleton (shapes and dtypes only) to restore into."""
+    if isinstance(config, TTTLMConfig):
+        return nnx.eval_shape(lambda: TTTTransformerLM(config, rngs=nnx.Rngs(0)))
+    return abstract_gpt(config)
+
+
+def load(directory: str | Path) -> tuple[GPT | TTTTransformerLM, Tokenizer]:
     """Validates and loads a checkpoint directory.
 
     Returns:
-      ``(model, tokenizer)``.
+      ``(model, tokenizer)``: a ``GPT``, or a ``TTTTransformerLM`` for a TTT checkpoint.
 
     Raises:
       CheckpointError: naming the missing, damaged or mismatched file or key.
@@ -172,10 +186,10 @@ def load(directory: str | Path) -> tuple[GPT, Tokenizer]:
         tokenizer = Tokenizer.load(directory / TOKENIZER_FILE)
     except (OSError, ValueError) as err:
         raise CheckpointError(str(err)) from None
-    if len(tokenizer) > config.vocab_size:
+    vocab_size = (config.base if isinstance(config, TTTLMConfig) else config).vocab_size
+    if len(tokenizer) > vocab_size:
         raise CheckpointError(
-            f"{directory / TOKENIZER_FILE} has {len(tokenizer)} tokens but {CONFIG_FILE} sets vocab_size "
-            f"{config.vocab_size}"
+            f"{directory / TOKENIZER_FILE} has {len(tokenizer)} tokens but {CONFIG_FILE} sets vocab_size {vocab_size}"
         )
     graphdef, abstract_state = nnx.split(abstract_model(config))
     target = nnx.to_pure_dict(abstract_state)

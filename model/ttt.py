@@ -398,11 +398,15 @@ class TTTLayer(nnx.Module):
         y, state, _ = self.chunk(x, lam, state)
         return y, state
 
-    def chunk(self, x, lam, state: TTTState | None = None, *, update: bool = True):
+    def chunk(self, x, lam, state: TTTState | None = None, *, update: bool = True, steps: int = 1):
         """``__call__`` plus the reconstruction loss before and after, for gating features.
 
         With ``update=False`` the fast weights are only applied (a skipped
         chunk): no gradients, no K x K products, the same outputs as ``lam = 0``.
+        ``steps > 1`` (the UPDATE_k baseline) takes k - 1 more gradient steps
+        on each mini-batch before moving on; they refine the weights carried
+        forward only, since outputs inside a mini-batch may not see its later
+        tokens. Decoding (``step``) takes one step.
 
         Returns:
           ``(y [B, T, D], TTTState, (loss_before [B], loss_after [B]))``: mean
@@ -434,6 +438,8 @@ class TTTLayer(nnx.Module):
         def scan_step(carry, inputs):
             W0, b0, refused = carry
             out, W1, b1 = all_rows(*inputs, W0, b0, ln_scale, ln_bias)  # out [B, H, K, d]
+            for _ in range(steps - 1):
+                _, W1, b1 = all_rows(*inputs, W1, b1, ln_scale, ln_bias)
             W, b, refused_now = settle(W0, b0, W1, b1, c.max_update_norm)
             return (W, b, refused + refused_now.sum(-1)), out
 
@@ -445,7 +451,7 @@ class TTTLayer(nnx.Module):
         losses = (self.recon_loss(XK, target, state.W, state.b), self.recon_loss(XK, target, W, b))
         return self._output(x, heads_out), new_state, losses
 
-    def update_flops(self, tokens: int) -> int:
+    def update_flops(self, tokens: int, steps: int = 1) -> int:
         """Matmul FLOPs that updating the fast weights adds to applying them, for ``tokens`` tokens.
 
         Per head, mini-batch of K and fast layer (in -> out): the keys'
@@ -454,15 +460,14 @@ class TTTLayer(nnx.Module):
         (Xbar X^T: 2K^2 in; (eta*A) G and eta G: 4K^2 out) and the
         end-of-mini-batch update (2K in out). LayerNorm backward and
         elementwise work are left out. Applying the fast weights to the
-        queries is paid by skipped chunks too.
+        queries is paid by skipped chunks too. Each extra step (``steps > 1``)
+        costs the gradients and the end-of-mini-batch update again.
         """
         c = self.config
         K = c.mini_batch
-        per_minibatch = sum(
-            (6 if layer else 4) * K * n_in * n_out + 2 * K * K * n_in + 4 * K * K * n_out
-            for layer, (n_in, n_out) in enumerate(c.fast_shapes)
-        )
-        return c.n_head * (tokens // K) * per_minibatch
+        gradients = sum((6 if layer else 4) * K * n_in * n_out for layer, (n_in, n_out) in enumerate(c.fast_shapes))
+        products = sum(2 * K * K * n_in + 4 * K * K * n_out for n_in, n_out in c.fast_shapes)
+        return c.n_head * (tokens // K) * (steps * gradients + products)
 
     def step(self, state: TTTState, x, lam, *, update: bool = True):
         """One token per row in primal form: the decode path.

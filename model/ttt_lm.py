@@ -1,18 +1,34 @@
-"""The TTT language model: TTT layers on top of a frozen GPT-2 (DESIGN.md §2).
+"""The TTT language model: TTT layers on top of a frozen GPT-2 (DESIGN.md §2-§4).
 
 ``h = base(x)`` (after ``ln_f``, gradient stopped), then for each TTT layer
 ``h = h + TTT(LN(h))``, then ``logits = h . wte^T`` with the base's tied head.
 The TTT output projections start at zero, so a fresh model predicts exactly
 what the base does.
 
-``step`` is the decode path: one token per row through the base's KV cache
-and every TTT layer's primal step; it reproduces the full forward.
+A document's state (``DocState``) is every TTT layer's fast-weight state and
+the gating state: the running history the gate reads (features of the last
+closed chunk, an EMA of difficulty, the threshold gate's controller) and what
+decoding needs to close a chunk one token at a time (the chunk's base hidden
+states and tokens, the first TTT layer's state at the chunk start).
 
-The full forward runs chunk by chunk with the gate (``model.gating``).
+Two paths, one semantics:
 
-Not yet built (issue 3): gating in the decode path (``step`` takes lam from
-the caller), end-of-document tokens as boundaries inside a full forward
-(packed rows use segment ids, on chunk boundaries), UPDATE_k with k > 1, ORACLE.
+* ``__call__``: whole chunks in dual form, chunk by chunk under
+  ``lax.scan``. For each chunk c, lam_c comes from the schedule (features of
+  chunk c-1 and the history only); a chunk below the gate threshold for every
+  row takes the real skip (fast weights applied, no update work). It starts
+  at a document start or from a ``DocState`` on a chunk boundary, so a
+  session can ingest a document chunk by chunk.
+* ``step``: one token per row, primal form, the decode path. At a chunk's
+  first token it asks the schedule for lam; at its last it computes the same
+  features the full forward computes and moves the history on. It
+  reproduces the full forward from any offset.
+
+Document boundaries: packed rows carry segment ids (documents start on chunk
+boundaries; ``train`` pads them to whole chunks); in decoding, an
+end-of-document token (``config.eot_id``) or ``reset`` opens a new document.
+An end-of-document token inside a full forward is not a boundary: a caller
+splits its input there (or passes segment ids).
 """
 
 from __future__ import annotations
@@ -25,7 +41,7 @@ from flax import nnx
 
 from model.config import GPTConfig
 from model.gpt2 import GPT, KVCache
-from model.gating import N_FEATURES, GateConfig, GatingNetwork, Schedule, chunk_token_stats
+from model.gating import N_FEATURES, GateConfig, GatingNetwork, Schedule, chunk_stats, token_stats
 from model.ttt import TTTConfig, TTTLayer, TTTState, select_rows
 
 
@@ -49,6 +65,76 @@ class TTTLMConfig:
         if self.n_ttt_layers < 1:
             raise ValueError(f"n_ttt_layers must be >= 1, got {self.n_ttt_layers}")
 
+    def to_dict(self) -> dict:
+        """Everything but the base config (saved on its own in a checkpoint)."""
+        return {
+            "ttt": dataclasses.asdict(self.ttt),
+            "n_ttt_layers": self.n_ttt_layers,
+            "gate": dataclasses.asdict(self.gate),
+            "eot_id": self.eot_id,
+        }
+
+    @classmethod
+    def from_dict(cls, base: GPTConfig, data: dict) -> "TTTLMConfig":
+        def build(kind, fields, where):
+            if not isinstance(fields, dict):
+                raise ValueError(f"{where} must be an object, got {type(fields).__name__}")
+            unknown = set(fields) - {f.name for f in dataclasses.fields(kind)}
+            if unknown:
+                raise ValueError(f"{where} has unknown field(s) {sorted(unknown)}")
+            return kind(**fields)
+
+        nested = {
+            "ttt": build(TTTConfig, data.get("ttt", {}), "ttt.ttt"),
+            "gate": build(GateConfig, data.get("gate", {}), "ttt.gate"),
+        }
+        return build(cls, {**data, **nested, "base": base}, "ttt")
+
+
+@dataclasses.dataclass
+class GateHistory:
+    """What the gate knows of a document before its next chunk (per row).
+
+    Attributes:
+      features: [B, N_FEATURES] features of the last closed chunk (zeros before the first).
+      difficulty: [B] EMA of the base cross-entropy per chunk.
+      threshold: [B] the threshold gate's reconstruction-loss threshold.
+      rate: [B] EMA of the update rate (the threshold controller's input).
+    """
+
+    features: jax.Array
+    difficulty: jax.Array
+    threshold: jax.Array
+    rate: jax.Array
+
+
+@dataclasses.dataclass
+class DocState:
+    """One document's state per row: TTT layers, gating history, and the open chunk.
+
+    Attributes:
+      ttt: one ``TTTState`` per TTT layer.
+      history: the ``GateHistory`` (kept up to date under schedules that read
+        it, ``Schedule.reads_history``; others leave it as it was).
+      lam: [B] lam of the current chunk (0 when it is skipped).
+      hidden: [B, C + 1, D] base hidden states of the token before the
+        current chunk (slot 0) and of the chunk's tokens so far (decoding).
+      tokens: [B, C] the current chunk's tokens so far (decoding).
+      start: the first TTT layer's state at the current chunk's start (decoding).
+    """
+
+    ttt: list[TTTState]
+    history: GateHistory
+    lam: jax.Array
+    hidden: jax.Array
+    tokens: jax.Array
+    start: TTTState
+
+    @property
+    def count(self) -> jax.Array:
+        """[B] tokens of the document seen so far."""
+        return self.ttt[0].count
+
 
 @dataclasses.dataclass
 class LMOutput:
@@ -62,19 +148,32 @@ class LMOutput:
         (``TTTLayer.update_flops``). A chunk is skipped for real only when no
         row of the batch updates it; otherwise skipped rows ride along with
         lam = 0 (same result) and are still counted as skipped.
-      states: one ``TTTState`` per TTT layer, to continue decoding from.
+      ttt_loss: [B, n_chunks] the TTT layers' mean reconstruction loss
+        after each chunk's update (L_TTT of the stage-2 objective).
+      state: the ``DocState`` after the last token, to continue from.
+      cache: the base's KV cache after the last token (None without one).
     """
 
     logits: jax.Array
     chunk_lambda: jax.Array
     chunk_updated: jax.Array
     ttt_flops: jax.Array
-    states: list[TTTState]
+    ttt_loss: jax.Array
+    state: DocState
+    cache: KVCache | None
 
 
-jax.tree_util.register_dataclass(
-    LMOutput, data_fields=["logits", "chunk_lambda", "chunk_updated", "ttt_flops", "states"], meta_fields=[]
-)
+for _cls, _fields in (
+    (GateHistory, ["features", "difficulty", "threshold", "rate"]),
+    (DocState, ["ttt", "history", "lam", "hidden", "tokens", "start"]),
+    (LMOutput, ["logits", "chunk_lambda", "chunk_updated", "ttt_flops", "ttt_loss", "state", "cache"]),
+):
+    jax.tree_util.register_dataclass(_cls, data_fields=_fields, meta_fields=[])
+
+
+def _rows(rows, new, old):
+    """Per row: the ``new`` pytree where ``rows`` [B] is True, else ``old``."""
+    return jax.tree.map(lambda a, b: select_rows(rows, a, b), new, old)
 
 
 class TTTTransformerLM(nnx.Module):
@@ -87,8 +186,84 @@ class TTTTransformerLM(nnx.Module):
         self.ttt = nnx.List([TTTLayer(config.ttt, rngs=rngs) for _ in range(config.n_ttt_layers)])
         self.gate = GatingNetwork(config.gate, rngs=rngs)
 
-    def __call__(self, tokens, positions, schedule: Schedule = Schedule(), segment_ids=None) -> LMOutput:
-        """Full-sequence forward from a document start, chunk by chunk.
+    # --- State.
+
+    def init_state(self, batch_size: int, schedule: Schedule = Schedule()) -> DocState:
+        """The state at a document start."""
+        B, C, D = batch_size, self.config.gate.chunk, self.config.base.n_embd
+        history = GateHistory(
+            features=jnp.zeros((B, N_FEATURES)),
+            difficulty=jnp.zeros((B,)),
+            threshold=jnp.full((B,), schedule.initial_threshold),
+            rate=jnp.full((B,), schedule.rate),
+        )
+        return DocState(
+            ttt=[layer.init_state(B) for layer in self.ttt],
+            history=history,
+            lam=jnp.zeros((B,)),
+            hidden=jnp.zeros((B, C + 1, D)),
+            tokens=jnp.zeros((B, C), jnp.int32),
+            start=self.ttt[0].init_state(B),
+        )
+
+    def reset(self, state: DocState, rows, schedule: Schedule = Schedule()) -> DocState:
+        """Document boundary: rows where ``rows`` [B] is True go back to the start-of-document state."""
+        return _rows(rows, self.init_state(rows.shape[0], schedule), state)
+
+    # --- The gate, shared by both paths.
+
+    def _chunk_lambda(self, schedule: Schedule, history: GateHistory, count):
+        """lam of the chunk starting at document position ``count`` [B], from the history only. [B]"""
+        B = count.shape[0]
+        if schedule.kind == "learned":
+            lam = self.gate(history.features)
+        elif schedule.kind == "skip":
+            lam = jnp.zeros((B,))
+        elif schedule.kind == "update":
+            lam = jnp.ones((B,))
+        elif schedule.kind == "fixed":
+            lam = jnp.full((B,), schedule.value)
+        elif schedule.kind == "random":
+            index = count // self.config.gate.chunk  # chunk number inside the document
+            draw = lambda i: jax.random.bernoulli(jax.random.fold_in(jax.random.key(schedule.seed), i), schedule.rate)
+            lam = jax.vmap(draw)(index).astype(jnp.float32)
+        else:  # threshold: update when chunk c-1 was hard to reconstruct; a document's first chunk always updates
+            recon_before = history.features[:, 2]
+            lam = jnp.where((count == 0) | (recon_before > history.threshold), 1.0, 0.0)
+        return jnp.where(lam < self.config.gate.threshold, 0.0, lam)  # below the threshold: no update
+
+    def _close_chunk(self, schedule: Schedule, history: GateHistory, stats, recon, count, updated) -> GateHistory:
+        """The history after a chunk: its features, the difficulty EMA and the threshold controller.
+
+        Args:
+          stats: ``(ce, entropy)`` [B] of the chunk under the base model.
+          recon: ``(before, after)`` [B] first TTT layer's reconstruction loss.
+          count: [B] document position after the chunk; updated: [B] bool.
+        """
+        gate = self.config.gate
+        (ce, entropy), (before, after) = stats, recon
+        difficulty = gate.ema * history.difficulty + (1 - gate.ema) * ce
+        position = jnp.log1p(count.astype(jnp.float32))
+        features = jnp.stack([ce, entropy, before, after, position, difficulty], axis=-1)  # [B, N_FEATURES]
+        # Threshold gate: steer the threshold so the update rate tracks the target.
+        rate = gate.ema * history.rate + (1 - gate.ema) * updated
+        threshold = history.threshold * jnp.exp(schedule.gain * (rate - schedule.rate))
+        return GateHistory(features, difficulty, threshold, rate)
+
+    # --- Whole chunks.
+
+    def __call__(
+        self,
+        tokens,
+        positions,
+        schedule: Schedule = Schedule(),
+        segment_ids=None,
+        *,
+        state: DocState | None = None,
+        cache: KVCache | None = None,
+        chunk_lambda=None,
+    ) -> LMOutput:
+        """Forward over whole chunks, from a document start or from ``state``.
 
         For each chunk c: lam_c from the schedule (features of chunk c-1 and
         the history only), then every TTT layer on the chunk in dual form, or
@@ -97,126 +272,173 @@ class TTTTransformerLM(nnx.Module):
         Args:
           tokens, positions: [B, T], T a multiple of the gate chunk size.
           schedule: where lam comes from (the learned gate by default).
-          segment_ids: [B, T] document ids of packed rows. Documents must
-            start on chunk boundaries (packing pads them to whole chunks):
-            where a chunk's first token opens a new document, the fast
-            weights and the gating history go back to the start-of-document
-            state, and base attention stays inside each document.
+          segment_ids: [B, T] document ids of packed rows (from a document
+            start only). Documents must start on chunk boundaries (packing
+            pads them to whole chunks): where a chunk's first token opens a
+            new document, the TTT and gating state go back to the
+            start-of-document state, and base attention stays inside each
+            document.
+          state: the document so far, on a chunk boundary (its count a
+            multiple of the chunk size), e.g. from an earlier call.
+          cache: the base's KV cache holding the positions before these.
+          chunk_lambda: [B, n_chunks] lam per chunk, overriding the schedule
+            (evaluation baselines such as ORACLE choose it from outside).
 
         Returns:
           An ``LMOutput``.
         """
         B, T = tokens.shape
-        C, K = self.config.gate.chunk, self.config.ttt.mini_batch
+        C = self.config.gate.chunk
         if T % C:
             raise ValueError(f"sequence length {T} is not a multiple of the gate chunk size {C}")
+        if segment_ids is not None and state is not None:
+            raise ValueError("segment_ids packs documents from a document start: pass no state with them")
         n_chunks = T // C
-        base_logits, hidden, _ = self.base(tokens, positions, segment_ids=segment_ids)
-        base_logits, h = jax.lax.stop_gradient(base_logits), jax.lax.stop_gradient(hidden)  # frozen base
-        ce, entropy = chunk_token_stats(base_logits, tokens, C)  # [B, n_chunks] each
-        gate = self.config.gate
-        layer_flops = self.ttt[0].update_flops(C) * len(self.ttt)
+        state = self.init_state(B, schedule) if state is None else state
+        count = state.count
+        features = schedule.reads_history and chunk_lambda is None
+        base_logits, hidden, cache = self.base(
+            tokens, positions, cache, segment_ids=segment_ids, compute_logits=features
+        )
+        h = jax.lax.stop_gradient(hidden)  # frozen base
+        if features:
+            # Base statistics per token: token t is predicted by the logits at t-1
+            # (the first by the state's last hidden); a document's first token is not scored.
+            first_logits = self.base.logits(state.hidden[:, C:], frozen=True)  # [B, 1, V]
+            first = token_stats(first_logits, tokens[:, :1])
+            rest = token_stats(jax.lax.stop_gradient(base_logits[:, :-1]), tokens[:, 1:])
+            nll, entropy = (jnp.concatenate([a, b], axis=1) for a, b in zip(first, rest))  # [B, T] each
+        else:  # a schedule that ignores the features keeps the history as it is
+            nll = entropy = jnp.zeros((B, T))
+        opens = (jnp.arange(T)[None] == 0) & (count[:, None] == 0)  # [B, T]
+        if segment_ids is not None:
+            opens = opens | jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+        per_chunk = lambda a: a.reshape(B, n_chunks, C, *a.shape[2:]).swapaxes(0, 1)  # [n, B, C, ...]
+        new_document = opens[:, ::C].T & (jnp.arange(n_chunks) > 0)[:, None]  # [n, B]: reset inside this call
+        fresh = self.init_state(B, schedule)
+        layer_flops = sum(layer.update_flops(C, schedule.steps) for layer in self.ttt)
+        given = jnp.zeros((n_chunks, B)) if chunk_lambda is None else chunk_lambda.T
 
         def run_chunk(carry, inputs):
-            h_c, ce_c, entropy_c, index, new_document = inputs  # h_c [B, C, D], new_document [B]
-            # A document opening here starts from the initial fast weights and gating history.
-            carry = jax.tree.map(lambda fresh, old: select_rows(new_document, fresh, old), initial, carry)
-            states, features, difficulty, threshold, rate = carry
-            lam = self._lam(schedule, features, threshold, index, (index == 0) | new_document)  # [B]
-            lam = jnp.where(lam < gate.threshold, 0.0, lam)  # below the threshold: no update
+            h_c, nll_c, entropy_c, scored_c, opens_doc, lam_given = inputs  # h_c [B, C, D]
+            # A document opening here starts from the initial TTT state and gating history.
+            carry = _rows(opens_doc, (fresh.ttt, fresh.history), carry)
+            states, history = carry
+            chunk_count = states[0].count
+            if chunk_lambda is None:
+                lam = self._chunk_lambda(schedule, history, chunk_count)  # [B]
+            else:
+                lam = jnp.where(lam_given < self.config.gate.threshold, 0.0, lam_given)
             updated = lam > 0
 
             def run(update: bool):
                 x, new_states, recon = h_c, [], []
-                for norm, layer, state in zip(self.ttt_norms, self.ttt, states):
-                    lam_mb = jnp.broadcast_to(lam[:, None], (B, C // K))
-                    delta, state, losses = layer.chunk(norm(x), lam_mb, state, update=update)
+                for norm, layer, layer_state in zip(self.ttt_norms, self.ttt, states):
+                    lam_mb = jnp.broadcast_to(lam[:, None], (B, C // self.config.ttt.mini_batch))
+                    delta, layer_state, losses = layer.chunk(
+                        norm(x), lam_mb, layer_state, update=update, steps=schedule.steps
+                    )
                     x = x + delta
-                    new_states.append(state)
+                    new_states.append(layer_state)
                     recon.append(losses)
-                return x, new_states, recon[0]
+                return x, new_states, recon
 
             # A real skip: when no row updates, the update branch does not run.
-            # Gate features use the first TTT layer's reconstruction losses.
-            y_c, states, (recon_before, recon_after) = jax.lax.cond(
-                jnp.any(updated), lambda: run(True), lambda: run(False)
-            )
-            difficulty = gate.ema * difficulty + (1 - gate.ema) * ce_c
-            position = jnp.log1p(states[0].count.astype(jnp.float32))
-            features = jnp.stack([ce_c, entropy_c, recon_before, recon_after, position, difficulty], axis=-1)
-            # Threshold gate: steer the threshold so the update rate tracks the target.
-            rate = gate.ema * rate + (1 - gate.ema) * updated
-            threshold = threshold * jnp.exp(schedule.gain * (rate - schedule.rate))
+            y_c, states, recon_all = jax.lax.cond(jnp.any(updated), lambda: run(True), lambda: run(False))
+            recon = recon_all[0]  # gate features use the first TTT layer's reconstruction losses
+            ttt_loss = sum(after for _, after in recon_all) / len(recon_all)  # [B]
+            if features:
+                stats = chunk_stats(nll_c, entropy_c, scored_c)
+                history = self._close_chunk(schedule, history, stats, recon, states[0].count, updated)
             flops = jnp.where(updated, float(layer_flops), 0.0)
-            return (states, features, difficulty, threshold, rate), (y_c, lam, updated, flops)
+            return (states, history), (y_c, lam, updated, flops, ttt_loss)
 
-        initial = (
-            self.init_states(B),
-            jnp.zeros((B, N_FEATURES)),
-            jnp.zeros((B,)),
-            jnp.full((B,), schedule.initial_threshold),
-            jnp.full((B,), schedule.rate),
-        )
-        per_chunk = lambda a: a.reshape(B, n_chunks, C, *a.shape[2:]).swapaxes(0, 1)  # [n, B, C, ...]
-        if segment_ids is None:
-            new_document = jnp.zeros((n_chunks, B), bool)
-        else:
-            starts = segment_ids[:, ::C]  # [B, n_chunks]: document of each chunk's first token
-            new_document = jnp.concatenate([jnp.zeros((B, 1), bool), starts[:, 1:] != starts[:, :-1]], axis=1).T
-        inputs = (per_chunk(h), ce.T, entropy.T, jnp.arange(n_chunks), new_document)
-        (states, *_), (y, lam, updated, flops) = jax.lax.scan(run_chunk, initial, inputs)
+        inputs = (per_chunk(h), per_chunk(nll), per_chunk(entropy), per_chunk(~opens), new_document, given)
+        (states, history), (y, lam, updated, flops, ttt_loss) = jax.lax.scan(run_chunk, (state.ttt, state.history), inputs)
         y = y.swapaxes(0, 1).reshape(B, T, -1)  # [B, T, D]
+        end = DocState(
+            ttt=states,
+            history=history,
+            lam=lam[-1],
+            hidden=state.hidden.at[:, C].set(h[:, -1]),  # the token before the next chunk
+            tokens=state.tokens,
+            start=states[0],
+        )
         return LMOutput(
             logits=self.base.logits(y, frozen=True),
             chunk_lambda=lam.T,
             chunk_updated=updated.T,
             ttt_flops=flops.sum(0),
-            states=states,
+            ttt_loss=ttt_loss.T,
+            state=end,
+            cache=cache,
         )
 
-    def _lam(self, schedule: Schedule, features, threshold, index, document_start):
-        """lam of one chunk per row, from chunk c-1's features and the history. [B]"""
-        B = features.shape[0]
-        if schedule.kind == "learned":
-            return self.gate(features)
-        if schedule.kind == "skip":
-            return jnp.zeros((B,))
-        if schedule.kind == "update":
-            return jnp.ones((B,))
-        if schedule.kind == "fixed":
-            return jnp.full((B,), schedule.value)
-        if schedule.kind == "random":
-            key = jax.random.fold_in(jax.random.key(schedule.seed), index)
-            return jax.random.bernoulli(key, schedule.rate, (B,)).astype(jnp.float32)
-        # threshold: update when chunk c-1 was hard to reconstruct (a document's first chunk always updates).
-        recon_before = features[:, 2]
-        return jnp.where(document_start | (recon_before > threshold), 1.0, 0.0)
+    # --- One token.
 
-    def init_states(self, batch_size: int) -> list[TTTState]:
-        return [layer.init_state(batch_size) for layer in self.ttt]
-
-    def step(self, tokens, positions, cache: KVCache, states: list[TTTState], lam):
+    def step(self, tokens, positions, cache: KVCache, state: DocState, schedule: Schedule = Schedule()):
         """One token per row: the decode path.
 
         An end-of-document token (``config.eot_id``) opens a new document:
-        the row's TTT state is reset before the token is fed. Its position
+        the row's state is reset before the token is fed. Its position
         should restart at 0, which hides the old document from attention.
 
         Args:
-          tokens, positions: [B]; cache: the base's KV cache; states: one per
-            TTT layer; lam: [B] gate scale of the mini-batch each token is in.
+          tokens, positions: [B]; cache: the base's KV cache; state: the rows'
+            ``DocState``; schedule: where lam comes from (UPDATE_k decodes
+            with one step per mini-batch).
 
         Returns:
-          ``(logits [B, V], cache, states)``.
+          ``(logits [B, V], cache, state)``.
         """
+        B, C = tokens.shape[0], self.config.gate.chunk
+        if schedule.steps != 1:
+            raise ValueError(f"decoding takes one gradient step per mini-batch; schedule.steps is {schedule.steps}")
         if self.config.eot_id is not None:
-            boundary = tokens == self.config.eot_id
-            states = [layer.reset(state, boundary) for layer, state in zip(self.ttt, states)]
+            state = self.reset(state, tokens == self.config.eot_id, schedule)
+        count = state.count
+        i = count % C  # [B] offset inside the chunk
+        opening = i == 0
+        # A chunk's first token: lam from the history, and remember where the chunk started.
+        lam = jax.lax.cond(  # most steps open no chunk: skip the schedule's work (a gate MLP, a random draw)
+            jnp.any(opening),
+            lambda: jnp.where(opening, self._chunk_lambda(schedule, state.history, count), state.lam),
+            lambda: state.lam,
+        )
+        start = _rows(opening, state.ttt[0], state.start)
+        hidden_buf = select_rows(opening, state.hidden.at[:, 0].set(state.hidden[:, C]), state.hidden)
+
         _, hidden, cache = self.base(tokens[:, None], positions[:, None], cache, compute_logits=False)
         h = hidden[:, 0]  # [B, D]
-        new_states = []
-        for norm, layer, state in zip(self.ttt_norms, self.ttt, states):
-            delta, state = layer.step(state, norm(h), lam)
-            h = h + delta
-            new_states.append(state)
-        return self.base.logits(h[:, None], frozen=True)[:, 0], cache, new_states
+        rows = jnp.arange(B)
+        hidden_buf = hidden_buf.at[rows, i + 1].set(h)  # [B, C + 1, D]
+        token_buf = state.tokens.at[rows, i].set(tokens)  # [B, C]
+
+        def run(update: bool):
+            x, new_states = h, []
+            for norm, layer, layer_state in zip(self.ttt_norms, self.ttt, state.ttt):
+                delta, layer_state = layer.step(layer_state, norm(x), lam, update=update)
+                x = x + delta
+                new_states.append(layer_state)
+            return x, new_states
+
+        y, states = jax.lax.cond(jnp.any(lam > 0), lambda: run(True), lambda: run(False))
+
+        # A chunk's last token: the same features the full forward computes for it.
+        closing = i == C - 1
+
+        def close():
+            logits = self.base.logits(hidden_buf[:, :C], frozen=True)  # [B, C, V]: slot j predicts token j
+            nll, entropy = token_stats(logits, token_buf)
+            scored = ((count - i)[:, None] + jnp.arange(C)) != 0  # a document's first token is not scored
+            layer = self.ttt[0]
+            _, XK, target, _, _ = layer.heads(self.ttt_norms[0](hidden_buf[:, 1:]), start.conv_history, start.count)
+            recon = (layer.recon_loss(XK, target, start.W, start.b), layer.recon_loss(XK, target, states[0].W, states[0].b))
+            stats = chunk_stats(nll, entropy, scored)
+            return self._close_chunk(schedule, state.history, stats, recon, count + 1, lam > 0)
+
+        history = state.history
+        if schedule.reads_history:
+            history = _rows(closing, jax.lax.cond(jnp.any(closing), close, lambda: history), history)
+        new_state = DocState(ttt=states, history=history, lam=lam, hidden=hidden_buf, tokens=token_buf, start=start)
+        return self.base.logits(y[:, None], frozen=True)[:, 0], cache, new_state

@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from model.config import GPTConfig
@@ -12,14 +13,14 @@ from model.gating import GateConfig, Schedule
 from model.ttt import TTTConfig
 from model.ttt_lm import TTTLMConfig, TTTTransformerLM
 
-BASE = dataclasses.replace(GPTConfig.tiny(vocab_size=512), n_positions=64, n_embd=64, n_layer=2, n_head=2)
+BASE = dataclasses.replace(GPTConfig.tiny(vocab_size=512), n_positions=256, n_embd=64, n_layer=2, n_head=2)
 CONFIG = TTTLMConfig(base=BASE, ttt=TTTConfig(width=64, n_head=4), n_ttt_layers=2, gate=GateConfig(chunk=16))
 FIXED = Schedule("fixed", value=1.5)
 
 
-def _batch():
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 48)))
-    return tokens, jnp.broadcast_to(jnp.arange(48), (2, 48))
+def _batch(T=48):
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, T)))
+    return tokens, jnp.broadcast_to(jnp.arange(T), (2, T))
 
 
 def test_fresh_ttt_model_predicts_exactly_like_the_base():
@@ -28,7 +29,7 @@ def test_fresh_ttt_model_predicts_exactly_like_the_base():
     out = model(tokens, positions, FIXED)
     base_logits, _, _ = model.base(tokens, positions)
     assert np.array_equal(np.asarray(out.logits), np.asarray(base_logits))
-    assert len(out.states) == 2 and int(out.states[0].count[0]) == 48
+    assert len(out.state.ttt) == 2 and int(out.state.count[0]) == 48
 
 
 def test_base_is_frozen_and_ttt_is_trained():
@@ -57,25 +58,78 @@ def _perturb(module, scale, seed):
 def _trained_looking(model):
     """Random (non-zero) TTT parameters, so the TTT path changes the logits."""
     _perturb(model.ttt, 0.1, seed=7)
+    for layer in model.ttt:  # every tau_i > 0: tau_{K-1} = 0 would zero the end-of-mini-batch update
+        layer.tau_offset[...] = jnp.abs(layer.tau_offset[...])
     return model
 
 
-def test_token_by_token_decoding_equals_full_forward():
+def _close(got, want, tol=1e-5):
+    """Every leaf of two pytrees within ``tol``."""
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() <= tol
+
+
+def _decode(model, tokens, positions, schedule, cache=None, state=None):
+    """Feeds ``tokens`` [B, T] one step at a time; returns logits [B, T, V], lam seen per token, cache, state."""
     from model.gpt2 import KVCache
 
-    model = _trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0)))
-    tokens, positions = _batch()
-    out = model(tokens, positions, FIXED)
-    full, final_states = out.logits, out.states
+    B = tokens.shape[0]
+    cache = KVCache.init(model.config.base, B) if cache is None else cache
+    state = model.init_state(B, schedule) if state is None else state
+    step = nnx.jit(lambda model, *args: model.step(*args, schedule))
+    logits, lams = [], []
+    for t in range(tokens.shape[1]):
+        out, cache, state = step(model, tokens[:, t], positions[:, t], cache, state)
+        logits.append(np.asarray(out))
+        lams.append(np.asarray(state.lam))
+    return np.stack(logits, 1), np.stack(lams, 1), cache, state
+
+
+@pytest.mark.parametrize("schedule", [FIXED, Schedule("learned"), Schedule("threshold", rate=0.5, initial_threshold=9.0, gain=2.0)])
+def test_token_by_token_decoding_equals_full_forward(schedule):
+    """Every offset inside mini-batches and chunks; lam per chunk and the gating history too."""
+    model = _with_random_gate(_trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0))))
+    tokens, positions = _batch(64)
+    out = model(tokens, positions, schedule)
     base_logits, _, _ = model.base(tokens, positions)
-    assert not np.allclose(np.asarray(full), np.asarray(base_logits))  # the TTT path is live
-    cache, states = KVCache.init(BASE, 2), model.init_states(2)
-    lam_tokens = jnp.full(tokens.shape, FIXED.value)
-    step = nnx.jit(lambda model, *args: model.step(*args))
-    for t in range(tokens.shape[1]):  # every offset inside three mini-batches
-        logits, cache, states = step(model, tokens[:, t], positions[:, t], cache, states, lam_tokens[:, t])
-        assert np.abs(np.asarray(logits) - np.asarray(full[:, t])).max() <= 1e-5, t
-    assert np.abs(np.asarray(states[1].W[0]) - np.asarray(final_states[1].W[0])).max() <= 1e-5
+    assert not np.allclose(np.asarray(out.logits), np.asarray(base_logits))  # the TTT path is live
+    logits, lams, _, state = _decode(model, tokens, positions, schedule)
+    assert np.abs(logits - np.asarray(out.logits)).max() <= 1e-5
+    C = CONFIG.gate.chunk
+    assert np.abs(lams[:, ::C] - np.asarray(out.chunk_lambda)).max() <= 1e-6
+    _close((state.ttt, state.history), (out.state.ttt, out.state.history))
+    if schedule.kind != "fixed":
+        assert len(np.unique(np.asarray(out.chunk_lambda))) > 1  # the schedule really varies lam
+
+
+def test_prefill_then_decode_then_prefill_equals_one_forward():
+    """A session's path: whole chunks, a few tokens, then whole chunks again from the state."""
+    from model.gpt2 import KVCache
+
+    model = _with_random_gate(_trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0))))
+    tokens, positions = _batch(64)
+    full = model(tokens, positions)
+    first = model(tokens[:, :16], positions[:, :16], cache=KVCache.init(BASE, 2))
+    assert np.abs(np.asarray(first.logits) - np.asarray(full.logits[:, :16])).max() <= 1e-5
+    logits, _, cache, state = _decode(model, tokens[:, 16:32], positions[:, 16:32], Schedule(), first.cache, first.state)
+    assert np.abs(logits - np.asarray(full.logits[:, 16:32])).max() <= 1e-5
+    rest = model(tokens[:, 32:], positions[:, 32:], state=state, cache=cache)
+    assert np.abs(np.asarray(rest.logits) - np.asarray(full.logits[:, 32:])).max() <= 1e-5
+    assert np.abs(np.asarray(rest.chunk_lambda) - np.asarray(full.chunk_lambda[:, 2:])).max() <= 1e-6
+    _close((rest.state.ttt, rest.state.history), (full.state.ttt, full.state.history))
+
+
+def test_decode_skip_does_no_update_work():
+    """A skipped chunk's decode step traces no gradient: fewer matmuls than an updating one."""
+    model = _trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0)))
+    layer, state, x = model.ttt[0], model.ttt[0].init_state(2), jnp.ones((2, 64))
+    lam = jnp.ones((2,))
+    skip = str(jax.make_jaxpr(lambda x: layer.step(state, x, lam, update=False))(x))
+    update = str(jax.make_jaxpr(lambda x: layer.step(state, x, lam, update=True))(x))
+    assert skip.count("dot_general") < update.count("dot_general")
+    y_skip, _ = layer.step(state, x, lam, update=False)
+    y_zero, _ = layer.step(state, x, jnp.zeros((2,)), update=True)
+    assert np.abs(np.asarray(y_skip) - np.asarray(y_zero)).max() <= 1e-6
 
 
 def _with_random_gate(model):
@@ -137,6 +191,14 @@ def test_fixed_schedules():
     assert np.allclose(np.asarray(fixed.chunk_lambda), 2.5)
     tiny = model(tokens, positions, Schedule("fixed", value=0.01))  # below the 0.05 threshold: skipped
     assert not np.asarray(tiny.chunk_updated).any()
+    given = model(tokens, positions, chunk_lambda=fixed.chunk_lambda)  # lam chosen outside (ORACLE)
+    assert np.array_equal(np.asarray(given.logits), np.asarray(fixed.logits))
+    # UPDATE_2: a second step on each mini-batch moves only the weights carried forward.
+    one, two = model(tokens, positions, Schedule("update")), model(tokens, positions, Schedule("update", steps=2))
+    K = CONFIG.ttt.mini_batch
+    assert np.abs(np.asarray(one.logits[:, :K]) - np.asarray(two.logits[:, :K])).max() <= 1e-6  # both see W0
+    assert not np.allclose(np.asarray(one.logits[:, K:]), np.asarray(two.logits[:, K:]), atol=1e-4)
+    assert (np.asarray(two.ttt_flops) > np.asarray(one.ttt_flops)).all()
     gated = model(tokens, positions, Schedule("threshold", rate=0.5))
     assert np.asarray(gated.chunk_updated)[:, 0].all()  # the first chunk always updates
 
@@ -151,16 +213,11 @@ def test_end_of_document_token_resets_the_decode_state():
     rng = np.random.default_rng(4)
     doc_a = [eot, *rng.integers(1, 512, 20).tolist()]
     doc_b = [eot, *rng.integers(1, 512, 20).tolist()]
-    step = nnx.jit(lambda model, *args: model.step(*args))
-    lam = jnp.full((1,), 1.5)
-
     def decode(model, docs):
-        cache, states, logits = KVCache.init(BASE, 1), model.init_states(1), []
-        for doc in docs:
-            for position, token in enumerate(doc):  # positions restart with every document
-                out, cache, states = step(model, jnp.asarray([token]), jnp.asarray([position]), cache, states, lam)
-                logits.append(np.asarray(out[0]))
-        return np.stack(logits), states
+        tokens = jnp.asarray([sum(docs, [])])
+        positions = jnp.asarray([[p for doc in docs for p in range(len(doc))]])  # restart with every document
+        logits, _, _, state = _decode(model, tokens, positions, FIXED)
+        return logits[0], state.ttt
 
     after_a, states_after = decode(model, [doc_a, doc_b])
     alone, states_alone = decode(model, [doc_b])
@@ -186,7 +243,7 @@ def test_packed_documents_do_not_see_each_other():
     alone = model(jnp.asarray(doc_b)[None], jnp.arange(48)[None])
     assert np.abs(np.asarray(together.logits[:, 32:]) - np.asarray(alone.logits)).max() <= 1e-5
     assert np.abs(np.asarray(together.chunk_lambda[:, 2:]) - np.asarray(alone.chunk_lambda)).max() <= 1e-6
-    for got, want in zip(jax.tree.leaves(together.states), jax.tree.leaves(alone.states)):
+    for got, want in zip(jax.tree.leaves(together.state), jax.tree.leaves(alone.state)):
         assert np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max() <= 1e-5
     # Without segment ids, A's context does reach B.
     unsegmented = model(packed, positions)

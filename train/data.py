@@ -1,0 +1,125 @@
+"""Batches for training: packed rows with segment ids, fill-in-the-middle, resumable order.
+
+A batch is ``tokens, positions, segment_ids, real`` ([B, T] each). Rows are
+filled with documents back to back in a per-epoch shuffled order; each
+document piece gets its own segment id and positions that restart at 0, so
+base attention and fast weights never cross a boundary (DESIGN.md §4).
+
+* ``align=1`` (stage 1) packs pieces densely; a document longer than the room
+  left in a row continues in the next row as a new piece.
+* ``align=C`` (stage 2) starts every piece on a chunk boundary: a piece is
+  padded to a whole number of chunks with ``real = False`` tokens that come
+  after it (they reach no real output) and are left out of the loss.
+
+The order is a pure function of ``(seed, DataState)``, so a checkpoint that
+stores the ``DataState`` resumes on exactly the next batch.
+
+Fill-in-the-middle: with probability ``fim_rate`` a document
+``<eot> body`` becomes ``<eot> <fim_prefix> A <fim_suffix> C <fim_middle> B``
+for ``body = A B C`` cut at two random token positions, so the model learns
+to write B from A and C (editors' infill requests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+
+from train.corpus import TokenFile
+
+
+@dataclasses.dataclass(frozen=True)
+class DataState:
+    """Where the batch iterator stands: epoch, index into its document order, tokens of that document used."""
+
+    epoch: int = 0
+    doc: int = 0
+    offset: int = 0
+
+
+class Batch(NamedTuple):
+    tokens: np.ndarray  # [B, T] int32
+    positions: np.ndarray  # [B, T] int32, restart at 0 in every piece
+    segment_ids: np.ndarray  # [B, T] int32, one id per piece within a row
+    real: np.ndarray  # [B, T] bool, False on alignment padding
+
+
+@dataclasses.dataclass(frozen=True)
+class FimTokens:
+    prefix: int
+    suffix: int
+    middle: int
+
+
+class Packer:
+    """Deterministic packed batches from a ``TokenFile``."""
+
+    def __init__(
+        self,
+        data: TokenFile,
+        batch_size: int,
+        seq_len: int,
+        *,
+        align: int = 1,
+        seed: int = 0,
+        fim_rate: float = 0.0,
+        fim: FimTokens | None = None,
+        pad_id: int = 0,
+    ):
+        if seq_len % align:
+            raise ValueError(f"seq_len ({seq_len}) must be a multiple of align ({align})")
+        if len(data) == 0:
+            raise ValueError("the corpus split has no documents")
+        if fim_rate and fim is None:
+            raise ValueError("fim_rate > 0 needs the FIM token ids")
+        self.data, self.batch_size, self.seq_len, self.align = data, batch_size, seq_len, align
+        self.seed, self.fim_rate, self.fim, self.pad_id = seed, fim_rate, fim, pad_id
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+
+    def _document(self, epoch: int, doc: int) -> np.ndarray:
+        tokens = self.data.document(int(doc)).astype(np.int32)
+        rng = np.random.default_rng([self.seed, epoch, int(doc), 1])
+        if self.fim_rate and rng.random() < self.fim_rate and len(tokens) > 3:
+            head, body = tokens[:1], tokens[1:]
+            i, j = sorted(rng.integers(0, len(body) + 1, size=2))
+            f = self.fim
+            tokens = np.concatenate([head, [f.prefix], body[:i], [f.suffix], body[j:], [f.middle], body[i:j]])
+        return tokens.astype(np.int32)
+
+    def next(self, state: DataState) -> tuple[Batch, DataState]:
+        """The batch at ``state`` and the state after it."""
+        B, T, C = self.batch_size, self.seq_len, self.align
+        tokens = np.full((B, T), self.pad_id, np.int32)
+        positions = np.zeros((B, T), np.int32)
+        segments = np.zeros((B, T), np.int32)
+        real = np.zeros((B, T), bool)
+        epoch, index, offset = state.epoch, state.doc, state.offset
+        order = self._order(epoch)
+        document = self._document(epoch, order[index])
+        for row in range(B):
+            start, segment = 0, 0
+            while start < T:
+                n = min(len(document) - offset, T - start)
+                tokens[row, start : start + n] = document[offset : offset + n]
+                positions[row, start : start + n] = np.arange(n)
+                real[row, start : start + n] = True
+                end = start + -(-n // C) * C  # padding to the next chunk boundary stays in this piece
+                positions[row, start + n : end] = np.arange(n, n + end - start - n)
+                segments[row, start:end] = segment
+                start, segment, offset = end, segment + 1, offset + n
+                if offset == len(document):  # next document (and epoch)
+                    index, offset = index + 1, 0
+                    if index == len(order):
+                        epoch, index = epoch + 1, 0
+                        order = self._order(epoch)
+                    document = self._document(epoch, order[index])
+        return Batch(tokens, positions, segments, real), DataState(epoch, index, offset)
+
+
+def loss_mask(segment_ids, real):
+    """[B, T-1]: position t's prediction of token t+1 counts when both are real and in the same piece."""
+    return (segment_ids[:, 1:] == segment_ids[:, :-1]) & real[:, 1:]

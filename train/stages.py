@@ -1,0 +1,92 @@
+"""The two training stages: what trains and what the loss is.
+
+* ``BaseStage`` (stage 1): every GPT-2 parameter, next-token cross-entropy
+  over packed rows (attention stays inside each document piece).
+* ``TTTStage`` (stage 2): the base is frozen; the TTT layers, their
+  LayerNorms and the gating network train on
+  ``L = CE + beta * L_TTT + gamma * mean(lam)`` (DESIGN.md §3) over rows whose
+  documents start on chunk boundaries, fast weights reset at each. A fixed
+  schedule (SKIP, UPDATE_k, FIXED_lam, ...) trains the same way for comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.gating import Schedule
+from train.data import Batch, loss_mask
+
+
+def masked_cross_entropy(logits, batch: Batch):
+    """Mean next-token cross-entropy over the predictions ``loss_mask`` keeps. Scalar."""
+    mask = loss_mask(batch.segment_ids, batch.real)  # [B, T-1]
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, batch.tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
+    return (nll * mask).sum() / jnp.maximum(mask.sum(), 1)
+
+
+def _gpt_flops_per_token(config, seq_len: int) -> float:
+    """Forward + backward FLOPs per token: 6 x parameters in matmuls, plus causal attention."""
+    D, L, V = config.n_embd, config.n_layer, config.vocab_size
+    matmul_params = L * 12 * D * D + V * D
+    attention = L * 2 * 2 * D * (seq_len + 1) / 2  # QK^T and AV over the causal half
+    return 6 * matmul_params + 3 * attention
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseStage:
+    seq_len: int
+    name: str = "base"
+    align: int = 1
+    trainable: object = nnx.Param
+
+    def loss(self, model, batch: Batch):
+        logits, _, _ = model(batch.tokens, batch.positions, segment_ids=batch.segment_ids)
+        ce = masked_cross_entropy(logits, batch)
+        return ce, {"ce": ce}
+
+    def tokens_flops(self, model) -> float:
+        return _gpt_flops_per_token(model.config, self.seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTStage:
+    seq_len: int
+    chunk: int
+    schedule: Schedule = Schedule()
+    beta: float = 0.1
+    gamma: float = 0.1
+    name: str = "ttt"
+    # Everything but the frozen base.
+    trainable: object = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("base")))
+
+    @property
+    def align(self) -> int:
+        return self.chunk
+
+    def loss(self, model, batch: Batch):
+        out = model(batch.tokens, batch.positions, self.schedule, segment_ids=batch.segment_ids)
+        ce = masked_cross_entropy(out.logits, batch)
+        ttt_loss = out.ttt_loss.mean()
+        mean_lambda = out.chunk_lambda.mean()
+        loss = ce + self.beta * ttt_loss + self.gamma * mean_lambda
+        updated = out.chunk_updated.sum()
+        return loss, {
+            "ce": ce,
+            "ttt_loss": ttt_loss,
+            "mean_lambda": mean_lambda,
+            "chunks_updated": updated,
+            "chunks_skipped": out.chunk_updated.size - updated,
+            "ttt_flops": out.ttt_flops.sum(),
+        }
+
+    def tokens_flops(self, model) -> float:
+        # The frozen base runs forward only (2 x), the TTT layers forward and backward.
+        base = _gpt_flops_per_token(model.base.config, self.seq_len) / 3
+        D = model.config.base.n_embd
+        ttt = sum(6 * 4 * D * D + 3 * layer.update_flops(self.chunk) / self.chunk for layer in model.ttt)
+        return base + ttt + 2 * D * model.config.base.vocab_size * 3
