@@ -90,8 +90,13 @@ def _train_run(args: argparse.Namespace, stage, model, tokenizer) -> None:
 
     metrics = TrainMetrics(args.metrics_port) if args.metrics_port is not None else None
     final = train(stage, model, tokenizer, args.corpus, args.run_dir, _train_config(args), resume=args.resume,
-                  metrics=metrics, progress=not args.no_progress, stop_after=args.stop_after)
+                  metrics=metrics, progress=not args.no_progress, stop_after=args.stop_after, mesh_spec=args.mesh)
     print(f"wrote {final}", file=sys.stderr)
+
+
+def _check_corpus(path: Path) -> None:
+    if not (path / "report.json").is_file():
+        raise FileNotFoundError(f"{path} is not a built corpus: make one with `ponder train corpus --out {path}`")
 
 
 def _train_base(args: argparse.Namespace) -> None:
@@ -101,6 +106,7 @@ def _train_base(args: argparse.Namespace) -> None:
     from model.tokenizer import Tokenizer
     from train.stages import BaseStage
 
+    _check_corpus(args.corpus)
     if args.init_from:
         model, tokenizer = checkpoint.load(args.init_from)
     else:
@@ -121,6 +127,7 @@ def _train_ttt(args: argparse.Namespace) -> None:
     from model.ttt_lm import TTTLMConfig, TTTTransformerLM
     from train.stages import TTTStage
 
+    _check_corpus(args.corpus)
     base, tokenizer = checkpoint.load(args.base)
     if not isinstance(base, GPT):
         raise ValueError(f"--base {args.base} is a TTT checkpoint; stage 2 starts from a base (stage 1) checkpoint")
@@ -143,6 +150,38 @@ def _train_plot(args: argparse.Namespace) -> None:
     from train.plot import plot_run
 
     print(f"wrote {plot_run(args.run_dir, args.out)}", file=sys.stderr)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from model import checkpoint
+    from model.ttt_lm import TTTTransformerLM
+    from train import evaluate
+
+    model, _ = checkpoint.load(args.checkpoint)
+    if not isinstance(model, TTTTransformerLM):
+        raise ValueError(f"{args.checkpoint} is a base checkpoint; ponder eval compares TTT schedules (train one with `ponder train ttt`)")
+    if args.window % model.config.gate.chunk or args.window > model.config.base.n_positions:
+        raise ValueError(f"--window {args.window} must be a multiple of the chunk size {model.config.gate.chunk} "
+                         f"and at most the context of {model.config.base.n_positions}")
+    docs = evaluate.held_out_documents(args.corpus, args.window, args.min_tokens, args.max_tokens, args.max_documents)
+    table = evaluate.evaluate(model, docs, args.window, args.fixed_lambda, args.rate)
+    out = evaluate.write(table, args.out)
+    print(evaluate.markdown(table))
+    print(f"wrote {out}/eval.json, eval.md and ce_vs_compute.png", file=sys.stderr)
+
+
+def _add_eval_command(commands) -> None:
+    ev = commands.add_parser("eval", help="compare fast-weight schedules on held-out files (CE, compute, gains)")
+    ev.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    ev.add_argument("--corpus", type=Path, required=True, help="a corpus made by `ponder train corpus` (its val split)")
+    ev.add_argument("--out", type=Path, required=True)
+    ev.add_argument("--window", type=int, default=1024, help="tokens attention sees; the TTT state carries across windows")
+    ev.add_argument("--min-tokens", type=int, default=2000)
+    ev.add_argument("--max-tokens", type=int, default=4096)
+    ev.add_argument("--max-documents", type=int, default=20)
+    ev.add_argument("--fixed-lambda", type=float, default=1.0)
+    ev.add_argument("--rate", type=float, help="update rate for RANDOM / THRESHOLD / ORACLE (default: LEARNED's)")
+    ev.set_defaults(run=_eval)
 
 
 def _add_train_commands(commands) -> None:
@@ -178,6 +217,7 @@ def _add_train_commands(commands) -> None:
         p.add_argument("--keep", type=int, default=3, help="checkpoints kept (the newest)")
         p.add_argument("--metrics-port", type=int, help="serve Prometheus training metrics on this port")
         p.add_argument("--no-progress", action="store_true")
+        p.add_argument("--mesh", default="data=1", help="device mesh, e.g. data=4 or data=2,model=2 (default: one device)")
         p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: leave early, as a crash would
 
     base = stages.add_parser("base", help="stage 1: train the base GPT-2")
@@ -244,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(run=_convert)
     _add_train_commands(commands)
+    _add_eval_command(commands)
     return parser
 
 

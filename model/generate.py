@@ -29,8 +29,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model.gating import Schedule
 from model.gpt2 import GPT, KVCache
 from model.tokenizer import Tokenizer
+from model.ttt_lm import TTTTransformerLM
 
 DECODE_BLOCK = 64  # most tokens one decode call produces
 MIN_BUCKET = 16  # shortest prefill bucket
@@ -224,6 +226,63 @@ def stream_tokens(
         yield new
 
 
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnames=("doc", "cache"))
+def ttt_prefill(graphdef, state, tokens, positions, doc, cache, schedule):
+    """Whole chunks of a TTT model's prompt from ``doc`` into the KV cache: ``(doc, cache)``."""
+    out = nnx.merge(graphdef, state)(tokens, positions, schedule, state=doc, cache=cache)
+    return out.state, out.cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnames=("doc", "cache"))
+def ttt_step(graphdef, state, tokens, positions, doc, cache, schedule):
+    """One token per row of a TTT model: ``(logits [B, V], doc, cache)``."""
+    logits, cache, doc = nnx.merge(graphdef, state).step(tokens, positions, cache, doc, schedule)
+    return logits, doc, cache
+
+
+def stream_ttt_tokens(
+    model: TTTTransformerLM, prompt: list[int], params: SamplingParams, eot_id: int, schedule: Schedule = Schedule()
+) -> Iterator[list[int]]:
+    """``stream_tokens`` for the TTT model (batch 1, one token per yield).
+
+    The prompt's whole chunks run in one dual-form forward, the rest token by
+    token; generation then steps one token per compiled call, so the fast
+    weights keep learning (per ``schedule``) on the generated text too.
+    """
+    config = model.config.base
+    if not prompt:
+        raise ValueError("prompt must hold at least one token (start documents with end-of-document)")
+    if len(prompt) + params.max_new_tokens > config.n_positions:
+        raise ValueError(
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+            f"the context window of {config.n_positions} tokens"
+        )
+    if params.max_new_tokens == 0:
+        return
+    graphdef, state = nnx.split(model)
+    S = min(max(MIN_CACHE, 1 << (len(prompt) + params.max_new_tokens - 1).bit_length()), config.n_positions)
+    cache, doc = KVCache.init(config, 1, S), model.init_state(1, schedule)
+    whole = (len(prompt) - 1) // model.config.gate.chunk * model.config.gate.chunk  # the last token is stepped
+    tokens = jnp.asarray([prompt], jnp.int32)
+    positions = jnp.arange(len(prompt) + params.max_new_tokens, dtype=jnp.int32)[None]
+    if whole:
+        doc, cache = ttt_prefill(graphdef, state, tokens[:, :whole], positions[:, :whole], doc, cache, schedule)
+    for t in range(whole, len(prompt)):
+        logits, doc, cache = ttt_step(graphdef, state, tokens[:, t], positions[:, t], doc, cache, schedule)
+    sampling = (
+        jnp.full((1,), params.temperature, jnp.float32),
+        jnp.full((1,), params.top_k, jnp.int32),
+        jnp.full((1,), params.top_p, jnp.float32),
+    )
+    key = jax.random.key(params.seed)
+    for position in range(len(prompt), len(prompt) + params.max_new_tokens):
+        token = sample(logits, jax.random.fold_in(key, position)[None], *sampling)
+        yield [int(token[0])]
+        if int(token[0]) == eot_id:
+            return
+        logits, doc, cache = ttt_step(graphdef, state, token, positions[:, position], doc, cache, schedule)
+
+
 def _stop_cut(text: str, stops: tuple[str, ...]) -> tuple[int | None, int]:
     """(index of the first complete stop sequence or None, length safe to emit)."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -239,12 +298,16 @@ def _stop_cut(text: str, stops: tuple[str, ...]) -> tuple[int | None, int]:
 
 
 def stream_text(
-    model: GPT, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams, block: int = DECODE_BLOCK
+    model: GPT | TTTTransformerLM, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams, block: int = DECODE_BLOCK
 ) -> Iterator[str | Completion]:
     """Yields text deltas as they become final, then one ``Completion``."""
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     text, emitted, generated, reason = "", 0, [], "length"
-    for new in stream_tokens(model, prompt, params, tokenizer.eot_id, block):
+    if isinstance(model, TTTTransformerLM):
+        pieces = stream_ttt_tokens(model, prompt, params, tokenizer.eot_id)
+    else:
+        pieces = stream_tokens(model, prompt, params, tokenizer.eot_id, block)
+    for new in pieces:
         ended = new[-1] == tokenizer.eot_id
         generated += new[:-1] if ended else new
         text += utf8.decode(tokenizer.decode_bytes(new[:-1] if ended else new))
@@ -268,7 +331,7 @@ def stream_text(
     yield Completion(text=text, tokens=generated, finish_reason=reason)
 
 
-def generate_text(model: GPT, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams) -> Completion:
+def generate_text(model: GPT | TTTTransformerLM, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams) -> Completion:
     """Non-streaming generation: the whole completion at once."""
     *_, completion = stream_text(model, tokenizer, prompt, params)
     return completion

@@ -265,6 +265,21 @@ class GPT(nnx.Module):
         return logits.astype(jnp.float32)
 
 
+# Logical axis names of GPT-2's parameters, by the end of their path; one
+# table (``train.sharding``) maps logical names to mesh axes. Unlisted
+# parameters (LayerNorms, TTT layers, the gate) are replicated.
+LOGICAL_AXES = {
+    ("wte", "embedding"): ("vocab", "embed"),
+    ("wpe", "embedding"): (None, "embed"),
+    ("attn", "c_attn", "kernel"): ("embed", "heads"),
+    ("attn", "c_attn", "bias"): ("heads",),
+    ("attn", "c_proj", "kernel"): ("heads", "embed"),
+    ("mlp", "c_fc", "kernel"): ("embed", "mlp"),
+    ("mlp", "c_fc", "bias"): ("mlp",),
+    ("mlp", "c_proj", "kernel"): ("mlp", "embed"),
+}
+
+
 def init_model(config: GPTConfig, seed: int = 0) -> GPT:
     return GPT(config, rngs=nnx.Rngs(seed))
 

@@ -38,6 +38,7 @@ from model import checkpoint
 from model.tokenizer import Tokenizer
 from train.corpus import TokenFile
 from train.data import Batch, DataState, FimTokens, Packer
+from train.sharding import make_mesh, shard, shard_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +106,21 @@ def _optimizer(model, stage: Stage, config: TrainConfig) -> nnx.Optimizer:
     return nnx.Optimizer(model, tx, wrt=stage.trainable)
 
 
+def make_train_step(stage: Stage):
+    """The jitted optimiser step: ``(model, optimizer, batch) -> scalars to log``, updating both in place."""
+
+    @nnx.jit
+    def train_step(model, optimizer, batch):
+        def loss_fn(model):
+            return stage.loss(model, batch)
+
+        (loss, aux), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, stage.trainable), has_aux=True)(model)
+        optimizer.update(model, grads)
+        return {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+
+    return train_step
+
+
 def peak_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of a jitted f32 n x n x n matmul on this machine (the MFU reference)."""
     a = jnp.ones((n, n), jnp.float32)
@@ -140,6 +156,7 @@ def train(
     progress: bool = True,
     export: Callable[[Path, Any, Tokenizer], Path] = lambda path, model, tok: checkpoint.save(path, model, tok, overwrite=True),
     stop_after: int | None = None,
+    mesh_spec: str = "data=1",
 ) -> Path:
     """Trains ``model`` in place and exports ``run_dir/final``; returns that path.
 
@@ -150,6 +167,8 @@ def train(
       export: writes a self-contained checkpoint directory for ``model``.
       stop_after: leave after this many steps of this invocation without
         exporting (tests interrupt a run this way, then resume it).
+      mesh_spec: the device mesh (``train.sharding.make_mesh``); batch rows
+        split over ``data``, attention heads and MLP columns over ``model``.
     """
     run_dir = Path(run_dir).absolute()
     manager_dir = run_dir / "checkpoints"
@@ -159,8 +178,13 @@ def train(
         if not config_path.is_file():
             raise FileNotFoundError(f"--resume: {run_dir} holds no run ({config_path.name} is missing)")
         saved = json.loads(config_path.read_text())
-        if saved["stage"] != stage.name or saved["train"] != record["train"]:
-            raise ValueError(f"--resume: {config_path} was written for a different stage or settings")
+        # The length of a run may change on resume (the cosine schedule then ends at the new step count).
+        other = lambda train: {k: v for k, v in train.items() if k != "steps"}
+        if saved["stage"] != stage.name or other(saved["train"]) != other(record["train"]):
+            changed = sorted(k for k in record["train"] if saved["train"].get(k) != record["train"][k] and k != "steps")
+            raise ValueError(f"--resume: {config_path} was written for other settings ({', '.join(changed) or 'stage'})")
+        if saved["train"]["steps"] != config.steps:
+            config_path.write_text(json.dumps(record, indent=2) + "\n")
     else:
         if manager_dir.exists():
             raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or pick another --run-dir")
@@ -176,6 +200,9 @@ def train(
         TokenFile(corpus_dir, "val"), config.batch_size, config.seq_len, align=stage.align,
         seed=config.seed, pad_id=tokenizer.eot_id,
     )
+    mesh = make_mesh(mesh_spec)
+    if config.batch_size % mesh.shape["data"]:
+        raise ValueError(f"batch size {config.batch_size} does not split over {mesh.shape['data']} data-parallel devices")
     optimizer = _optimizer(model, stage, config)
     manager = ocp.CheckpointManager(
         manager_dir, options=ocp.CheckpointManagerOptions(max_to_keep=config.keep, enable_async_checkpointing=False)
@@ -191,21 +218,15 @@ def train(
         nnx.update((model, optimizer), _merge_pure(nnx.state((model, optimizer)), restored["state"]))
         meta = restored["meta"]
     data_state = DataState(**meta["data"])
+    shard((model, optimizer), mesh)
+    place = lambda batch: shard_batch(Batch(*map(jnp.asarray, batch)), mesh)
 
     def save(step: int) -> None:
         state = nnx.to_pure_dict(nnx.state((model, optimizer)))
         meta["data"] = dataclasses.asdict(data_state)
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
-    @nnx.jit
-    def train_step(model, optimizer, batch):
-        def loss_fn(model):
-            return stage.loss(model, batch)
-
-        (loss, aux), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, stage.trainable), has_aux=True)(model)
-        optimizer.update(model, grads)
-        return {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
-
+    train_step = make_train_step(stage)
     @nnx.jit
     def eval_step(model, batch):
         return stage.loss(model, batch)
@@ -214,7 +235,7 @@ def train(
         state, losses = DataState(), []
         for _ in range(config.eval_batches):
             batch, state = val_packer.next(state)
-            losses.append(float(eval_step(model, Batch(*map(jnp.asarray, batch)))[1]["ce"]))
+            losses.append(float(eval_step(model, place(batch))[1]["ce"]))
         return float(np.mean(losses))
 
     log = RunLog(run_dir / "log.jsonl")
@@ -222,14 +243,14 @@ def train(
     tokens_per_step = config.batch_size * config.seq_len
     flops_per_step = stage.tokens_flops(model) * tokens_per_step
     peak = peak_matmul_flops()
-    log.write(event="start", step=start, peak_matmul_flops=peak, resumed=resume)
+    log.write(event="start", step=start, steps=config.steps, peak_matmul_flops=peak, resumed=resume)
     last_save, step = time.monotonic(), start
     bar = _progress(progress, config.steps, start)
     try:
         for step in range(start + 1, config.steps + 1):
             t0 = time.perf_counter()
             batch, data_state = packer.next(data_state)
-            out = train_step(model, optimizer, Batch(*map(jnp.asarray, batch)))
+            out = train_step(model, optimizer, place(batch))
             out = {k: float(v) for k, v in jax.device_get(out).items()}
             seconds = time.perf_counter() - t0
             meta["tokens"] += tokens_per_step

@@ -1,0 +1,103 @@
+"""ponder eval: the table's numbers recomputed independently, through the token-by-token decode path."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model.config import GPTConfig
+from model.gating import GateConfig, Schedule
+from model.gpt2 import KVCache
+from model.ttt import TTTConfig
+from model.ttt_lm import TTTLMConfig, TTTTransformerLM
+from train import evaluate
+
+BASE = GPTConfig(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=2)
+CONFIG = TTTLMConfig(base=BASE, ttt=TTTConfig(width=64, n_head=4), gate=GateConfig(chunk=16))
+WINDOW = 32
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    model = TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0))
+    leaves, treedef = jax.tree.flatten(nnx.state(model.ttt))
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    nnx.update(model.ttt, jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+    for layer in model.ttt:
+        layer.tau_offset[...] = jnp.abs(layer.tau_offset[...])
+    leaves, treedef = jax.tree.flatten(nnx.state(model.gate))
+    nnx.update(model.gate, jax.tree.unflatten(treedef, [x + 0.5 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)]))
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 512, 64).astype(np.int32) for _ in range(2)]
+    return model, docs, evaluate.evaluate(model, docs, WINDOW, fixed_lambda=0.5)
+
+
+def _decode_nll(model, doc, schedule):
+    """Per-token loss of one document, token by token: windows reset attention, the TTT state carries on."""
+    step = nnx.jit(lambda model, *args: model.step(*args, schedule))
+    state, nll, logp, lams = model.init_state(1, schedule), [], None, []
+    for start in range(0, len(doc), WINDOW):
+        cache = KVCache.init(BASE, 1)
+        for offset in range(WINDOW):
+            token = int(doc[start + offset])
+            if logp is not None:
+                nll.append(-logp[token])
+            logits, cache, state = step(model, jnp.asarray([token]), jnp.asarray([offset]), cache, state)
+            logp = np.asarray(jax.nn.log_softmax(logits[0]))
+            if (start + offset) % CONFIG.gate.chunk == 0:
+                lams.append(float(state.lam[0]))
+    return np.asarray(nll), np.asarray(lams)
+
+
+def test_table_is_recomputed_by_the_decode_path(fixture):
+    model, docs, table = fixture
+    rows = table["methods"]
+    assert set(rows) == {"SKIP", "UPDATE_1", "UPDATE_2", "UPDATE_4", "FIXED_0.5", "RANDOM", "THRESHOLD", "LEARNED", "ORACLE"}
+    assert table["tokens"] == 2 * 63
+    ce, lams = {}, {}
+    for name, schedule in [("SKIP", Schedule("skip")), ("UPDATE_1", Schedule("update")), ("LEARNED", Schedule("learned"))]:
+        runs = [_decode_nll(model, doc, schedule) for doc in docs]
+        ce[name] = float(np.concatenate([nll for nll, _ in runs]).mean())
+        lams[name] = np.concatenate([lam for _, lam in runs])
+        assert abs(rows[name]["ce"] - ce[name]) <= 1e-5, name
+        assert math.isclose(rows[name]["perplexity"], math.exp(rows[name]["ce"]))
+    assert ce["UPDATE_1"] != ce["SKIP"]  # the fixture's TTT layer changes predictions
+    updated = lams["LEARNED"] >= CONFIG.gate.threshold
+    assert 0 < updated.mean() < 1  # the gate skips some chunks and updates others
+    assert rows["LEARNED"]["updated"] == pytest.approx(updated.mean())
+    assert table["rate"] == pytest.approx(updated.mean())
+    # FLOPs are counted per updated chunk, the same for every single-step method.
+    assert rows["LEARNED"]["flops_vs_update_1"] == pytest.approx(updated.mean())
+    assert rows["SKIP"]["flops_vs_update_1"] == 0 and rows["UPDATE_1"]["flops_vs_update_1"] == 1
+    assert rows["UPDATE_2"]["flops_vs_update_1"] > 1
+    gain = (ce["SKIP"] - ce["LEARNED"]) / (ce["SKIP"] - ce["UPDATE_1"])
+    assert rows["LEARNED"]["gain_vs_update_1"] == pytest.approx(gain, abs=1e-4)
+    oracle_gain = (ce["SKIP"] - ce["LEARNED"]) / (ce["SKIP"] - rows["ORACLE"]["ce"])
+    assert rows["LEARNED"]["gain_vs_oracle"] == pytest.approx(oracle_gain, abs=1e-4)
+
+
+def test_oracle_updates_the_chunks_with_the_largest_own_gain(fixture):
+    model, docs, table = fixture
+    rate = table["rate"]
+    C = CONFIG.gate.chunk
+    for doc in docs:
+        skip, _ = _decode_nll(model, doc, Schedule("skip"))
+        update, _ = _decode_nll(model, doc, Schedule("update"))
+        per_chunk = lambda nll: np.concatenate([[0.0], nll]).reshape(-1, C).mean(-1)
+        gain = per_chunk(skip) - per_chunk(update)
+        chosen = evaluate.oracle_lambda(model, doc, WINDOW, rate) > 0
+        k = int(round(rate * len(gain)))
+        assert chosen.sum() == k
+        assert gain[chosen].min(initial=np.inf) >= gain[~chosen].max(initial=-np.inf) - 1e-6
+
+
+def test_markdown_and_plot(fixture, tmp_path):
+    *_, table = fixture
+    out = evaluate.write(table, tmp_path)
+    text = (out / "eval.md").read_text()
+    assert "| LEARNED |" in text and "| ORACLE |" in text
+    assert (out / "ce_vs_compute.png").read_bytes()[:4] == b"\x89PNG"

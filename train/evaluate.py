@@ -1,0 +1,217 @@
+"""Evaluation of fast-weight schedules on held-out documents (``ponder eval``).
+
+Every method runs the same TTT checkpoint over the same documents; only where
+lam comes from differs:
+
+| method | lam per chunk |
+| --- | --- |
+| SKIP | 0: the TTT layer is present but never learns |
+| UPDATE_k | 1, with k gradient steps per mini-batch |
+| FIXED_lam | a constant |
+| RANDOM | 1 with probability = the learned gate's update rate, else 0 |
+| THRESHOLD | the training-free gate, its EMA controller aimed at that rate |
+| LEARNED | the gating network |
+| ORACLE | 1 on the chunks where updating helps most, at that rate (see below) |
+
+ORACLE is an upper bound for evaluation only, and needs the answers: a first
+pass measures each chunk's true gain, the drop in the chunk's own
+cross-entropy from UPDATE_1 against SKIP; a second pass updates exactly the
+top ``rate`` share of each document's chunks by that gain.
+
+Documents longer than the window run window by window: attention sees the
+current window only, the TTT state (fast weights and gating history) carries
+across windows, so the fast weights see the whole document. Token t's loss is
+``-log p(x_t | x_<t)`` for every token but the first of a document.
+
+Reported per method: CE (nats/token), perplexity, share of chunks updated,
+TTT update FLOPs relative to UPDATE_1, and the share of UPDATE_1's and of
+ORACLE's CE gain over SKIP that it recovers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model.gating import Schedule
+from model.ttt_lm import TTTTransformerLM
+
+
+@dataclasses.dataclass
+class DocumentRun:
+    nll: np.ndarray  # [T - 1] loss of tokens 1..T-1
+    chunk_lambda: np.ndarray  # [n_chunks]
+    chunk_updated: np.ndarray  # [n_chunks] bool
+    ttt_flops: float
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _window(graphdef, params, tokens, schedule, state, chunk_lambda):
+    model = nnx.merge(graphdef, params)
+    positions = jnp.arange(tokens.shape[1])[None]
+    out = model(tokens, positions, schedule, state=state, chunk_lambda=chunk_lambda)
+    logp = jax.nn.log_softmax(out.logits[0], axis=-1)  # [T, V]
+    return logp, out.chunk_lambda[0], out.chunk_updated[0], out.ttt_flops[0], out.state
+
+
+def run_document(model: TTTTransformerLM, tokens: np.ndarray, schedule: Schedule, window: int, chunk_lambda=None):
+    """Runs one document (its length a multiple of the chunk size) window by window.
+
+    Args:
+      tokens: [T] the document; window: tokens per window (a multiple of the chunk size).
+      chunk_lambda: [T / C] lam per chunk overriding the schedule (ORACLE), or None.
+    """
+    C = model.config.gate.chunk
+    graphdef, params = nnx.split(model)
+    state, nll, lams, updated, flops = model.init_state(1, schedule), [], [], [], 0.0
+    previous = None  # log-probabilities at the last position of the previous window
+    for start in range(0, len(tokens), window):
+        piece = jnp.asarray(tokens[None, start : start + window], jnp.int32)
+        given = None if chunk_lambda is None else jnp.asarray(chunk_lambda[None, start // C : (start + piece.shape[1]) // C])
+        logp, lam, upd, fl, state = _window(graphdef, params, piece, schedule, state, given)
+        logp = np.asarray(logp)
+        if previous is not None:
+            nll.append(-previous[tokens[start]][None])
+        nll.append(-logp[np.arange(piece.shape[1] - 1), tokens[start + 1 : start + piece.shape[1]]])
+        previous = logp[-1]
+        lams.append(np.asarray(lam))
+        updated.append(np.asarray(upd))
+        flops += float(fl)
+    return DocumentRun(np.concatenate(nll), np.concatenate(lams), np.concatenate(updated), flops)
+
+
+def oracle_lambda(model, tokens, window, rate: float) -> np.ndarray:
+    """lam per chunk of ORACLE: 1 on the top ``rate`` share of chunks by their own CE gain under UPDATE_1."""
+    C = model.config.gate.chunk
+    skip = run_document(model, tokens, Schedule("skip"), window)
+    update = run_document(model, tokens, Schedule("update"), window)
+    per_chunk = lambda nll: np.concatenate([[0.0], nll]).reshape(-1, C).mean(-1)  # token 0 has no loss
+    gain = per_chunk(skip.nll) - per_chunk(update.nll)
+    n = len(gain)
+    chosen = np.argsort(-gain, kind="stable")[: int(round(rate * n))]
+    lam = np.zeros(n, np.float32)
+    lam[chosen] = 1.0
+    return lam
+
+
+def methods(fixed_lambda: float, rate: float, seed: int = 0) -> dict[str, Schedule]:
+    return {
+        "SKIP": Schedule("skip"),
+        "UPDATE_1": Schedule("update"),
+        "UPDATE_2": Schedule("update", steps=2),
+        "UPDATE_4": Schedule("update", steps=4),
+        f"FIXED_{fixed_lambda:g}": Schedule("fixed", value=fixed_lambda),
+        "RANDOM": Schedule("random", rate=rate, seed=seed),
+        "THRESHOLD": Schedule("threshold", rate=rate),
+        "LEARNED": Schedule("learned"),
+    }
+
+
+def evaluate(model: TTTTransformerLM, documents: list[np.ndarray], window: int, fixed_lambda: float = 1.0,
+             rate: float | None = None) -> dict:
+    """The table as a dict: per method CE, perplexity, update share, relative FLOPs, gains recovered.
+
+    Args:
+      documents: token arrays, each cut to a whole number of chunks.
+      rate: the update rate RANDOM, THRESHOLD and ORACLE aim at (default: what LEARNED does here).
+    """
+    runs: dict[str, list[DocumentRun]] = {}
+    learned = [run_document(model, d, Schedule("learned"), window) for d in documents]
+    if rate is None:
+        rate = float(np.mean(np.concatenate([r.chunk_updated for r in learned])))
+    for name, schedule in methods(fixed_lambda, rate).items():
+        runs[name] = learned if name == "LEARNED" else [run_document(model, d, schedule, window) for d in documents]
+    runs["ORACLE"] = [run_document(model, d, Schedule("skip"), window, oracle_lambda(model, d, window, rate))
+                      for d in documents]
+    return summarize(runs, rate)
+
+
+def summarize(runs: dict[str, list[DocumentRun]], rate: float) -> dict:
+    """Token-weighted CE and the derived columns, from per-document runs."""
+    ce = {name: float(np.concatenate([r.nll for r in rs]).mean()) for name, rs in runs.items()}
+    flops = {name: sum(r.ttt_flops for r in rs) for name, rs in runs.items()}
+    gain = lambda name: ce["SKIP"] - ce[name]
+    rows = {}
+    for name, rs in runs.items():
+        rows[name] = {
+            "ce": ce[name],
+            "perplexity": math.exp(ce[name]),
+            "updated": float(np.mean(np.concatenate([r.chunk_updated for r in rs]))),
+            "flops_vs_update_1": flops[name] / flops["UPDATE_1"] if flops["UPDATE_1"] else float("nan"),
+            "gain_vs_update_1": gain(name) / gain("UPDATE_1") if gain("UPDATE_1") else float("nan"),
+            "gain_vs_oracle": gain(name) / gain("ORACLE") if gain("ORACLE") else float("nan"),
+        }
+    tokens = sum(len(r.nll) for r in runs["SKIP"])
+    return {"rate": rate, "documents": len(runs["SKIP"]), "tokens": tokens, "methods": rows}
+
+
+def markdown(table: dict) -> str:
+    lines = [
+        f"{table['documents']} documents, {table['tokens']} scored tokens; matched update rate {table['rate']:.2f}",
+        "",
+        "| method | CE | perplexity | chunks updated | TTT FLOPs vs UPDATE_1 | UPDATE_1 gain recovered | ORACLE gain recovered |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in table["methods"].items():
+        lines.append(
+            f"| {name} | {row['ce']:.4f} | {row['perplexity']:.2f} | {100 * row['updated']:.0f}% | "
+            f"{row['flops_vs_update_1']:.2f} | {100 * row['gain_vs_update_1']:.0f}% | {100 * row['gain_vs_oracle']:.0f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict, out: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, row in table["methods"].items():
+        ax.scatter(row["flops_vs_update_1"], row["ce"])
+        ax.annotate(name, (row["flops_vs_update_1"], row["ce"]), fontsize=8, xytext=(4, 2), textcoords="offset points")
+    ax.set_xlabel("TTT update FLOPs relative to UPDATE_1")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
+def held_out_documents(corpus_dir, window: int, min_tokens: int, max_tokens: int, max_documents: int) -> list[np.ndarray]:
+    """Validation documents of at least ``min_tokens``, cut to ``max_tokens`` and to whole windows.
+
+    Whole windows keep every forward the same shape (one compilation per method).
+    """
+    from train.corpus import TokenFile
+
+    data = TokenFile(corpus_dir, "val")
+    docs = []
+    for i in range(len(data)):
+        doc = data.document(i)
+        n = min(len(doc), max_tokens) // window * window
+        if len(doc) >= min_tokens and n:
+            docs.append(np.asarray(doc[:n], np.int32))
+        if len(docs) == max_documents:
+            break
+    if not docs:
+        raise ValueError(f"no validation document in {corpus_dir} has {min_tokens} tokens or more")
+    return docs
+
+
+def write(table: dict, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(table, indent=2) + "\n")
+    (out / "eval.md").write_text(markdown(table))
+    plot(table, out / "ce_vs_compute.png")
+    return out
