@@ -157,7 +157,7 @@ def _eval(args: argparse.Namespace) -> None:
     from model.ttt_lm import TTTTransformerLM
     from train import evaluate
 
-    model, _ = checkpoint.load(args.checkpoint)
+    model, tokenizer = checkpoint.load(args.checkpoint)
     if not isinstance(model, TTTTransformerLM):
         raise ValueError(f"{args.checkpoint} is a base checkpoint; ponder eval compares TTT schedules (train one with `ponder train ttt`)")
     if args.window % model.config.gate.chunk or args.window > model.config.base.n_positions:
@@ -165,9 +165,24 @@ def _eval(args: argparse.Namespace) -> None:
                          f"and at most the context of {model.config.base.n_positions}")
     docs = evaluate.held_out_documents(args.corpus, args.window, args.min_tokens, args.max_tokens, args.max_documents)
     table = evaluate.evaluate(model, docs, args.window, args.fixed_lambda, args.rate)
+    if args.lines_per_file:
+        table["line_completion"] = _line_completion(model, tokenizer, docs, args)
     out = evaluate.write(table, args.out)
     print(evaluate.markdown(table))
     print(f"wrote {out}/eval.json, eval.md and ce_vs_compute.png", file=sys.stderr)
+
+
+def _line_completion(model, tokenizer, docs, args) -> dict:
+    from train import line_completion as lc
+
+    results = {}
+    for variant in ("persistent", "fresh"):
+        lines = []
+        for doc in docs:
+            targets = lc.target_lines(tokenizer, doc, args.line_every, args.window // 2)[: args.lines_per_file]
+            lines += lc.complete_lines(model, tokenizer, doc, targets, args.window, persistent=variant == "persistent")
+        results[variant] = lc.summarize(lines)
+    return results
 
 
 def _add_eval_command(commands) -> None:
@@ -181,6 +196,8 @@ def _add_eval_command(commands) -> None:
     ev.add_argument("--max-documents", type=int, default=20)
     ev.add_argument("--fixed-lambda", type=float, default=1.0)
     ev.add_argument("--rate", type=float, help="update rate for RANDOM / THRESHOLD / ORACLE (default: LEARNED's)")
+    ev.add_argument("--lines-per-file", type=int, default=5, help="line-completion targets per file (0: skip)")
+    ev.add_argument("--line-every", type=int, default=300, help="tokens between line-completion targets")
     ev.set_defaults(run=_eval)
 
 

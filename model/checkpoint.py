@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -56,13 +57,21 @@ def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
     return {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
 
 
-def save(directory: str | Path, model: GPT | TTTTransformerLM, tokenizer: Tokenizer, overwrite: bool = False) -> Path:
+def save(
+    directory: str | Path,
+    model: GPT | TTTTransformerLM,
+    tokenizer: Tokenizer,
+    overwrite: bool = False,
+    storage_dtype: str | None = None,
+) -> Path:
     """Writes ``model`` and ``tokenizer`` as a checkpoint directory.
 
     Args:
       directory: target directory; must not exist unless ``overwrite``.
       model: the base GPT or the TTT language model; its config goes to ``config.json``.
       tokenizer: saved beside it; its vocabulary must fit the model.
+      storage_dtype: e.g. ``"bfloat16"``: float32 parameters are stored
+        rounded to it (half the bytes) and loaded back as float32.
 
     Returns:
       The absolute checkpoint path.
@@ -82,13 +91,26 @@ def save(directory: str | Path, model: GPT | TTTTransformerLM, tokenizer: Tokeni
     record = {"format_version": FORMAT_VERSION, "model": config.to_dict()}
     if is_ttt:
         record["ttt"] = model.config.to_dict()
+    state = nnx.to_pure_dict(nnx.state(model))
+    if storage_dtype is not None:
+        record["storage_dtype"] = storage_dtype
+        state = jax.tree.map(lambda a: _stored(a, storage_dtype), state)
     (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
     tokenizer.save(directory / TOKENIZER_FILE)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / STATE_DIR, nnx.to_pure_dict(nnx.state(model)))
+    checkpointer.save(directory / STATE_DIR, state)
     checkpointer.wait_until_finished()
     (directory / MANIFEST_FILE).write_text(json.dumps(_manifest(directory), indent=1) + "\n")
     return directory
+
+
+def _stored(leaf, storage_dtype: str | None):
+    """The dtype a float32 parameter is stored in (arrays or shape structs)."""
+    if storage_dtype is None or np.dtype(leaf.dtype) != np.float32:
+        return leaf
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(storage_dtype))
+    return leaf.astype(storage_dtype)
 
 
 def _verify_files(directory: Path) -> None:
@@ -192,7 +214,11 @@ def load(directory: str | Path) -> tuple[GPT | TTTTransformerLM, Tokenizer]:
             f"{directory / TOKENIZER_FILE} has {len(tokenizer)} tokens but {CONFIG_FILE} sets vocab_size {vocab_size}"
         )
     graphdef, abstract_state = nnx.split(abstract_model(config))
-    target = nnx.to_pure_dict(abstract_state)
+    storage_dtype = json.loads((directory / CONFIG_FILE).read_text()).get("storage_dtype")
+    if storage_dtype not in (None, "bfloat16", "float16"):
+        raise CheckpointError(f"{directory / CONFIG_FILE}: storage_dtype {storage_dtype!r} is not supported")
+    wanted = nnx.to_pure_dict(abstract_state)
+    target = jax.tree.map(lambda leaf: _stored(leaf, storage_dtype), wanted)
     checkpointer = ocp.StandardCheckpointer()
     state_dir = directory / STATE_DIR
     try:
@@ -204,5 +230,6 @@ def load(directory: str | Path) -> tuple[GPT | TTTTransformerLM, Tokenizer]:
         restored = checkpointer.restore(state_dir, target)
     except Exception as err:  # damaged files surface as TensorStore/Orbax errors of many types
         raise CheckpointError(f"cannot restore parameters from {state_dir}: {err}") from None
+    restored = jax.tree.map(lambda value, want: value.astype(want.dtype), restored, wanted)
     nnx.replace_by_pure_dict(abstract_state, restored)
     return nnx.merge(graphdef, abstract_state), tokenizer

@@ -117,3 +117,25 @@ def test_bfloat16_parameters_round_trip(small_config, code_tokenizer, tmp_path):
     loaded, _ = checkpoint.load(tmp_path / "bf16")
     assert loaded.wte.embedding[...].dtype == jnp.bfloat16
     assert np.array_equal(_logits(loaded), _logits(model))
+
+
+def test_bfloat16_storage_of_a_float32_ttt_model(small_config, code_tokenizer, tmp_path):
+    """A TTT checkpoint stored in bf16 loads as float32 holding exactly the bf16-rounded weights."""
+    import jax
+    from flax import nnx
+
+    from model.ttt import TTTConfig
+    from model.ttt_lm import TTTLMConfig, TTTTransformerLM
+
+    config = TTTLMConfig(base=small_config, ttt=TTTConfig(width=small_config.n_embd, kind="mlp"), eot_id=0)
+    model = TTTTransformerLM(config, rngs=nnx.Rngs(3))
+    checkpoint.save(tmp_path / "small", model, code_tokenizer, storage_dtype="bfloat16")
+    loaded, _ = checkpoint.load(tmp_path / "small")
+    assert isinstance(loaded, TTTTransformerLM) and loaded.config == config
+    for got, want in zip(jax.tree.leaves(nnx.state(loaded)), jax.tree.leaves(nnx.state(model)), strict=True):
+        assert got.dtype == want.dtype == jnp.float32
+        assert np.array_equal(np.asarray(got), np.asarray(want.astype(jnp.bfloat16).astype(jnp.float32)))
+    full = checkpoint.save(tmp_path / "full", model, code_tokenizer)
+    assert sum(f.stat().st_size for f in (tmp_path / "small").rglob("*")) < 0.6 * sum(
+        f.stat().st_size for f in full.rglob("*")
+    )

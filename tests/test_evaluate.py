@@ -101,3 +101,22 @@ def test_markdown_and_plot(fixture, tmp_path):
     text = (out / "eval.md").read_text()
     assert "| LEARNED |" in text and "| ORACLE |" in text
     assert (out / "ce_vs_compute.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_line_completion_targets_and_scores(fixture, code_tokenizer):
+    from train import line_completion as lc
+
+    model, *_ = fixture
+    text = "".join(f"x{i} = {i}\n" for i in range(40))
+    tokens = np.asarray(code_tokenizer.encode_document(text))
+    tokens = tokens[tokens < BASE.vocab_size][:64]  # the fixture's vocabulary is 512 ids
+    targets = lc.target_lines(code_tokenizer, tokens, every=10, start=20)
+    assert targets and all(code_tokenizer.decode_bytes([int(tokens[t - 1])]).endswith(b"\n") for t in targets)
+    assert all(b - a >= 10 for a, b in zip(targets, targets[1:]))
+    first_window = [t for t in targets if t < WINDOW]
+    fresh = lc.complete_lines(model, code_tokenizer, tokens, first_window, WINDOW, persistent=False, max_new_tokens=4)
+    kept = lc.complete_lines(model, code_tokenizer, tokens, first_window, WINDOW, persistent=True, max_new_tokens=4)
+    assert [r.generated for r in fresh] == [r.generated for r in kept]  # nothing to carry inside the first window
+    assert lc.summarize([lc.LineResult("a = 1", "a = 1 "), lc.LineResult("abcd", "abxy")]) == {
+        "lines": 2, "exact_match": 0.5, "edit_similarity": 0.75
+    }

@@ -165,6 +165,11 @@ def markdown(table: dict) -> str:
             f"| {name} | {row['ce']:.4f} | {row['perplexity']:.2f} | {100 * row['updated']:.0f}% | "
             f"{row['flops_vs_update_1']:.2f} | {100 * row['gain_vs_update_1']:.0f}% | {100 * row['gain_vs_oracle']:.0f}% |"
         )
+    if "line_completion" in table:
+        lines += ["", "| line completion (LEARNED) | lines | exact match | edit similarity |", "|---|---|---|---|"]
+        for variant, row in table["line_completion"].items():
+            lines.append(f"| {variant} fast weights | {row['lines']} | {100 * row['exact_match']:.1f}% | "
+                         f"{row['edit_similarity']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
