@@ -185,6 +185,26 @@ def _line_completion(model, tokenizer, docs, args) -> dict:
     return results
 
 
+def _humaneval(args: argparse.Namespace) -> None:
+    from model import checkpoint
+    from model.generate import SamplingParams, generate_text
+    from train import humaneval
+
+    model, tokenizer = checkpoint.load(args.checkpoint)
+
+    def generate(prompt: str, index: int) -> str:
+        params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=0.95,
+                                seed=index, stop=humaneval.STOP)
+        return generate_text(model, tokenizer, tokenizer.encode_document(prompt), params).text
+
+    report = humaneval.run(generate, args.out, args.samples, args.k or [1], args.allow_code_execution,
+                           args.max_problems)
+    print(json.dumps(report, indent=2))
+    if not args.allow_code_execution:
+        print(f"wrote {args.out}/samples.jsonl without running it: pass --allow-code-execution to execute the "
+              "model-written code (sandboxed subprocesses) and score pass@k", file=sys.stderr)
+
+
 def _add_eval_command(commands) -> None:
     ev = commands.add_parser("eval", help="compare fast-weight schedules on held-out files (CE, compute, gains)")
     ev.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
@@ -199,6 +219,18 @@ def _add_eval_command(commands) -> None:
     ev.add_argument("--lines-per-file", type=int, default=5, help="line-completion targets per file (0: skip)")
     ev.add_argument("--line-every", type=int, default=300, help="tokens between line-completion targets")
     ev.set_defaults(run=_eval)
+
+    he = commands.add_parser("humaneval", help="HumanEval pass@k (runs model-written code only when allowed)")
+    he.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    he.add_argument("--out", type=Path, required=True)
+    he.add_argument("--samples", type=int, default=1, help="completions per problem")
+    he.add_argument("--k", type=int, action="append", help="k of pass@k (repeatable; default 1)")
+    he.add_argument("--temperature", type=float, default=0.0)
+    he.add_argument("--max-tokens", type=int, default=256)
+    he.add_argument("--max-problems", type=int)
+    he.add_argument("--allow-code-execution", action="store_true",
+                    help="execute the completions (each in a limited subprocess with no network)")
+    he.set_defaults(run=_humaneval, k=None)
 
 
 def _add_train_commands(commands) -> None:
