@@ -14,6 +14,11 @@ The driver (``generate_text`` / ``stream_text``) turns token blocks into text:
 it holds back an incomplete UTF-8 sequence and any text that might be the
 start of a stop sequence, and it cuts the output at the first stop sequence.
 Sampling parameters are traced values, so changing them never recompiles.
+
+A TTT model (``stream_ttt_tokens``) prefills the prompt's whole chunks in one
+dual-form forward and steps the rest, then decodes one token per compiled
+call (its fast weights keep learning on the generated text); the server's
+engine batches this path.
 The token for position p of a row is drawn with ``fold_in(row_key, p)``, so a
 seed gives the same text whatever the block size or batch composition.
 """
