@@ -74,7 +74,7 @@ def test_packed_pieces_are_whole_slices_of_one_document(built, align):
     data = corpus.TokenFile(built, "train")
     packer = Packer(data, batch_size=3, seq_len=64, align=align, seed=1)
     state, stream = DataState(), []
-    for _ in range(6):
+    for _ in range(9):
         batch, state = packer.next(state)
         for row in range(3):
             for segment in np.unique(batch.segment_ids[row]):
@@ -83,10 +83,12 @@ def test_packed_pieces_are_whole_slices_of_one_document(built, align):
                 real = batch.real[row, where]
                 assert real[: real.sum()].all() and not real[real.sum() :].any()  # padding only after the piece
                 stream.extend(batch.tokens[row, where][real])
-    # The pieces, in order, are the documents in the epoch's order, cut but never mixed.
-    order = np.random.default_rng([1, 0]).permutation(len(data))
-    expected = np.concatenate([data.document(i) for i in np.tile(order, 3)])[: len(stream)]
+    # The pieces, in order, are the documents' pieces in the epoch's order, cut but never mixed.
+    assert (np.diff(packer.pieces, axis=1) <= 64).all() and packer.opens_document.sum() == len(data)
+    order = np.concatenate([np.random.default_rng([1, epoch]).permutation(len(packer.pieces)) for epoch in range(3)])
+    expected = np.concatenate([data.tokens[a:b] for a, b in packer.pieces[order]])[: len(stream)]
     assert np.array_equal(np.asarray(stream), expected)
+    assert len(stream) > len(data.tokens)  # past the end of an epoch
 
 
 def test_packed_rows_reach_the_model_document_by_document(built):
@@ -111,9 +113,11 @@ def test_fim_examples_move_the_middle_to_the_end(built):
     fim = FimTokens(prefix=1001, suffix=1002, middle=1003)
     packer = Packer(data, batch_size=1, seq_len=4096, seed=0, fim_rate=1.0, fim=fim)
     batch, _ = packer.next(DataState())
-    order = np.random.default_rng([0, 0]).permutation(len(data))
+    order = np.random.default_rng([0, 0]).permutation(len(packer.pieces))
     first = batch.tokens[0, batch.segment_ids[0] == 0]
-    original = data.document(order[0])
+    start, end = packer.pieces[order[0]]
+    original = np.asarray(data.tokens[start:end])
+    assert packer.opens_document[order[0]]  # documents here fit one piece
     assert first[0] == original[0] and list(first[1:2]) == [fim.prefix]  # <eot> <fim_prefix> ...
     i, j = int(np.flatnonzero(first == fim.suffix)[0]), int(np.flatnonzero(first == fim.middle)[0])
     prefix, suffix, middle = first[2:i], first[i + 1 : j], first[j + 1 :]

@@ -1,12 +1,15 @@
 """Batches for training: packed rows with segment ids, fill-in-the-middle, resumable order.
 
-A batch is ``tokens, positions, segment_ids, real`` ([B, T] each). Rows are
-filled with documents back to back in a per-epoch shuffled order; each
-document piece gets its own segment id and positions that restart at 0, so
-base attention and fast weights never cross a boundary (DESIGN.md §4).
+A batch is ``tokens, positions, segment_ids, real`` ([B, T] each). Documents
+are first cut into pieces of at most T tokens, and the pieces are shuffled
+per epoch: one long file (a generated table, a big test module) would
+otherwise fill hundreds of consecutive batches, and the model would drift
+toward it. Rows are filled with pieces back to back; each piece gets its own
+segment id and positions that restart at 0, so base attention and fast
+weights never cross a boundary (DESIGN.md §4).
 
-* ``align=1`` (stage 1) packs pieces densely; a document longer than the room
-  left in a row continues in the next row as a new piece.
+* ``align=1`` (stage 1) packs pieces densely; a piece longer than the room
+  left in a row continues in the next row (again as a new piece).
 * ``align=C`` (stage 2) starts every piece on a chunk boundary: a piece is
   padded to a whole number of chunks with ``real = False`` tokens that come
   after it (they reach no real output) and are left out of the loss.
@@ -32,7 +35,7 @@ from train.corpus import TokenFile
 
 @dataclasses.dataclass(frozen=True)
 class DataState:
-    """Where the batch iterator stands: epoch, index into its document order, tokens of that document used."""
+    """Where the batch iterator stands: epoch, index into its piece order, tokens of that piece used."""
 
     epoch: int = 0
     doc: int = 0
@@ -76,15 +79,22 @@ class Packer:
             raise ValueError("fim_rate > 0 needs the FIM token ids")
         self.data, self.batch_size, self.seq_len, self.align = data, batch_size, seq_len, align
         self.seed, self.fim_rate, self.fim, self.pad_id = seed, fim_rate, fim, pad_id
+        # Pieces of at most seq_len tokens (FIM adds 3, so leave room for them): [n_pieces, 2] start, end.
+        size = seq_len - 3 if fim_rate else seq_len
+        starts, ends = data.offsets[:-1], data.offsets[1:]
+        self.pieces = np.asarray([(a, min(a + size, b)) for s, b in zip(starts, ends) for a in range(s, b, size)])
+        self.opens_document = np.isin(self.pieces[:, 0], starts)  # [n_pieces] the piece starts with <eot>
 
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pieces))
 
-    def _document(self, epoch: int, doc: int) -> np.ndarray:
-        tokens = self.data.document(int(doc)).astype(np.int32)
-        rng = np.random.default_rng([self.seed, epoch, int(doc), 1])
+    def _document(self, epoch: int, piece: int) -> np.ndarray:
+        start, end = self.pieces[int(piece)]
+        tokens = np.asarray(self.data.tokens[start:end], np.int32)
+        rng = np.random.default_rng([self.seed, epoch, int(piece), 1])
         if self.fim_rate and rng.random() < self.fim_rate and len(tokens) > 3:
-            head, body = tokens[:1], tokens[1:]
+            lead = 1 if self.opens_document[int(piece)] else 0  # a document's <eot> stays in front
+            head, body = tokens[:lead], tokens[lead:]
             i, j = sorted(rng.integers(0, len(body) + 1, size=2))
             f = self.fim
             tokens = np.concatenate([head, [f.prefix], body[:i], [f.suffix], body[j:], [f.middle], body[i:j]])
