@@ -205,7 +205,23 @@ def _humaneval(args: argparse.Namespace) -> None:
               "model-written code (sandboxed subprocesses) and score pass@k", file=sys.stderr)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from model import checkpoint
+
+    model, tokenizer = checkpoint.load(args.checkpoint)
+    path = checkpoint.save(args.out, model, tokenizer, overwrite=args.overwrite, storage_dtype=args.storage_dtype)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(f"wrote {path} ({size / 1e6:.1f} MB)", file=sys.stderr)
+
+
 def _add_eval_command(commands) -> None:
+    export = commands.add_parser("export", help="copy a checkpoint, optionally storing weights in bf16 (half the bytes)")
+    export.add_argument("--checkpoint", type=Path, required=True)
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--storage-dtype", choices=["bfloat16", "float16"])
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(run=_export)
+
     ev = commands.add_parser("eval", help="compare fast-weight schedules on held-out files (CE, compute, gains)")
     ev.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     ev.add_argument("--corpus", type=Path, required=True, help="a corpus made by `ponder train corpus` (its val split)")
