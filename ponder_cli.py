@@ -250,6 +250,8 @@ def _add_eval_command(commands) -> None:
 
 
 def _add_train_commands(commands) -> None:
+    from model.gating import SCHEDULES
+
     train = commands.add_parser("train", help="build a corpus, train the base model or the TTT layer, plot a run")
     stages = train.add_subparsers(dest="stage", required=True)
 
@@ -300,7 +302,7 @@ def _add_train_commands(commands) -> None:
     ttt.add_argument("--mini-batch", type=int, default=16)
     ttt.add_argument("--chunk", type=int, default=64)
     ttt.add_argument("--max-update-norm", type=float, default=None)
-    ttt.add_argument("--schedule", default="learned", choices=["learned", "skip", "update", "fixed", "random", "threshold"])
+    ttt.add_argument("--schedule", default="learned", choices=SCHEDULES)
     ttt.add_argument("--schedule-value", type=float, default=1.0, help="lam of --schedule fixed")
     ttt.add_argument("--schedule-rate", type=float, default=0.5, help="update rate of random / threshold")
     ttt.add_argument("--schedule-steps", type=int, default=1, help="k of UPDATE_k")

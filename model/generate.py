@@ -189,6 +189,22 @@ class Completion:
     finish_reason: str  # "stop" (stop sequence or end of document) or "length"
 
 
+def cache_length(config, prompt: list[int], params: SamplingParams) -> int:
+    """Checks that a request fits the context; returns the KV cache length it needs.
+
+    The cache holds only what the request can reach (a power of two, so few
+    shapes are compiled): attention reads every slot on every step.
+    """
+    if not prompt:
+        raise ValueError("prompt must hold at least one token (start documents with end-of-document)")
+    if len(prompt) + params.max_new_tokens > config.n_positions:
+        raise ValueError(
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+            f"the context window of {config.n_positions} tokens"
+        )
+    return min(max(MIN_CACHE, 1 << (len(prompt) + params.max_new_tokens - 1).bit_length()), config.n_positions)
+
+
 def stream_tokens(
     model: GPT, prompt: list[int], params: SamplingParams, eot_id: int, block: int = DECODE_BLOCK
 ) -> Iterator[list[int]]:
@@ -197,19 +213,10 @@ def stream_tokens(
     The last token of the last list is ``eot_id`` if the model ended the document.
     """
     config = model.config
-    if not prompt:
-        raise ValueError("prompt must hold at least one token (start documents with end-of-document)")
-    if len(prompt) + params.max_new_tokens > config.n_positions:
-        raise ValueError(
-            f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-            f"the context window of {config.n_positions} tokens"
-        )
+    S = cache_length(config, prompt, params)
     if params.max_new_tokens == 0:
         return
     graphdef, state = nnx.split(model)
-    # The cache holds only what this request can reach (a power of two, so few
-    # shapes are compiled): attention reads every slot on every step.
-    S = min(max(MIN_CACHE, 1 << (len(prompt) + params.max_new_tokens - 1).bit_length()), config.n_positions)
     T = bucket_length(len(prompt), S)
     tokens = jnp.asarray([prompt + [eot_id] * (T - len(prompt))], jnp.int32)  # [1, T]
     temperature = jnp.full((1,), params.temperature, jnp.float32)
@@ -255,17 +262,10 @@ def stream_ttt_tokens(
     weights keep learning (per ``schedule``) on the generated text too.
     """
     config = model.config.base
-    if not prompt:
-        raise ValueError("prompt must hold at least one token (start documents with end-of-document)")
-    if len(prompt) + params.max_new_tokens > config.n_positions:
-        raise ValueError(
-            f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-            f"the context window of {config.n_positions} tokens"
-        )
+    S = cache_length(config, prompt, params)
     if params.max_new_tokens == 0:
         return
     graphdef, state = nnx.split(model)
-    S = min(max(MIN_CACHE, 1 << (len(prompt) + params.max_new_tokens - 1).bit_length()), config.n_positions)
     cache, doc = KVCache.init(config, 1, S), model.init_state(1, schedule)
     whole = (len(prompt) - 1) // model.config.gate.chunk * model.config.gate.chunk  # the last token is stepped
     tokens = jnp.asarray([prompt], jnp.int32)

@@ -121,6 +121,8 @@ class DocState:
         current chunk (slot 0) and of the chunk's tokens so far (decoding).
       tokens: [B, C] the current chunk's tokens so far (decoding).
       start: the first TTT layer's state at the current chunk's start (decoding).
+      The three decoding buffers are kept only under schedules that read the
+      history; fixed schedules leave them as they were.
     """
 
     ttt: list[TTTState]
@@ -376,6 +378,37 @@ class TTTTransformerLM(nnx.Module):
 
     # --- One token.
 
+    def _track_chunk(self, schedule: Schedule, before: DocState, after: DocState, tokens, h) -> DocState:
+        """Decoding's share of the gate: buffer the open chunk, and at its last token close it.
+
+        Closing computes the features the full forward computes for the chunk
+        (base CE and entropy from the buffered hidden states, the first TTT
+        layer's reconstruction loss at the chunk-start and current weights).
+        """
+        B, C = tokens.shape[0], self.config.gate.chunk
+        count = before.count
+        i = count % C  # [B] offset inside the chunk
+        opening, closing = i == 0, i == C - 1
+        start = _rows(opening, before.ttt[0], before.start)
+        hidden_buf = select_rows(opening, before.hidden.at[:, 0].set(before.hidden[:, C]), before.hidden)
+        rows = jnp.arange(B)
+        hidden_buf = hidden_buf.at[rows, i + 1].set(h)  # [B, C + 1, D]
+        token_buf = before.tokens.at[rows, i].set(tokens)  # [B, C]
+
+        def close():
+            logits = self.base.logits(hidden_buf[:, :C], frozen=True)  # [B, C, V]: slot j predicts token j
+            nll, entropy = token_stats(logits, token_buf)
+            scored = ((count - i)[:, None] + jnp.arange(C)) != 0  # a document's first token is not scored
+            layer, now = self.ttt[0], after.ttt[0]
+            _, XK, target, _, _ = layer.heads(self.ttt_norms[0](hidden_buf[:, 1:]), start.conv_history, start.count)
+            recon = (layer.recon_loss(XK, target, start.W, start.b), layer.recon_loss(XK, target, now.W, now.b))
+            stats = chunk_stats(nll, entropy, scored)
+            return self._close_chunk(schedule, before.history, stats, recon, count + 1, after.lam > 0)
+
+        history = jax.lax.cond(jnp.any(closing), close, lambda: before.history)
+        history = _rows(closing, history, before.history)
+        return dataclasses.replace(after, history=history, hidden=hidden_buf, tokens=token_buf, start=start)
+
     def step(self, tokens, positions, cache: KVCache, state: DocState, schedule: Schedule = Schedule()):
         """One token per row: the decode path.
 
@@ -391,28 +424,22 @@ class TTTTransformerLM(nnx.Module):
         Returns:
           ``(logits [B, V], cache, state)``.
         """
-        B, C = tokens.shape[0], self.config.gate.chunk
+        C = self.config.gate.chunk
         if schedule.steps != 1:
             raise ValueError(f"decoding takes one gradient step per mini-batch; schedule.steps is {schedule.steps}")
         if self.config.eot_id is not None:
             state = self.reset(state, tokens == self.config.eot_id, schedule)
         count = state.count
-        i = count % C  # [B] offset inside the chunk
-        opening = i == 0
-        # A chunk's first token: lam from the history, and remember where the chunk started.
-        lam = jax.lax.cond(  # most steps open no chunk: skip the schedule's work (a gate MLP, a random draw)
+        opening = count % C == 0
+        # A chunk's first token takes its lam from the history. Most steps open no
+        # chunk: skip the schedule's work (a gate MLP, a random draw).
+        lam = jax.lax.cond(
             jnp.any(opening),
             lambda: jnp.where(opening, self._chunk_lambda(schedule, state.history, count), state.lam),
             lambda: state.lam,
         )
-        start = _rows(opening, state.ttt[0], state.start)
-        hidden_buf = select_rows(opening, state.hidden.at[:, 0].set(state.hidden[:, C]), state.hidden)
-
         _, hidden, cache = self.base(tokens[:, None], positions[:, None], cache, compute_logits=False)
         h = hidden[:, 0]  # [B, D]
-        rows = jnp.arange(B)
-        hidden_buf = hidden_buf.at[rows, i + 1].set(h)  # [B, C + 1, D]
-        token_buf = state.tokens.at[rows, i].set(tokens)  # [B, C]
 
         def run(update: bool):
             x, new_states = h, []
@@ -423,22 +450,7 @@ class TTTTransformerLM(nnx.Module):
             return x, new_states
 
         y, states = jax.lax.cond(jnp.any(lam > 0), lambda: run(True), lambda: run(False))
-
-        # A chunk's last token: the same features the full forward computes for it.
-        closing = i == C - 1
-
-        def close():
-            logits = self.base.logits(hidden_buf[:, :C], frozen=True)  # [B, C, V]: slot j predicts token j
-            nll, entropy = token_stats(logits, token_buf)
-            scored = ((count - i)[:, None] + jnp.arange(C)) != 0  # a document's first token is not scored
-            layer = self.ttt[0]
-            _, XK, target, _, _ = layer.heads(self.ttt_norms[0](hidden_buf[:, 1:]), start.conv_history, start.count)
-            recon = (layer.recon_loss(XK, target, start.W, start.b), layer.recon_loss(XK, target, states[0].W, states[0].b))
-            stats = chunk_stats(nll, entropy, scored)
-            return self._close_chunk(schedule, state.history, stats, recon, count + 1, lam > 0)
-
-        history = state.history
-        if schedule.reads_history:
-            history = _rows(closing, jax.lax.cond(jnp.any(closing), close, lambda: history), history)
-        new_state = DocState(ttt=states, history=history, lam=lam, hidden=hidden_buf, tokens=token_buf, start=start)
+        new_state = dataclasses.replace(state, ttt=states, lam=lam)
+        if schedule.reads_history:  # only a gate that reads the features needs the chunk's buffers
+            new_state = self._track_chunk(schedule, state, new_state, tokens, h)
         return self.base.logits(y[:, None], frozen=True)[:, 0], cache, new_state

@@ -110,31 +110,28 @@ def build(
     tokens = {split: [] for split in SPLITS}
     n_bytes = Counter()
     files_seen = 0
-    for root in roots:
-        for path in _source_files([root]):
-            files_seen += 1
-            try:
-                raw = path.read_bytes()
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                skipped["not utf-8"] += 1
-                continue
-            except OSError:
-                skipped["unreadable"] += 1
-                continue
-            digest = hashlib.sha256(raw).digest()
-            if digest in seen_hashes:
-                skipped["duplicate"] += 1
-                continue
-            seen_hashes.add(digest)
-            if reason := skip_reason(text):
-                skipped[reason] += 1
-                continue
-            split = split_of(str(path.relative_to(root)), val_fraction)
-            tokens[split].append(np.asarray(tokenizer.encode_document(text), dtype))
-            n_bytes[split] += len(raw)
-            if max_bytes is not None and sum(n_bytes.values()) >= max_bytes:
-                break
+    for root, path in ((root, path) for root in roots for path in _source_files([root])):
+        files_seen += 1
+        try:
+            raw = path.read_bytes()
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            skipped["not utf-8"] += 1
+            continue
+        except OSError:
+            skipped["unreadable"] += 1
+            continue
+        digest = hashlib.sha256(raw).digest()
+        if digest in seen_hashes:
+            skipped["duplicate"] += 1
+            continue
+        seen_hashes.add(digest)
+        if reason := skip_reason(text):
+            skipped[reason] += 1
+            continue
+        split = split_of(str(path.relative_to(root)), val_fraction)
+        tokens[split].append(np.asarray(tokenizer.encode_document(text), dtype))
+        n_bytes[split] += len(raw)
         if max_bytes is not None and sum(n_bytes.values()) >= max_bytes:
             break
     for split in SPLITS:

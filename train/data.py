@@ -38,7 +38,7 @@ class DataState:
     """Where the batch iterator stands: epoch, index into its piece order, tokens of that piece used."""
 
     epoch: int = 0
-    doc: int = 0
+    piece: int = 0
     offset: int = 0
 
 
@@ -88,7 +88,7 @@ class Packer:
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.pieces))
 
-    def _document(self, epoch: int, piece: int) -> np.ndarray:
+    def _piece(self, epoch: int, piece: int) -> np.ndarray:
         start, end = self.pieces[int(piece)]
         tokens = np.asarray(self.data.tokens[start:end], np.int32)
         rng = np.random.default_rng([self.seed, epoch, int(piece), 1])
@@ -107,26 +107,26 @@ class Packer:
         positions = np.zeros((B, T), np.int32)
         segments = np.zeros((B, T), np.int32)
         real = np.zeros((B, T), bool)
-        epoch, index, offset = state.epoch, state.doc, state.offset
+        epoch, index, offset = state.epoch, state.piece, state.offset
         order = self._order(epoch)
-        document = self._document(epoch, order[index])
+        piece = self._piece(epoch, order[index])
         for row in range(B):
             start, segment = 0, 0
             while start < T:
-                n = min(len(document) - offset, T - start)
-                tokens[row, start : start + n] = document[offset : offset + n]
+                n = min(len(piece) - offset, T - start)
+                tokens[row, start : start + n] = piece[offset : offset + n]
                 positions[row, start : start + n] = np.arange(n)
                 real[row, start : start + n] = True
                 end = start + -(-n // C) * C  # padding to the next chunk boundary stays in this piece
-                positions[row, start + n : end] = np.arange(n, n + end - start - n)
+                positions[row, start + n : end] = np.arange(n, end - start)
                 segments[row, start:end] = segment
                 start, segment, offset = end, segment + 1, offset + n
-                if offset == len(document):  # next document (and epoch)
+                if offset == len(piece):  # next piece (and epoch)
                     index, offset = index + 1, 0
                     if index == len(order):
                         epoch, index = epoch + 1, 0
                         order = self._order(epoch)
-                    document = self._document(epoch, order[index])
+                    piece = self._piece(epoch, order[index])
         return Batch(tokens, positions, segments, real), DataState(epoch, index, offset)
 
 

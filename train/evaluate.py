@@ -54,7 +54,8 @@ class DocumentRun:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _window(graphdef, params, tokens, schedule, state, chunk_lambda):
+def window_forward(graphdef, params, tokens, schedule, state, chunk_lambda):
+    """One window [1, T] from ``state``: log-probabilities [T, V], lam, updated, FLOPs, the state after."""
     model = nnx.merge(graphdef, params)
     positions = jnp.arange(tokens.shape[1])[None]
     out = model(tokens, positions, schedule, state=state, chunk_lambda=chunk_lambda)
@@ -76,7 +77,7 @@ def run_document(model: TTTTransformerLM, tokens: np.ndarray, schedule: Schedule
     for start in range(0, len(tokens), window):
         piece = jnp.asarray(tokens[None, start : start + window], jnp.int32)
         given = None if chunk_lambda is None else jnp.asarray(chunk_lambda[None, start // C : (start + piece.shape[1]) // C])
-        logp, lam, upd, fl, state = _window(graphdef, params, piece, schedule, state, given)
+        logp, lam, upd, fl, state = window_forward(graphdef, params, piece, schedule, state, given)
         logp = np.asarray(logp)
         if previous is not None:
             nll.append(-previous[tokens[start]][None])

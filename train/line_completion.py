@@ -26,7 +26,7 @@ from model.gating import Schedule
 from model.gpt2 import KVCache
 from model.tokenizer import Tokenizer
 from model.ttt_lm import TTTTransformerLM
-from train.evaluate import _window
+from train.evaluate import window_forward
 
 
 @dataclasses.dataclass
@@ -45,7 +45,7 @@ class LineResult:
 
 def target_lines(tokenizer: Tokenizer, tokens: np.ndarray, every: int, start: int) -> list[int]:
     """Token offsets where a non-blank line starts: one every ``every`` tokens after ``start``."""
-    offsets, next_at, text_len = [], start, 0
+    offsets, next_at = [], start
     pieces = [tokenizer.decode_bytes([int(t)]) for t in tokens]
     ends_line = [p.endswith(b"\n") for p in pieces]
     for i in range(1, len(tokens) - 1):
@@ -70,7 +70,7 @@ def complete_lines(model: TTTTransformerLM, tokenizer: Tokenizer, tokens: np.nda
         state = window_states[done]
         for start in range(done, w, window):
             piece = jnp.asarray(tokens[None, start : start + window], jnp.int32)
-            *_, state = _window(graphdef, params, piece, schedule, state, None)
+            *_, state = window_forward(graphdef, params, piece, schedule, state, None)
             window_states[start + window] = state
         return state
 
