@@ -196,8 +196,8 @@ class TTTTransformerLM(nnx.Module):
         history = GateHistory(
             features=jnp.zeros((B, N_FEATURES)),
             difficulty=jnp.zeros((B,)),
-            threshold=jnp.full((B,), schedule.initial_threshold),
-            rate=jnp.full((B,), schedule.rate),
+            threshold=jnp.full((B,), schedule.initial_threshold, jnp.float32),
+            rate=jnp.full((B,), schedule.rate, jnp.float32),
         )
         return DocState(
             ttt=[layer.init_state(B) for layer in self.ttt],
@@ -409,6 +409,42 @@ class TTTTransformerLM(nnx.Module):
         history = _rows(closing, history, before.history)
         return dataclasses.replace(after, history=history, hidden=hidden_buf, tokens=token_buf, start=start)
 
+    def _token(self, tokens, h, state: DocState, schedule: Schedule):
+        """The TTT layers and the gate on one token per row, given its base hidden state.
+
+        Args:
+          tokens: [B]; h: [B, D] the base's final hidden state of ``tokens``.
+
+        Returns:
+          ``(y [B, D], state)``: the hidden state for the LM head, and the new state.
+        """
+        if self.config.eot_id is not None:
+            state = self.reset(state, tokens == self.config.eot_id, schedule)
+        C = self.config.gate.chunk
+        count = state.count
+        opening = count % C == 0
+        # A chunk's first token takes its lam from the history. Most steps open no
+        # chunk: skip the schedule's work (a gate MLP, a random draw).
+        lam = jax.lax.cond(
+            jnp.any(opening),
+            lambda: jnp.where(opening, self._chunk_lambda(schedule, state.history, count), state.lam),
+            lambda: state.lam,
+        )
+
+        def run(update: bool):
+            x, new_states = h, []
+            for norm, layer, layer_state in zip(self.ttt_norms, self.ttt, state.ttt):
+                delta, layer_state = layer.step(layer_state, norm(x), lam, update=update)
+                x = x + delta
+                new_states.append(layer_state)
+            return x, new_states
+
+        y, states = jax.lax.cond(jnp.any(lam > 0), lambda: run(True), lambda: run(False))
+        new_state = dataclasses.replace(state, ttt=states, lam=lam)
+        if schedule.reads_history:  # only a gate that reads the features needs the chunk's buffers
+            new_state = self._track_chunk(schedule, state, new_state, tokens, h)
+        return y, new_state
+
     def step(self, tokens, positions, cache: KVCache, state: DocState, schedule: Schedule = Schedule()):
         """One token per row: the decode path.
 
@@ -424,33 +460,42 @@ class TTTTransformerLM(nnx.Module):
         Returns:
           ``(logits [B, V], cache, state)``.
         """
-        C = self.config.gate.chunk
         if schedule.steps != 1:
             raise ValueError(f"decoding takes one gradient step per mini-batch; schedule.steps is {schedule.steps}")
-        if self.config.eot_id is not None:
-            state = self.reset(state, tokens == self.config.eot_id, schedule)
-        count = state.count
-        opening = count % C == 0
-        # A chunk's first token takes its lam from the history. Most steps open no
-        # chunk: skip the schedule's work (a gate MLP, a random draw).
-        lam = jax.lax.cond(
-            jnp.any(opening),
-            lambda: jnp.where(opening, self._chunk_lambda(schedule, state.history, count), state.lam),
-            lambda: state.lam,
-        )
         _, hidden, cache = self.base(tokens[:, None], positions[:, None], cache, compute_logits=False)
-        h = hidden[:, 0]  # [B, D]
+        y, state = self._token(tokens, hidden[:, 0], state, schedule)
+        return self.base.logits(y[:, None], frozen=True)[:, 0], cache, state
 
-        def run(update: bool):
-            x, new_states = h, []
-            for norm, layer, layer_state in zip(self.ttt_norms, self.ttt, state.ttt):
-                delta, layer_state = layer.step(layer_state, norm(x), lam, update=update)
-                x = x + delta
-                new_states.append(layer_state)
-            return x, new_states
+    def extend(self, tokens, positions, length, cache: KVCache, state: DocState, schedule: Schedule = Schedule()):
+        """``step`` over up to T tokens per row in one call: a prompt's tail inside a chunk.
 
-        y, states = jax.lax.cond(jnp.any(lam > 0), lambda: run(True), lambda: run(False))
-        new_state = dataclasses.replace(state, ttt=states, lam=lam)
-        if schedule.reads_history:  # only a gate that reads the features needs the chunk's buffers
-            new_state = self._track_chunk(schedule, state, new_state, tokens, h)
-        return self.base.logits(y[:, None], frozen=True)[:, 0], cache, new_state
+        The base runs on all T tokens at once (a prefill); the TTT layers and
+        the gate then take them one by one under ``lax.scan``, as decoding
+        does, so the call may start and end anywhere inside a chunk. Rows are
+        right-padded: tokens at or after ``length`` leave the state as it was
+        (their keys land in the cache past the row's end, where attention
+        never looks).
+
+        Args:
+          tokens, positions: [B, T]; length: [B] real tokens per row (>= 1).
+
+        Returns:
+          ``(logits [B, V] at each row's last real token, cache, state)``.
+        """
+        if schedule.steps != 1:
+            raise ValueError(f"extend takes one gradient step per mini-batch; schedule.steps is {schedule.steps}")
+        _, hidden, cache = self.base(tokens, positions, cache, compute_logits=False)  # hidden [B, T, D]
+
+        def one(carry, inputs):
+            state, last = carry
+            t, token, h = inputs  # token [B], h [B, D]
+            y, new_state = self._token(token, h, state, schedule)
+            real = t < length  # [B]
+            state = _rows(real, new_state, state)
+            last = select_rows(real, y, last)
+            return (state, last), None
+
+        T = tokens.shape[1]
+        inputs = (jnp.arange(T), tokens.T, hidden.swapaxes(0, 1))  # [T, B], [T, B, D]
+        (state, last), _ = jax.lax.scan(one, (state, jnp.zeros_like(hidden[:, 0])), inputs)
+        return self.base.logits(last[:, None], frozen=True)[:, 0], cache, state

@@ -1,0 +1,686 @@
+"""The inference engine: sessions, decode slots and continuous batching.
+
+JetStream's shape: ``prefill`` a request's prompt into a session, ``insert``
+the result into a free decode slot, ``generate`` one token for every slot per
+step. One thread owns the model and every session; front ends only
+``submit`` jobs (``server.types.Job``) and read their events. The engine
+speaks token ids only.
+
+Sessions (DESIGN.md §4). A session is ``(api_key, session_id)`` and holds a
+document's committed tokens (always whole chunks), the TTT ``DocState`` after
+them, the base's KV cache, and snapshots of the ``DocState`` at earlier chunk
+boundaries. A job's prompt is compared with the committed tokens: the
+session rolls back to the last snapshot at or before the first difference
+(nothing, when the prompt extends the history), then
+
+* whole chunks of the prompt up to its last chunk boundary (and up to the
+  job's ``commit_limit``) run in dual form and are committed, a snapshot
+  after each call;
+* the rest (a fill-in-the-middle suffix, the open chunk, always at least
+  the last token) runs on a scratch copy: ``extend`` for the open chunk,
+  which also samples the first new token;
+* the scratch state is inserted into a decode slot. Generated tokens never
+  reach the session.
+
+The same rules applied to an empty session give a cold start, so reuse is
+exact by construction (and tested).
+
+Long documents. Positions are learned up to the context window W, so the
+base attends within a window: tokens in block k (``BLOCK`` tokens each) are
+encoded with the window starting at ``window_start(k * BLOCK)``, which
+leaves at least ``max_new_tokens`` positions free for generation. Moving to
+the next block re-encodes the window's earlier tokens with the base (a
+prefill, no TTT). The fast weights see the whole document.
+
+Compiled shapes: dual-form prefill of 1, 2 or 4 chunks; ``extend`` of 16,
+32 or 64 tokens; the window re-encode at two lengths; ``insert``; the decode
+step. ``warmup`` compiles them all before the engine reports ready; the
+compile counter (every XLA compilation of the process) stays flat afterwards.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import logging
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model.gating import Schedule
+from model.generate import sample
+from model.gpt2 import GPT, KVCache
+from model.ttt import TTTConfig
+from model.ttt_lm import DocState, TTTLMConfig, TTTTransformerLM
+from server.metrics import ServerMetrics
+from server.types import DoneEvent, ErrorEvent, Job, NotReady, QueueFull, RequestError, TokenEvent, Usage
+
+log = logging.getLogger("ponder.engine")
+
+BLOCK = 256  # tokens per window block (a multiple of the gate chunk)
+PREFILL_CHUNKS = (4, 2, 1)  # dual-form prefill calls, in chunks (largest first)
+EXTEND_LENGTHS = (16, 32, 64)  # extend buckets, in tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs.
+
+    Attributes:
+      slots: decode slots (requests generating at once).
+      max_new_tokens: most tokens a job may generate; the window keeps this
+        many positions free.
+      queue_size: jobs waiting for a slot before ``submit`` refuses.
+      session_memory_mb: cap on the memory sessions hold (LRU eviction).
+      snapshots: chunk-boundary snapshots kept per session.
+      schedule: where λ comes from (the learned gate by default).
+    """
+
+    slots: int = 8
+    max_new_tokens: int = 256
+    queue_size: int = 64
+    session_memory_mb: float = 1024.0
+    snapshots: int = 16
+    schedule: Schedule = Schedule()
+
+
+def as_ttt_model(model: GPT | TTTTransformerLM) -> TTTTransformerLM:
+    """A base-only checkpoint served through the TTT path: a fresh TTT layer
+    (zero output projection) on top predicts exactly what the base does."""
+    if isinstance(model, TTTTransformerLM):
+        return model
+    c = model.config
+    config = TTTLMConfig(base=c, ttt=TTTConfig(width=c.n_embd, n_head=c.n_head))
+    return TTTTransformerLM(config, rngs=nnx.Rngs(0), base=model)
+
+
+# --- Compiled functions (the graph is static, parameters are arguments).
+
+
+@dataclasses.dataclass
+class Slots:
+    """Every decode slot's state, one row per slot."""
+
+    cache: KVCache
+    doc: DocState
+    token: jax.Array  # [S] last sampled token, fed next
+    position: jax.Array  # [S] window position ``token`` takes
+    doc_position: jax.Array  # [S] document position ``token`` takes (sampling keys)
+    key: jax.Array  # [S] sampling key
+    temperature: jax.Array  # [S]
+    top_k: jax.Array  # [S]
+    top_p: jax.Array  # [S]
+    active: jax.Array  # [S] bool: the slot holds a job (idle slots feed end-of-document at position 0)
+
+
+jax.tree_util.register_dataclass(
+    Slots,
+    data_fields=["cache", "doc", "token", "position", "doc_position", "key", "temperature", "top_k", "top_p", "active"],
+    meta_fields=[],
+)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
+def _prefill_chunks(graphdef, schedule, params, tokens, positions, doc, cache):
+    """Whole chunks [1, T] in dual form: ``(doc, cache, chunk_lambda [n], chunk_updated [n], ttt_flops)``."""
+    out = nnx.merge(graphdef, params)(tokens, positions, schedule, state=doc, cache=cache)
+    return out.state, out.cache, out.chunk_lambda[0], out.chunk_updated[0], out.ttt_flops[0]
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+def _base_fill(graphdef, params, tokens, positions, cache):
+    """The base alone on [1, T] tokens into the KV cache (a window move)."""
+    _, _, cache = nnx.merge(graphdef, params).base(tokens, positions, cache, compute_logits=False)
+    return cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
+def _extend(graphdef, schedule, params, tokens, positions, length, doc, cache, key, doc_position, sampling):
+    """An open chunk's tokens [1, T] (``length`` real) and the first sampled token: ``(token [1], doc, cache)``."""
+    logits, cache, doc = nnx.merge(graphdef, params).extend(tokens, positions, length, cache, doc, schedule)
+    keys = jax.vmap(jax.random.fold_in)(key, doc_position)
+    return sample(logits, keys, *sampling), doc, cache
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def _insert(slots: Slots, row: Slots, index):
+    """Writes a one-row ``Slots`` into row ``index`` of ``slots``."""
+    put = lambda a, b: jax.lax.dynamic_update_slice(a, b.astype(a.dtype), (index,) + (0,) * (a.ndim - 1))
+    return jax.tree.map(put, slots, row)
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def _release(slots: Slots, index):
+    """Marks slot ``index`` idle."""
+    return dataclasses.replace(slots, active=slots.active.at[index].set(False))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=("slots",))
+def _decode(graphdef, schedule, eot_id, params, slots: Slots):
+    """One token for every slot: ``(slots, tokens [S], lam [S], count [S])``."""
+    model = nnx.merge(graphdef, params)
+    fed = jnp.where(slots.active, slots.token, eot_id)  # [S]
+    position = jnp.where(slots.active, slots.position, 0)
+    logits, cache, doc = model.step(fed, position, slots.cache, slots.doc, schedule)
+    keys = jax.vmap(jax.random.fold_in)(slots.key, slots.doc_position + 1)
+    token = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p)
+    slots = dataclasses.replace(
+        slots, cache=cache, doc=doc, token=token, position=position + 1, doc_position=slots.doc_position + 1
+    )
+    return slots, token, doc.lam, doc.count
+
+
+# --- Sessions.
+
+
+@dataclasses.dataclass(eq=False)
+class Session:
+    """One document's committed state (see the module docstring)."""
+
+    api_key: str
+    session_id: str
+    document_id: str | None
+    tokens: list[int]  # committed tokens (whole chunks)
+    doc: DocState  # state after ``tokens``
+    cache: KVCache | None  # base keys/values of the window ``window`` (None: not built)
+    window: int  # document position of cache slot 0
+    snapshots: list[tuple[int, DocState]]  # (boundary, state), ascending
+    last_used: float = 0.0
+
+    def nbytes(self) -> int:
+        leaves = jax.tree.leaves((self.cache, [s for _, s in self.snapshots], self.doc))
+        return sum(a.nbytes for a in leaves) + 8 * len(self.tokens)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclasses.dataclass
+class _Running:
+    """A job holding a decode slot."""
+
+    job: Job
+    session: Session
+    usage: Usage
+    generated: int
+    last_token_time: float
+
+
+class Engine:
+    def __init__(self, model: GPT | TTTTransformerLM, config: EngineConfig = EngineConfig(), metrics: ServerMetrics | None = None):
+        model = as_ttt_model(model)
+        self.model, self.config = model, config
+        self.metrics = metrics if metrics is not None else ServerMetrics.create()
+        self.graphdef, params = nnx.split(model)
+        # One plain device placement for every array: a checkpoint's parameters carry
+        # mesh shardings whose propagation into outputs would make a state fed back
+        # into a compiled function look like a new input type (a recompilation).
+        device = jax.devices()[0]
+        self._place = lambda tree: jax.tree.map(lambda a: jax.device_put(a, device), tree)
+        self.params = self._place(params)
+        self.base_config = model.config.base
+        self.C = model.config.gate.chunk
+        self.W = self.base_config.n_positions
+        if BLOCK % self.C or self.W - config.max_new_tokens - BLOCK < 0:
+            raise ValueError(
+                f"max_new_tokens {config.max_new_tokens} leaves no room for a {BLOCK}-token block in a {self.W}-token window"
+            )
+        self.eot_id = model.config.eot_id if model.config.eot_id is not None else 0
+        self.chunk_flops = float(sum(layer.update_flops(self.C) for layer in model.ttt))
+        self.ready = False
+        self.draining = False
+        self.compilations = 0
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._running: dict[int, _Running] = {}
+        self._sessions: collections.OrderedDict[tuple[str, str], Session] = collections.OrderedDict()
+        self._session_bytes = 0
+        self._anonymous = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.metrics.slots.set(config.slots)
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    # --- Public interface (thread-safe).
+
+    def start(self, warmup: bool = True) -> None:
+        """Starts the engine thread; with ``warmup``, compiles every shape first, then reports ready."""
+        self._fresh_doc = self._place(self.model.init_state(1, self.config.schedule))
+        self._slots = self._empty_slots()
+        if warmup:
+            self.warmup()
+        self.ready = True
+        self._thread = threading.Thread(target=self._loop, name="ponder-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queues ``job``; a newer job of the same session cancels the older one.
+
+        Raises:
+          NotReady: before warm-up ends or while draining.
+          QueueFull: the waiting queue is at ``queue_size``.
+          RequestError: the job cannot fit the limits.
+        """
+        if not self.ready or self.draining:
+            raise NotReady("the server is warming up" if not self.ready else "the server is shutting down")
+        if job.max_new_tokens > self.config.max_new_tokens:
+            raise RequestError("max_tokens", f"must be at most {self.config.max_new_tokens}, got {job.max_new_tokens}")
+        if not job.tokens:
+            raise RequestError("prompt", "holds no tokens")
+        with self._lock:
+            if len(self._waiting) >= self.config.queue_size:
+                self.metrics.requests.labels("engine", "rejected").inc()
+                raise QueueFull(f"the queue is full ({len(self._waiting)} requests waiting, limit {self.config.queue_size})")
+            if job.session_id is not None:
+                same = lambda other: other.api_key == job.api_key and other.session_id == job.session_id
+                for other in itertools.chain(self._waiting, (r.job for r in self._running.values())):
+                    if same(other):
+                        other.cancel("superseded")
+            self._waiting.append(job)
+            self.metrics.waiting.set(len(self._waiting))
+            self._lock.notify()
+
+    def reset_session(self, api_key: str, session_id: str) -> bool:
+        """Forgets a session (the next request starts a fresh document). True if it existed."""
+        with self._lock:
+            session = self._sessions.pop((api_key, session_id), None)
+            if session is not None:
+                self._session_bytes -= session.nbytes()
+                self.metrics.sessions_reset.labels("explicit").inc()
+                self._update_session_gauges()
+            return session is not None
+
+    def stop(self, drain_s: float = 30.0) -> None:
+        """Graceful drain: refuse new jobs, let running and waiting ones finish (at most ``drain_s``), stop."""
+        self.draining = True
+        end = time.monotonic() + drain_s
+        while time.monotonic() < end:
+            with self._lock:
+                if not self._waiting and not self._running:
+                    break
+            time.sleep(0.02)
+        with self._lock:
+            for job in list(self._waiting) + [r.job for r in self._running.values()]:
+                job.cancel("shutdown")
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    # --- Warm-up and compile counting.
+
+    def _on_event(self, event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.compilations += 1
+            self.metrics.compilations.inc()
+
+    def warmup(self) -> None:
+        """Compiles every shape the engine uses, on throwaway inputs."""
+        t0 = time.perf_counter()
+        C, W = self.C, self.W
+        for n in PREFILL_CHUNKS:
+            self._call_prefill(self._fresh_doc, self._new_cache(), [self.eot_id] * (n * C), 0, 0)
+        for length in sorted({self._fill_bucket(W - self.config.max_new_tokens - BLOCK + r) for r in range(0, BLOCK, C)}):
+            _base_fill(self.graphdef, self.params, *self._row([self.eot_id] * length, 0), self._new_cache())
+        for length in EXTEND_LENGTHS:
+            job = Job("", None, None, [self.eot_id] * length, 1)
+            token, doc, cache = self._call_extend(job, self._fresh_doc, self._new_cache(), 0, 0, length)
+        self._slots = _insert(self._slots, self._slot_row(job, doc, cache, token, 0, length), 0)
+        self._slots, *_ = self._decode()
+        self._slots = _release(self._slots, 0)
+        jax.block_until_ready(self._slots)
+        self._slots = self._empty_slots()
+        log.info("warm-up: %d compilations in %.1f s", self.compilations, time.perf_counter() - t0)
+
+    # --- Shapes.
+
+    def _new_cache(self) -> KVCache:
+        return self._place(KVCache.init(self.base_config, 1, self.W))
+
+    def _empty_slots(self) -> Slots:
+        S = self.config.slots
+        return self._place(Slots(
+            cache=KVCache.init(self.base_config, S, self.W),
+            doc=self.model.init_state(S, self.config.schedule),
+            token=jnp.full((S,), self.eot_id, jnp.int32),
+            position=jnp.zeros((S,), jnp.int32),
+            doc_position=jnp.zeros((S,), jnp.int32),
+            key=jax.random.split(jax.random.key(0), S),
+            temperature=jnp.zeros((S,), jnp.float32),
+            top_k=jnp.zeros((S,), jnp.int32),
+            top_p=jnp.ones((S,), jnp.float32),
+            active=jnp.zeros((S,), bool),
+        ))
+
+    def _fill_bucket(self, n: int) -> int:
+        return -(-n // BLOCK) * BLOCK
+
+    def window_start(self, position: int) -> int:
+        """Document position of the window that encodes the block holding ``position``."""
+        block_end = (position // BLOCK + 1) * BLOCK
+        return max(0, block_end + self.config.max_new_tokens - self.W)
+
+    @staticmethod
+    def _row(tokens: list[int], first_position: int, pad_to: int | None = None):
+        n = len(tokens) if pad_to is None else pad_to
+        ids = np.zeros((1, n), np.int32)
+        ids[0, : len(tokens)] = tokens
+        return ids, (first_position + np.arange(n, dtype=np.int32))[None]
+
+    # --- Prefill pieces.
+
+    def _call_prefill(self, doc, cache, tokens, doc_start, window):
+        ids, positions = self._row(tokens, doc_start - window)
+        return _prefill_chunks(self.graphdef, self.config.schedule, self.params, ids, positions, doc, cache)
+
+    def _call_extend(self, job: Job, doc, cache, doc_start, window, length):
+        tokens = job.tokens[doc_start : doc_start + length]
+        T = next(n for n in EXTEND_LENGTHS if n >= len(tokens))
+        ids, positions = self._row(tokens, doc_start - window, T)
+        s = job.sampling
+        sampling = (
+            np.full((1,), s.temperature, np.float32), np.full((1,), s.top_k, np.int32), np.full((1,), s.top_p, np.float32)
+        )
+        key = jax.random.key(s.seed)[None]
+        doc_position = np.full((1,), doc_start + len(tokens), np.int32)
+        return _extend(
+            self.graphdef, self.config.schedule, self.params, ids, positions, np.full((1,), len(tokens), np.int32),
+            doc, cache, key, doc_position, sampling,
+        )
+
+    def _slot_row(self, job: Job, doc, cache, token, window, doc_end) -> Slots:
+        s = job.sampling
+        return Slots(
+            cache=cache,
+            doc=doc,
+            token=token,
+            position=np.full((1,), doc_end - window, np.int32),
+            doc_position=np.full((1,), doc_end, np.int32),
+            key=jax.random.key(s.seed)[None],
+            temperature=np.full((1,), s.temperature, np.float32),
+            top_k=np.full((1,), s.top_k, np.int32),
+            top_p=np.full((1,), s.top_p, np.float32),
+            active=np.ones((1,), bool),
+        )
+
+    def _ensure_window(self, session: Session, tokens: list[int], position: int) -> None:
+        """Makes the session's cache encode the window of the block holding ``position``."""
+        start = self.window_start(position)
+        if session.cache is not None and session.window == start:
+            return
+        cache = self._new_cache() if session.cache is None else session.cache
+        if position > start:  # re-encode the window's earlier tokens (the base only)
+            ids, positions = self._row(tokens[start:position], 0, self._fill_bucket(position - start))
+            cache = _base_fill(self.graphdef, self.params, ids, positions, cache)
+        session.cache, session.window = cache, start
+
+    def _run_chunks(self, session: Session, tokens: list[int], begin: int, end: int, doc, usage: Usage, lambdas, commit: bool):
+        """Whole chunks ``tokens[begin:end]`` in dual form from ``doc``; returns the state after them.
+
+        With ``commit``, the session's committed tokens and snapshots follow.
+        Calls never cross a window block and take the largest bucket first.
+        """
+        C, p = self.C, begin
+        while p < end:
+            self._ensure_window(session, tokens, p)
+            room = min(end, (p // BLOCK + 1) * BLOCK) - p
+            n = next(k for k in PREFILL_CHUNKS if k * C <= room)
+            doc, session.cache, lam, updated, flops = self._call_prefill(doc, session.cache, tokens[p : p + n * C], p, session.window)
+            self._count_chunks(usage, lambdas, np.asarray(lam), np.asarray(updated), float(flops))
+            p += n * C
+            if commit:
+                session.tokens = tokens[:p]
+                session.doc = doc
+                session.snapshots.append((p, doc))
+                del session.snapshots[: -self.config.snapshots]
+        return doc
+
+    def _count_chunks(self, usage: Usage, lambdas: list[float], lam, updated, flops: float) -> None:
+        """Books closed chunks (λ [n], updated [n], their update FLOPs) to the usage, ``lambdas`` and metrics."""
+        for value, up in zip(lam.tolist(), updated.tolist()):
+            self.metrics.chunk_lambda.observe(value)
+            self.metrics.chunks.labels("updated" if up else "skipped").inc()
+            usage.chunks_updated += int(up)
+            usage.chunks_skipped += int(not up)
+            lambdas.append(value)
+        usage.ttt_flops += flops
+        self.metrics.ttt_flops.inc(flops)
+
+    def _count_decoded_chunk(self, usage: Usage, lambdas: list[float], value: float) -> None:
+        """Books one chunk closed token by token."""
+        updated = value > 0
+        self._count_chunks(usage, lambdas, np.asarray([value]), np.asarray([updated]), self.chunk_flops if updated else 0.0)
+
+    # --- Sessions (engine thread, under the lock).
+
+    def _session_for(self, job: Job) -> tuple[Session, bool]:
+        """The job's session, created or reset as the job asks: ``(session, reused)``."""
+        sessions = self._sessions
+        session_id = job.session_id
+        if session_id is None:  # llama.cpp-style: the key's session sharing the longest prefix (a chunk at least)
+            best, best_len = None, self.C - 1
+            for (key, _), s in sessions.items():
+                if key == job.api_key:
+                    n = _common_prefix(s.tokens, job.tokens)
+                    if n > best_len:
+                        best, best_len = s, n
+            session_id = best.session_id if best is not None else f"anonymous-{next(self._anonymous)}"
+        session = sessions.get((job.api_key, session_id))
+        reason = None
+        if session is not None and job.reset:
+            reason = "explicit"
+        elif session is not None and job.document_id is not None and session.document_id not in (None, job.document_id):
+            reason = "document"
+        elif session is not None and self.eot_id in job.tokens[1:]:
+            reason = "end_of_document"
+        if reason is not None:
+            self.metrics.sessions_reset.labels(reason).inc()
+            self._drop(session)
+            session = None
+        reused = session is not None
+        self.metrics.session_lookups.labels("hit" if reused else "miss").inc()
+        if session is None:
+            session = Session(job.api_key, session_id, job.document_id, [], self._fresh_doc, None, 0, [])
+            sessions[(job.api_key, session_id)] = session
+        if job.document_id is not None:
+            session.document_id = job.document_id
+        sessions.move_to_end((job.api_key, session_id))
+        return session, reused
+
+    def _drop(self, session: Session) -> None:
+        if self._sessions.pop((session.api_key, session.session_id), None) is not None:
+            self._session_bytes -= session.nbytes()
+
+    def _evict(self, keep: Session) -> None:
+        """Drops least recently used sessions until the cap holds (never ``keep``)."""
+        cap = self.config.session_memory_mb * 2**20
+        self._session_bytes = sum(s.nbytes() for s in self._sessions.values())
+        for key in list(self._sessions):
+            if self._session_bytes <= cap:
+                break
+            session = self._sessions[key]
+            if session is keep:
+                continue
+            self._drop(session)
+            self.metrics.sessions_evicted.inc()
+        self._update_session_gauges()
+
+    def _update_session_gauges(self) -> None:
+        self.metrics.sessions_active.set(len(self._sessions))
+        self.metrics.session_bytes.set(self._session_bytes)
+
+    def _rollback(self, session: Session, tokens: list[int]) -> int:
+        """Rolls the session back to its last snapshot at or before where ``tokens`` leaves its history."""
+        shared = _common_prefix(session.tokens, tokens)
+        if shared >= len(session.tokens):
+            return len(session.tokens)
+        keep = [(b, s) for b, s in session.snapshots if b <= shared]
+        session.snapshots = keep
+        if keep:
+            session.tokens, session.doc = session.tokens[: keep[-1][0]], keep[-1][1]
+        else:
+            session.tokens, session.doc = [], self._fresh_doc
+        return len(session.tokens)
+
+    # --- The loop.
+
+    def _prefill(self, job: Job):
+        """Brings the job's session up to its prompt and samples the first token.
+
+        Returns ``(session, usage, lambdas, first)``: λ of the chunks closed,
+        and ``first = (token, doc, cache, window, doc_end)`` to insert into a
+        slot, or None for an ingest-only job.
+        """
+        C = self.C
+        tokens = job.tokens
+        eot_at = max(i for i, t in enumerate(tokens) if t == self.eot_id) if self.eot_id in tokens else 0
+        with self._lock:
+            session, reused = self._session_for(job)
+        if eot_at:  # an end-of-document token inside the prompt opens a new document there
+            tokens = job.tokens = tokens[eot_at:]
+        L = len(tokens)
+        limit = L if job.commit_limit is None else max(0, min(L, job.commit_limit - eot_at))
+        last = L if job.max_new_tokens == 0 else L - 1  # a completion keeps at least its last token for extend
+        commit_end = min(last, limit) // C * C
+        start = self._rollback(session, tokens[:commit_end])
+        usage, lambdas = Usage(prompt_tokens=L, cached_tokens=start), []
+        self.metrics.prompt_tokens.inc(L)
+        doc = self._run_chunks(session, tokens, start, commit_end, session.doc, usage, lambdas, commit=True)
+        if job.max_new_tokens == 0:
+            self.metrics.prefill_tokens.inc(commit_end - start)
+            return session, usage, lambdas, None
+        scratch_end = (L - 1) // C * C
+        doc = self._run_chunks(session, tokens, commit_end, scratch_end, doc, usage, lambdas, commit=False)
+        self._ensure_window(session, tokens, scratch_end)
+        window = session.window
+        count_before = scratch_end
+        token, doc, session.cache = self._call_extend(job, doc, session.cache, scratch_end, window, L - scratch_end)
+        self.metrics.prefill_tokens.inc(L - start)
+        if L // C > count_before // C:  # the extend closed a chunk
+            self._count_decoded_chunk(usage, lambdas, float(np.asarray(doc.lam)[0]))
+        return session, usage, lambdas, (token, doc, session.cache, window, L)
+
+    def _admit(self) -> bool:
+        """Moves one waiting job into a free slot (or finishes it). True if it did anything."""
+        with self._lock:
+            free = [i for i in range(self.config.slots) if i not in self._running]
+            if not free or not self._waiting:
+                return False
+            job = self._waiting.popleft()
+            self.metrics.waiting.set(len(self._waiting))
+        now = time.monotonic()
+        self.metrics.queue_time.observe(now - job.arrival)
+        if job.cancelled.is_set():
+            self._finish_unstarted(job, "cancelled")
+            return True
+        if job.deadline is not None and now > job.deadline:
+            self._finish_unstarted(job, "deadline")
+            return True
+        try:
+            session, usage, lambdas, first = self._prefill(job)
+        except Exception as error:  # a bug must fail the request, never the engine
+            log.exception("prefill failed")
+            job.put(ErrorEvent(error))
+            return True
+        with self._lock:
+            self._evict(keep=session)
+        if first is None:
+            job.put(TokenEvent([], lambdas))
+            job.put(DoneEvent("length", usage, session.session_id))
+            return True
+        token, doc, cache, window, doc_end = first
+        slot = free[0]
+        self._slots = _insert(self._slots, self._slot_row(job, doc, cache, token, window, doc_end), slot)
+        running = _Running(job, session, usage, 0, time.monotonic())
+        with self._lock:
+            self._running[slot] = running
+            self.metrics.running.set(len(self._running))
+        self._emit(slot, running, int(np.asarray(token)[0]), lambdas)
+        return True
+
+    def _finish_unstarted(self, job: Job, reason: str) -> None:
+        if reason == "cancelled":
+            self.metrics.cancellations.labels(job.cancel_reason).inc()
+        job.put(DoneEvent(reason, Usage(prompt_tokens=len(job.tokens)), job.session_id or ""))
+
+    def _emit(self, slot: int, running: _Running, token: int, lambdas: list[float]) -> None:
+        """Hands one new token to the job and finishes it when it is done."""
+        now = time.monotonic()
+        job = running.job
+        if running.generated:
+            self.metrics.inter_token.observe(now - running.last_token_time)
+        running.last_token_time = now
+        running.generated += 1
+        ended = token == self.eot_id
+        if not ended:
+            running.usage.generated_tokens += 1
+            self.metrics.generated_tokens.inc()
+        job.put(TokenEvent([token], list(lambdas)))
+        if ended:
+            self._finish(slot, "stop")
+        elif running.generated >= job.max_new_tokens:
+            self._finish(slot, "length")
+
+    def _finish(self, slot: int, reason: str) -> None:
+        self._slots = _release(self._slots, slot)
+        with self._lock:
+            running = self._running.pop(slot)
+            self.metrics.running.set(len(self._running))
+        if reason == "cancelled":
+            self.metrics.cancellations.labels(running.job.cancel_reason).inc()
+        running.job.put(DoneEvent(reason, running.usage, running.session.session_id))
+
+    def _decode(self):
+        return _decode(self.graphdef, self.config.schedule, self.eot_id, self.params, self._slots)
+
+    def _step(self) -> None:
+        """One decode step for every slot, then the tokens out."""
+        now = time.monotonic()
+        for slot, running in list(self._running.items()):  # free cancelled / late slots before the step
+            job = running.job
+            if job.cancelled.is_set():
+                self._finish(slot, "cancelled")
+            elif job.deadline is not None and now > job.deadline:
+                self._finish(slot, "deadline")
+        if not self._running:
+            return
+        self._slots, tokens, lam, count = self._decode()
+        tokens, lam, count = (np.asarray(a) for a in (tokens, lam, count))
+        for slot, running in list(self._running.items()):
+            lambdas = []
+            if count[slot] % self.C == 0:  # the token fed closed a chunk
+                self._count_decoded_chunk(running.usage, lambdas, float(lam[slot]))
+            self._emit(slot, running, int(tokens[slot]), lambdas)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self._waiting and not self._running:
+                    self._lock.wait()
+                if self._stop:
+                    return
+            try:
+                admitted = self._admit()
+                if self._running and not (admitted and self._waiting and len(self._running) < self.config.slots):
+                    self._step()
+            except Exception:  # pragma: no cover - a bug; keep serving and fail the running requests
+                log.exception("engine step failed")
+                for slot in list(self._running):
+                    self._running[slot].job.put(ErrorEvent(RuntimeError("the engine failed; see the server log")))
+                    with self._lock:
+                        self._running.pop(slot, None)
+                self._slots = self._empty_slots()

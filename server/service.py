@@ -1,0 +1,272 @@
+"""The completion service: one request model for every front end.
+
+HTTP and gRPC parse their wire formats into a ``CompletionRequest`` and
+stream what ``CompletionService.stream`` yields back out. The service owns
+what the engine must not know about: text. It tokenizes the request (a
+document opens with the end-of-document token; fill-in-the-middle uses the
+PSM layout the model was trained on: ``<eot> <fim_prefix> prefix
+<fim_suffix> suffix <fim_middle>``), checks the limits, detokenizes the
+engine's token events (holding back incomplete UTF-8), applies stop
+sequences and cancels the job when one is hit.
+
+Snippets of other files (``extra``, llama.cpp's ``input_extra``) are context
+for one completion: they go after the suffix, in the part of the prompt that
+is computed on a scratch copy, so rotating them never throws the document's
+session away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import dataclasses
+import queue
+import time
+from collections.abc import AsyncIterator, Iterator
+
+from model.generate import _stop_cut
+from model.tokenizer import Tokenizer
+from server.engine import Engine
+from server.types import DoneEvent, ErrorEvent, Job, RequestError, Sampling, TokenEvent, Usage
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Caps on one request (each error names the field and the limit)."""
+
+    max_prompt_tokens: int = 16384
+    max_new_tokens: int = 256
+    max_stop: int = 8
+    max_stop_chars: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletionRequest:
+    """A completion (or, with ``max_tokens == 0``, an ingestion) in text.
+
+    Attributes:
+      prompt: the document up to the cursor (the FIM prefix when ``suffix`` is given).
+      suffix: the document after the cursor (None: plain completion).
+      extra: ``(name, text)`` snippets of other files, context for this request only.
+      max_tokens: most tokens to generate; 0 only updates the session.
+      stop: generation ends before the first occurrence of any of these.
+      session_id / document_id: see ``server.types.Job``.
+      time_budget_s: generation stops (finish reason ``length``) after this long.
+      deadline_s: the request fails (finish reason ``deadline``) after this long.
+      api_key: the authenticated caller ("" without auth).
+      field_names: the front end's names of ``prompt``/``suffix``/``max_tokens``
+        for error messages (e.g. ``input_prefix``, ``n_predict``).
+    """
+
+    prompt: str = ""
+    suffix: str | None = None
+    extra: tuple[tuple[str, str], ...] = ()
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    session_id: str | None = None
+    document_id: str | None = None
+    reset: bool = False
+    time_budget_s: float | None = None
+    deadline_s: float | None = None
+    api_key: str = ""
+    field_names: tuple[tuple[str, str], ...] = ()
+
+    def name(self, field: str) -> str:
+        return dict(self.field_names).get(field, field)
+
+
+@dataclasses.dataclass
+class TextDelta:
+    """Newly final text, the token ids it came from, and λ of chunks closed since the last delta."""
+
+    text: str
+    token_ids: list[int]
+    chunk_lambda: list[float]
+
+
+@dataclasses.dataclass
+class Final:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # stop | length | cancelled | deadline
+    usage: Usage
+    session_id: str
+    chunk_lambda: list[float]
+
+
+class CompletionService:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: Limits = Limits()):
+        self.engine, self.tokenizer, self.limits = engine, tokenizer, limits
+
+    # --- Requests to jobs.
+
+    def job(self, request: CompletionRequest) -> Job:
+        """Checks ``request`` against the limits and tokenizes it.
+
+        Raises:
+          RequestError: naming the offending field and the limit.
+        """
+        limits, tok = self.limits, self.tokenizer
+        if not 0 <= request.max_tokens <= limits.max_new_tokens:
+            raise RequestError(
+                request.name("max_tokens"), f"must be between 0 and {limits.max_new_tokens}, got {request.max_tokens}"
+            )
+        if not request.temperature >= 0 or request.temperature > 100:
+            raise RequestError("temperature", f"must be between 0 and 100, got {request.temperature}")
+        if not 0 < request.top_p <= 1:
+            raise RequestError("top_p", f"must be in (0, 1], got {request.top_p}")
+        if request.top_k < 0:
+            raise RequestError("top_k", f"must be >= 0, got {request.top_k}")
+        if len(request.stop) > limits.max_stop or any(len(s) > limits.max_stop_chars for s in request.stop):
+            raise RequestError("stop", f"at most {limits.max_stop} sequences of at most {limits.max_stop_chars} characters")
+        if any(not s for s in request.stop):
+            raise RequestError("stop", "stop sequences must be non-empty strings")
+        prefix = tok.encode(request.prompt)
+        if request.suffix is None and not request.extra:
+            tokens, commit_limit = [tok.eot_id, *prefix], None
+        else:
+            after = request.suffix or ""
+            for name, text in request.extra:
+                after += f"\n\n# {name}\n{text}" if name else f"\n\n{text}"
+            tokens = [tok.eot_id, tok.fim_prefix_id, *prefix, tok.fim_suffix_id, *tok.encode(after), tok.fim_middle_id]
+            commit_limit = 2 + len(prefix)  # the document is the prefix; the suffix and extras are scratch
+        if len(tokens) > limits.max_prompt_tokens:
+            raise RequestError(
+                request.name("prompt"),
+                f"{len(tokens)} tokens exceeds the limit of {limits.max_prompt_tokens} tokens",
+                status=400,
+            )
+        now = time.monotonic()
+        deadline = None if request.deadline_s is None else now + request.deadline_s
+        if request.time_budget_s is not None:
+            budget = now + request.time_budget_s
+            deadline = budget if deadline is None else min(deadline, budget)
+        job = Job(
+            api_key=request.api_key,
+            session_id=request.session_id,
+            document_id=request.document_id,
+            tokens=tokens,
+            max_new_tokens=request.max_tokens,
+            sampling=Sampling(request.temperature, request.top_k, request.top_p, request.seed),
+            commit_limit=commit_limit,
+            deadline=deadline,
+            reset=request.reset,
+            budget_only=request.time_budget_s is not None
+            and (request.deadline_s is None or request.time_budget_s <= request.deadline_s),
+        )
+        return job
+
+    # --- Token events to text.
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[TextDelta | Final]:
+        """Text deltas as they become final, then one ``Final``.
+
+        Raises ``RequestError`` (bad request), ``QueueFull`` or ``NotReady``
+        before the first item. Closing the iterator early (a client that went
+        away) cancels the job.
+        """
+        job = self.job(request)
+        job.attach(asyncio.get_running_loop())
+        self.engine.submit(job)
+        folder = _TextFolder(self.tokenizer, request, job)
+        try:
+            while True:
+                for item in folder.feed(await job.anext_event()):
+                    yield item
+                    if isinstance(item, Final):
+                        return
+        finally:
+            job.cancel("client")
+
+    def stream_sync(self, request: CompletionRequest, is_active=lambda: True) -> Iterator[TextDelta | Final]:
+        """``stream`` for threaded callers (gRPC): blocks on the engine's events.
+
+        ``is_active`` is polled while waiting; when it turns False (the client
+        went away) the job is cancelled.
+        """
+        job = self.job(request)
+        self.engine.submit(job)
+        folder = _TextFolder(self.tokenizer, request, job)
+        try:
+            while True:
+                try:
+                    event = job.next_event(timeout=0.05)
+                except queue.Empty:
+                    if not is_active():
+                        job.cancel("client")
+                    continue
+                for item in folder.feed(event):
+                    yield item
+                    if isinstance(item, Final):
+                        return
+        finally:
+            job.cancel("client")
+
+    async def complete(self, request: CompletionRequest) -> Final:
+        """The whole completion at once."""
+        async for item in self.stream(request):
+            if isinstance(item, Final):
+                return item
+        raise RuntimeError("the engine ended a job without a final event")
+
+    def reset(self, api_key: str, session_id: str) -> bool:
+        """Drops a session's state (the next request starts a fresh document). True if it existed."""
+        return self.engine.reset_session(api_key, session_id)
+
+
+class _TextFolder:
+    """Folds a job's engine events into text deltas and one ``Final``.
+
+    Holds back an incomplete UTF-8 sequence and any tail that could still grow
+    into a stop sequence; on a stop sequence it cuts the text and cancels the job.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, request: CompletionRequest, job: Job):
+        self.tokenizer, self.request, self.job = tokenizer, request, job
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text, self.emitted, self.ids, self.lam = "", 0, [], []
+        self.pending_ids, self.pending_lam, self.stopped = [], [], False
+
+    def _delta(self, upto: int) -> list[TextDelta]:
+        if upto <= self.emitted and not self.pending_ids and not self.pending_lam:
+            return []
+        delta = TextDelta(self.text[self.emitted:max(upto, self.emitted)], self.pending_ids, self.pending_lam)
+        self.emitted, self.pending_ids, self.pending_lam = max(upto, self.emitted), [], []
+        return [delta]
+
+    def feed(self, event) -> list[TextDelta | Final]:
+        if isinstance(event, ErrorEvent):
+            raise event.error
+        stops = self.request.stop
+        if isinstance(event, TokenEvent):
+            self.lam += event.chunk_lambda
+            self.pending_lam += event.chunk_lambda
+            if self.stopped:  # tokens the engine made before it saw the cancel
+                return self._delta(self.emitted)
+            new = [t for t in event.token_ids if t != self.tokenizer.eot_id]
+            self.ids += new
+            self.pending_ids += new
+            self.text += self.utf8.decode(self.tokenizer.decode_bytes(new))
+            stop_at, safe = _stop_cut(self.text, stops)
+            if stop_at is not None:
+                self.text, self.stopped, safe = self.text[:stop_at], True, stop_at
+                self.job.cancel("stop")
+            return self._delta(safe)
+        assert isinstance(event, DoneEvent), event
+        reason = event.finish_reason
+        if self.stopped:
+            reason = "stop"
+        elif reason == "deadline" and self.job.budget_only:
+            reason = "length"  # a time budget ends generation the way max_tokens does
+        if not self.stopped:
+            self.text += self.utf8.decode(b"", final=True)
+            stop_at, _ = _stop_cut(self.text, stops)
+            if stop_at is not None:
+                self.text, reason = self.text[:stop_at], "stop"
+        out = self._delta(len(self.text))
+        out.append(Final(self.text, self.ids, reason, event.usage, event.session_id, self.lam))
+        return out

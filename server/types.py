@@ -1,0 +1,146 @@
+"""What the engine, the completion service and the front ends exchange.
+
+The engine speaks token ids only; the service (``server/service.py``) turns
+text requests into ``Job``s and token events back into text. Events leave
+the engine thread through ``Job.put``; a front end reads them with
+``Job.next_event`` (blocking, gRPC) or ``await Job.anext_event()`` (asyncio,
+HTTP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import threading
+import time
+
+
+class RequestError(ValueError):
+    """A request the server rejects: ``field`` names what is wrong, ``status`` the HTTP code."""
+
+    def __init__(self, field: str, message: str, status: int = 400):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.status = field, message, status
+
+
+class QueueFull(RuntimeError):
+    """Every slot is busy and the waiting queue is at its limit (HTTP 429 / RESOURCE_EXHAUSTED)."""
+
+
+class NotReady(RuntimeError):
+    """The engine has not finished warming up, or is draining (HTTP 503 / UNAVAILABLE)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Usage:
+    """What one request cost.
+
+    Attributes:
+      prompt_tokens: tokens of the prompt (the document start token included).
+      cached_tokens: prompt tokens served from the session's committed state.
+      generated_tokens: tokens generated (a final end-of-document excluded).
+      chunks_updated / chunks_skipped: chunks the TTT layer closed for this
+        request (prefill and generation), by whether the fast weights moved.
+      ttt_flops: fast-weight update FLOPs spent for this request.
+    """
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    chunks_updated: int = 0
+    chunks_skipped: int = 0
+    ttt_flops: float = 0.0
+
+
+@dataclasses.dataclass
+class TokenEvent:
+    """New tokens of a job, and λ of the chunks that closed since the last event."""
+
+    token_ids: list[int]
+    chunk_lambda: list[float]
+
+
+@dataclasses.dataclass
+class DoneEvent:
+    """The job's last event. finish_reason: length, stop (end of document), cancelled, deadline."""
+
+    finish_reason: str
+    usage: Usage
+    session_id: str
+
+
+@dataclasses.dataclass
+class ErrorEvent:
+    error: BaseException
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One request to the engine.
+
+    Attributes:
+      api_key: the caller's key ("" without auth); sessions of one key are
+        invisible to another.
+      session_id: the session (None: matched by longest common token prefix
+        among the key's sessions, or a new one).
+      document_id: a change of document id resets the session.
+      tokens: the prompt, starting with the end-of-document token; the
+        first ``commit_limit`` tokens may enter the session's committed state
+        (the rest, e.g. a fill-in-the-middle suffix, is computed on a scratch
+        copy only). None: all of them.
+      max_new_tokens: 0 ingests only.
+      deadline: ``time.monotonic()`` after which generation stops.
+      stop_ids: token ids that end generation (the end-of-document token always does).
+    """
+
+    api_key: str
+    session_id: str | None
+    document_id: str | None
+    tokens: list[int]
+    max_new_tokens: int
+    sampling: Sampling = Sampling()
+    commit_limit: int | None = None
+    deadline: float | None = None
+    reset: bool = False
+    budget_only: bool = False  # the deadline is a time budget: reaching it ends generation as ``length``
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    cancel_reason: str = "client"
+    _events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _async_events: asyncio.Queue | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Deliver events to an asyncio loop (call before submitting)."""
+        self._loop, self._async_events = loop, asyncio.Queue()
+
+    def put(self, event) -> None:
+        """Engine side: hand an event to the consumer (thread-safe)."""
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._async_events.put_nowait, event)
+            except RuntimeError:  # the consumer's loop has closed: nobody is listening
+                pass
+        else:
+            self._events.put(event)
+
+    def cancel(self, reason: str = "client") -> None:
+        """Frees the job's slot at the engine's next step (thread-safe)."""
+        if not self.cancelled.is_set():
+            self.cancel_reason = reason
+            self.cancelled.set()
+
+    def next_event(self, timeout: float | None = None):
+        return self._events.get(timeout=timeout)
+
+    async def anext_event(self):
+        return await self._async_events.get()
