@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "default"
+from server.main import DEFAULT_CHECKPOINT
+from server.main import add_arguments as serve_arguments
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -316,9 +317,19 @@ def _add_train_commands(commands) -> None:
     plot.set_defaults(run=_train_plot)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from server.main import run
+
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ponder", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve completions over HTTP and gRPC (the bundled checkpoint by default)")
+    serve_arguments(serve)
+    serve.set_defaults(run=_serve)
 
     gen = commands.add_parser("generate", help="complete a prompt with a checkpoint")
     gen.add_argument("prompt", nargs="?", default="", help="text to continue (default: start a new document)")

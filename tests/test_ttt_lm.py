@@ -248,3 +248,20 @@ def test_packed_documents_do_not_see_each_other():
     # Without segment ids, A's context does reach B.
     unsegmented = model(packed, positions)
     assert not np.allclose(np.asarray(unsegmented.logits[:, 32:]), np.asarray(alone.logits), atol=1e-3)
+
+
+@pytest.mark.parametrize("schedule", [FIXED, Schedule("learned")])
+def test_extend_equals_token_by_token_decoding(schedule):
+    """extend (base in one call, TTT scanned) from mid-chunk offsets, with right-padded rows."""
+    from model.gpt2 import KVCache
+
+    model = _with_random_gate(_trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0))))
+    tokens, positions = _batch(64)
+    start, T = 10, 32  # from inside a chunk, across a chunk boundary
+    want, _, _, want_state = _decode(model, tokens[:, : start + 25], positions[:, : start + 25], schedule)
+    _, _, cache, state = _decode(model, tokens[:, :start], positions[:, :start], schedule)
+    length = jnp.asarray([25, 25])
+    extend = nnx.jit(lambda model, *args: model.extend(*args, schedule))
+    logits, _, state = extend(model, tokens[:, start : start + T], positions[:, start : start + T], length, cache, state)
+    assert np.abs(np.asarray(logits) - want[:, -1]).max() <= 1e-5
+    _close((state.ttt, state.history, state.lam), (want_state.ttt, want_state.history, want_state.lam))

@@ -1,0 +1,97 @@
+"""``ponder serve``: one process, one engine, HTTP and gRPC in front of it.
+
+The engine warms up in the background while both front ends already listen,
+so ``/health`` answers 503 (and gRPC health NOT_SERVING) until every shape
+is compiled. SIGTERM drains: new requests get 503 / UNAVAILABLE, running
+ones finish (up to ``--drain-s``), then the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import threading
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory (default: the bundled one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8080, help="HTTP port")
+    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: no gRPC)")
+    p.add_argument("--slots", type=int, default=8, help="decode slots (requests generating at once)")
+    p.add_argument("--queue-size", type=int, default=64, help="requests waiting for a slot before 429")
+    p.add_argument("--session-memory", type=float, default=1024, help="MiB that sessions may hold (LRU eviction)")
+    p.add_argument("--max-prompt-tokens", type=int, default=16384, help="longest prompt, in tokens")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens one request may generate")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest HTTP request body")
+    p.add_argument(
+        "--api-key", action="append", default=None,
+        help="require this bearer token (repeat for several; default: $PONDER_API_KEY, comma-separated; none: no auth)",
+    )
+    p.add_argument("--schedule", default="learned", help="where λ comes from: learned, skip, update, threshold, ...")
+    p.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "ponder" / "jax"), help="persistent XLA cache ('' to disable)")
+    p.add_argument("--drain-s", type=float, default=30.0, help="how long SIGTERM waits for running requests")
+    p.add_argument("--log-level", default="info")
+
+
+def api_keys(args) -> tuple[str, ...]:
+    keys = args.api_key if args.api_key else os.environ.get("PONDER_API_KEY", "").split(",")
+    return tuple(k.strip() for k in keys if k.strip())
+
+
+def run(args) -> None:
+    """Loads the checkpoint, starts the engine, serves until SIGTERM / Ctrl-C."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("ponder.serve")
+    import jax
+
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    import uvicorn
+
+    from model import checkpoint
+    from model.gating import Schedule
+    from server.engine import Engine, EngineConfig
+    from server.grpc_server import build_grpc_server
+    from server.http import build_app
+    from server.metrics import ServerMetrics
+    from server.service import CompletionService, Limits
+
+    model, tokenizer = checkpoint.load(args.checkpoint)
+    metrics = ServerMetrics.create()
+    config = EngineConfig(
+        slots=args.slots, max_new_tokens=args.max_tokens, queue_size=args.queue_size,
+        session_memory_mb=args.session_memory, schedule=Schedule(kind=args.schedule),
+    )
+    engine = Engine(model, config, metrics)
+    service = CompletionService(engine, tokenizer, Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens))
+    keys = api_keys(args)
+    name = Path(args.checkpoint).name
+    app = build_app(service, engine, metrics, api_keys=keys, max_body_bytes=args.max_body_bytes, model_name=name)
+    grpc_server = None
+    if args.grpc_port:
+        grpc_server = build_grpc_server(service, engine, metrics, keys, f"{args.host}:{args.grpc_port}")
+        grpc_server.start()
+    threading.Thread(target=engine.start, name="ponder-warmup", daemon=True).start()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM / Ctrl-C: refuse new work first
+            engine.draining = True
+            super().handle_exit(sig, frame)
+
+    http = Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=int(args.drain_s))
+    )
+    log.info("ponder: HTTP on %s:%d, gRPC on %s, checkpoint %s, %d slots", args.host, args.port,
+             args.grpc_port or "off", args.checkpoint, args.slots)
+    asyncio.run(http.serve())
+    engine.stop(drain_s=args.drain_s)
+    if grpc_server is not None:
+        grpc_server.stop(grace=5).wait()
+    log.info("ponder: stopped")

@@ -1,0 +1,206 @@
+"""The engine on a small random TTT model whose fast weights and gate are live.
+
+Exactness is checked against the model's own offline generation and against
+cold starts: session reuse (extend, edit, long documents past the window,
+ingest, reset), other sessions' traffic and eviction never change a
+session's tokens. Then the serving behaviour: cancellation, superseding,
+the bounded queue, and no compilation after warm-up.
+"""
+
+import dataclasses
+import threading
+import time
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from model.config import GPTConfig
+from model.gating import GateConfig, Schedule
+from model.generate import SamplingParams, stream_ttt_tokens
+from model.ttt import TTTConfig
+from model.ttt_lm import TTTLMConfig, TTTTransformerLM
+from server.engine import Engine, EngineConfig
+from server.types import DoneEvent, Job, QueueFull, Sampling, TokenEvent
+from test_ttt_lm import _trained_looking, _with_random_gate
+
+BASE = dataclasses.replace(GPTConfig.tiny(vocab_size=512), n_positions=512, n_embd=64, n_layer=2, n_head=2)
+CONFIG = TTTLMConfig(base=BASE, ttt=TTTConfig(width=64, n_head=4), gate=GateConfig(chunk=16, threshold=0.3), eot_id=0)
+MAX_NEW = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _with_random_gate(_trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0))))
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    engine = Engine(model, EngineConfig(slots=3, max_new_tokens=MAX_NEW, queue_size=4, snapshots=4))
+    engine.start()
+    yield engine
+    engine.stop(drain_s=1)
+
+
+def _doc(n, seed=0):
+    """A document of n tokens: end-of-document, then random non-zero ids."""
+    return [0, *np.random.default_rng(seed).integers(1, 512, n - 1).tolist()]
+
+
+def _run(engine, tokens, session="s", max_new=8, key="", **kw):
+    """Submits a job and collects ``(tokens, lambdas, done_event)``."""
+    job = Job(key, session, kw.pop("document_id", None), list(tokens), max_new, **kw)
+    engine.submit(job)
+    out, lambdas = [], []
+    while True:
+        event = job.next_event(timeout=60)
+        if isinstance(event, DoneEvent):
+            return out, lambdas, event
+        assert isinstance(event, TokenEvent), event
+        out += event.token_ids
+        lambdas += event.chunk_lambda
+
+
+def test_greedy_and_sampled_tokens_equal_offline_generation(engine, model):
+    for n, sampling in ((5, Sampling()), (40, Sampling(temperature=0.8, top_p=0.9, seed=3)), (64, Sampling())):
+        prompt = _doc(n, seed=n)
+        params = SamplingParams(max_new_tokens=12, temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed)
+        want = [t for piece in stream_ttt_tokens(model, prompt, params, eot_id=0) for t in piece]
+        got, _, done = _run(engine, prompt, session=f"offline-{n}", max_new=12, sampling=sampling)
+        assert got == want
+        assert done.finish_reason in ("length", "stop") and done.usage.prompt_tokens == n
+
+
+def test_session_reuse_equals_cold_start(engine):
+    """Extend, edit inside the history, shrink, grow past the window (W=512), ingest: each equals a cold start."""
+    doc = _doc(900, seed=1)
+    edited = doc[:150] + [7, 8, 9] + doc[153:]
+    steps = [doc[:40], doc[:41], doc[:100], doc[:230], edited[:240], edited[:200], doc[:300], doc[:520], doc[:700], doc[:900]]
+    lambdas_seen = []
+    for i, prompt in enumerate(steps):
+        warm, warm_lam, warm_done = _run(engine, prompt, session="reuse")
+        cold, cold_lam, cold_done = _run(engine, prompt, session=f"cold-{i}")
+        assert warm == cold, f"step {i} ({len(prompt)} tokens)"
+        lambdas_seen += cold_lam
+        assert cold_done.usage.cached_tokens == 0
+        if i in (1, 2, 3, 7, 8, 9):  # the prompt extends the history: only the new tokens run
+            assert warm_done.usage.cached_tokens >= len(steps[i - 1]) - 2 * CONFIG.gate.chunk
+    assert len(set(np.round(lambdas_seen, 4))) > 2  # the gate varies λ: fast weights really differ per chunk
+
+
+def test_ingest_then_complete_equals_cold_and_generated_tokens_are_not_committed(engine):
+    doc = _doc(200, seed=2)
+    _, _, done = _run(engine, doc, session="ingest", max_new=0)
+    assert done.usage.generated_tokens == 0
+    session = engine._sessions[("", "ingest")]
+    assert session.tokens == doc[: 200 // 16 * 16]
+    warm, _, _ = _run(engine, doc, session="ingest", max_new=10)
+    assert engine._sessions[("", "ingest")].tokens == doc[: len(session.tokens)]  # nothing generated was committed
+    cold, _, _ = _run(engine, doc, session="ingest-cold", max_new=10)
+    assert warm == cold
+
+
+def test_fill_in_the_middle_suffix_is_scratch(engine):
+    prefix, suffix = _doc(70, seed=3), _doc(50, seed=4)[1:]
+    prompt = prefix + [5] + suffix + [6]
+    warm, _, _ = _run(engine, prompt, session="fim", commit_limit=len(prefix))
+    assert engine._sessions[("", "fim")].tokens == prefix[:64]
+    cold, _, _ = _run(engine, prompt, session="fim-cold", commit_limit=len(prefix))
+    assert warm == cold
+
+
+def test_reset_and_document_change_start_fresh(engine):
+    a, b = _doc(100, seed=5), _doc(100, seed=6)
+    _run(engine, a, session="docs", document_id="a.py")
+    got, _, done = _run(engine, b, session="docs", document_id="b.py")
+    assert done.usage.cached_tokens == 0
+    assert got == _run(engine, b, session="docs-cold")[0]
+    assert engine.reset_session("", "docs") and not engine.reset_session("", "docs")
+    assert _run(engine, b, session="docs")[2].usage.cached_tokens == 0
+    # Sessions of one key are invisible to another.
+    _run(engine, a, session="shared", key="k1")
+    assert _run(engine, a, session="shared", key="k2")[2].usage.cached_tokens == 0
+
+
+def test_concurrent_sessions_do_not_change_each_other(engine):
+    prompts = {f"c{i}": _doc(30 + 37 * i, seed=10 + i) for i in range(5)}
+    want = {name: _run(engine, p, session=name + "-alone", max_new=20)[0] for name, p in prompts.items()}
+    results = {}
+
+    def run(name):
+        results[name] = _run(engine, prompts[name], session=name, max_new=20)[0]
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == want
+
+
+def test_eviction_rebuilds_transparently(model):
+    engine = Engine(model, EngineConfig(slots=2, max_new_tokens=MAX_NEW, session_memory_mb=0.5))
+    engine.start(warmup=False)
+    try:
+        doc = _doc(120, seed=20)
+        first = _run(engine, doc, session="e1")[0]
+        _run(engine, _doc(120, seed=21), session="e2")  # over the cap: e1 goes
+        assert ("", "e1") not in engine._sessions
+        assert engine.metrics.sessions_evicted._value.get() >= 1
+        again, _, done = _run(engine, doc, session="e1")
+        assert again == first and done.usage.cached_tokens == 0
+    finally:
+        engine.stop(drain_s=1)
+
+
+def test_cancel_frees_the_slot_within_one_step(engine):
+    job = Job("", "cancel", None, _doc(20, seed=30), MAX_NEW)
+    engine.submit(job)
+    first = job.next_event(timeout=60)
+    assert isinstance(first, TokenEvent)
+    job.cancel()
+    seen = 0
+    while True:
+        event = job.next_event(timeout=60)
+        if isinstance(event, DoneEvent):
+            break
+        seen += len(event.token_ids)
+    assert event.finish_reason == "cancelled"
+    assert seen <= 1  # at most the step already under way
+    time.sleep(0.05)
+    assert engine.metrics.running._value.get() == 0
+
+
+def test_a_newer_request_supersedes_the_older(engine):
+    old = Job("", "typing", None, _doc(20, seed=31), MAX_NEW)
+    engine.submit(old)
+    assert isinstance(old.next_event(timeout=60), TokenEvent)
+    got, _, done = _run(engine, _doc(21, seed=31), session="typing")
+    while not isinstance(event := old.next_event(timeout=60), DoneEvent):
+        pass
+    assert event.finish_reason == "cancelled" and old.cancel_reason == "superseded"
+    assert done.finish_reason in ("length", "stop")
+
+
+def test_queue_full_is_refused(model):
+    engine = Engine(model, EngineConfig(slots=1, max_new_tokens=MAX_NEW, queue_size=1))
+    engine.start(warmup=False)
+    try:
+        jobs = [Job("", f"q{i}", None, _doc(10, seed=i), MAX_NEW) for i in range(2)]
+        engine.submit(jobs[0])
+        assert isinstance(jobs[0].next_event(timeout=60), TokenEvent)  # holds the only slot
+        engine.submit(jobs[1])  # waits
+        with pytest.raises(QueueFull, match="limit 1"):
+            engine.submit(Job("", "q2", None, _doc(10), 4))
+    finally:
+        for job in jobs:
+            job.cancel()
+        engine.stop(drain_s=1)
+
+
+def test_no_compilation_after_warm_up(engine):
+    before = engine.compilations
+    for n in (3, 17, 64, 65, 129, 300, 513, 777):
+        _run(engine, _doc(n, seed=n), session=f"shapes-{n}", max_new=3, sampling=Sampling(temperature=0.5, seed=n))
+    _run(engine, _doc(400, seed=1), session="shapes-ingest", max_new=0)
+    assert engine.compilations == before
