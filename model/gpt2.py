@@ -91,7 +91,7 @@ class Attention(nnx.Module):
         self.c_attn = _linear(config, D, 3 * D, 0.02, rngs)
         self.c_proj = _linear(config, D, D, residual_std, rngs)
 
-    def __call__(self, x, positions, kv, segment_ids=None):
+    def __call__(self, x, positions, kv, segment_ids=None, attend_keys: int | None = None):
         """Causal self-attention.
 
         Args:
@@ -100,6 +100,10 @@ class Attention(nnx.Module):
           kv: ``(k, v)`` cache of this layer, each [B, H, S, hd], or None.
           segment_ids: [B, T] document of each token in a packed row (cache-free
             calls only); tokens attend within their own document.
+          attend_keys: read only the first ``attend_keys`` cache slots (static;
+            every row's positions must lie below it). Decoding reads the
+            whole cache on every step, so a server bounds it by the longest
+            live row.
 
         Returns:
           ``(y [B, T, D], new_kv)``.
@@ -142,15 +146,16 @@ class Attention(nnx.Module):
             # the cache after the write made XLA duplicate the update and copy
             # every layer's cache on every decode step (3x slower at 1024 slots).
             cache_k, cache_v = kv
-            S = cache_k.shape[2]
+            S = cache_k.shape[2] if attend_keys is None else attend_keys
+            past_k, past_v = cache_k[:, :, :S], cache_v[:, :, :S]
 
             def attend_past_and_new():
                 seen = jnp.arange(S)[None, :] < positions[:, :1]  # [B, S]
-                past = jnp.einsum("bhtd,bhsd->bhts", q, cache_k) * scale  # [B, H, T, S]
+                past = jnp.einsum("bhtd,bhsd->bhts", q, past_k) * scale  # [B, H, T, S]
                 past = jnp.where(seen[:, None, None], past.astype(jnp.float32), _MASKED)
                 probs = jnp.concatenate([past, attend(slice(None), T)], axis=-1)
                 probs = jax.nn.softmax(probs, axis=-1).astype(v.dtype)
-                return jnp.einsum("bhts,bhsd->bthd", probs[..., :S], cache_v) + jnp.einsum(
+                return jnp.einsum("bhts,bhsd->bthd", probs[..., :S], past_v) + jnp.einsum(
                     "bhts,bhsd->bthd", probs[..., S:], v
                 )  # [B, T, H, hd]
 
@@ -182,8 +187,8 @@ class Block(nnx.Module):
         self.ln_2 = _layer_norm(config, rngs)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, kv, segment_ids=None):
-        a, kv = self.attn(self.ln_1(x), positions, kv, segment_ids)
+    def __call__(self, x, positions, kv, segment_ids=None, attend_keys=None):
+        a, kv = self.attn(self.ln_1(x), positions, kv, segment_ids, attend_keys)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, kv
@@ -214,7 +219,8 @@ class GPT(nnx.Module):
         self.ln_f = _layer_norm(config, rngs)
 
     def __call__(
-        self, tokens, positions, cache: KVCache | None = None, *, compute_logits: bool = True, segment_ids=None
+        self, tokens, positions, cache: KVCache | None = None, *, compute_logits: bool = True, segment_ids=None,
+        attend_keys: int | None = None,
     ):
         """Runs the model on T new tokens per row.
 
@@ -229,6 +235,7 @@ class GPT(nnx.Module):
           segment_ids: [B, T] document ids of a packed cache-free batch
             (positions restart with each document); attention stays inside
             each document.
+          attend_keys: see ``Attention``.
 
         Returns:
           ``(logits [B, T, V] float32, hidden [B, T, D], new_cache)`` where
@@ -239,7 +246,7 @@ class GPT(nnx.Module):
         new_k, new_v = [], []
         for layer, block in enumerate(self.h):
             kv = None if cache is None else (cache.k[layer], cache.v[layer])
-            x, kv = block(x, positions, kv, segment_ids)
+            x, kv = block(x, positions, kv, segment_ids, attend_keys)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

@@ -445,7 +445,9 @@ class TTTTransformerLM(nnx.Module):
             new_state = self._track_chunk(schedule, state, new_state, tokens, h)
         return y, new_state
 
-    def step(self, tokens, positions, cache: KVCache, state: DocState, schedule: Schedule = Schedule()):
+    def step(
+        self, tokens, positions, cache: KVCache, state: DocState, schedule: Schedule = Schedule(), attend_keys: int | None = None
+    ):
         """One token per row: the decode path.
 
         An end-of-document token (``config.eot_id``) opens a new document:
@@ -455,14 +457,14 @@ class TTTTransformerLM(nnx.Module):
         Args:
           tokens, positions: [B]; cache: the base's KV cache; state: the rows'
             ``DocState``; schedule: where lam comes from (UPDATE_k decodes
-            with one step per mini-batch).
+            with one step per mini-batch); attend_keys: see ``model.gpt2.Attention``.
 
         Returns:
           ``(logits [B, V], cache, state)``.
         """
         if schedule.steps != 1:
             raise ValueError(f"decoding takes one gradient step per mini-batch; schedule.steps is {schedule.steps}")
-        _, hidden, cache = self.base(tokens[:, None], positions[:, None], cache, compute_logits=False)
+        _, hidden, cache = self.base(tokens[:, None], positions[:, None], cache, compute_logits=False, attend_keys=attend_keys)
         y, state = self._token(tokens, hidden[:, 0], state, schedule)
         return self.base.logits(y[:, None], frozen=True)[:, 0], cache, state
 

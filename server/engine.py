@@ -161,13 +161,18 @@ def _release(slots: Slots, index):
     return dataclasses.replace(slots, active=slots.active.at[index].set(False))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=("slots",))
-def _decode(graphdef, schedule, eot_id, params, slots: Slots):
-    """One token for every slot: ``(slots, tokens [S], lam [S], count [S])``."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("slots",))
+def _decode(graphdef, schedule, eot_id, attend_keys, params, slots: Slots):
+    """One token for every slot: ``(slots, tokens [S], lam [S], count [S])``.
+
+    Attention reads the first ``attend_keys`` cache slots only (a bucket above
+    every live row's position): on this CPU, reading all of every slot's
+    cache cost more than the weights.
+    """
     model = nnx.merge(graphdef, params)
     fed = jnp.where(slots.active, slots.token, eot_id)  # [S]
     position = jnp.where(slots.active, slots.position, 0)
-    logits, cache, doc = model.step(fed, position, slots.cache, slots.doc, schedule)
+    logits, cache, doc = model.step(fed, position, slots.cache, slots.doc, schedule, attend_keys)
     keys = jax.vmap(jax.random.fold_in)(slots.key, slots.doc_position + 1)
     token = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p)
     slots = dataclasses.replace(
@@ -215,6 +220,7 @@ class _Running:
     usage: Usage
     generated: int
     last_token_time: float
+    window_end: int  # window position of the next token fed, plus one
 
 
 class Engine:
@@ -340,7 +346,8 @@ class Engine:
             job = Job("", None, None, [self.eot_id] * length, 1)
             token, doc, cache = self._call_extend(job, self._fresh_doc, self._new_cache(), 0, 0, length)
         self._slots = _insert(self._slots, self._slot_row(job, doc, cache, token, 0, length), 0)
-        self._slots, *_ = self._decode()
+        for keys in self._key_buckets():
+            self._slots, *_ = self._decode(keys)
         self._slots = _release(self._slots, 0)
         jax.block_until_ready(self._slots)
         self._slots = self._empty_slots()
@@ -605,7 +612,7 @@ class Engine:
         token, doc, cache, window, doc_end = first
         slot = free[0]
         self._slots = _insert(self._slots, self._slot_row(job, doc, cache, token, window, doc_end), slot)
-        running = _Running(job, session, usage, 0, time.monotonic())
+        running = _Running(job, session, usage, 0, time.monotonic(), doc_end - window + 1)
         with self._lock:
             self._running[slot] = running
             self.metrics.running.set(len(self._running))
@@ -644,8 +651,11 @@ class Engine:
             self.metrics.cancellations.labels(running.job.cancel_reason).inc()
         running.job.put(DoneEvent(reason, running.usage, running.session.session_id))
 
-    def _decode(self):
-        return _decode(self.graphdef, self.config.schedule, self.eot_id, self.params, self._slots)
+    def _key_buckets(self) -> list[int]:
+        return sorted({min(self.W, 1 << b) for b in range(7, self.W.bit_length() + 1)})
+
+    def _decode(self, attend_keys: int):
+        return _decode(self.graphdef, self.config.schedule, self.eot_id, attend_keys, self.params, self._slots)
 
     def _step(self) -> None:
         """One decode step for every slot, then the tokens out."""
@@ -658,7 +668,11 @@ class Engine:
                 self._finish(slot, "deadline")
         if not self._running:
             return
-        self._slots, tokens, lam, count = self._decode()
+        longest = max(r.window_end for r in self._running.values())  # window position after this step
+        attend_keys = next(k for k in self._key_buckets() if k >= longest)
+        self._slots, tokens, lam, count = self._decode(attend_keys)
+        for running in self._running.values():
+            running.window_end += 1
         tokens, lam, count = (np.asarray(a) for a in (tokens, lam, count))
         for slot, running in list(self._running.items()):
             lambdas = []
