@@ -23,3 +23,74 @@ def code_tokenizer() -> Tokenizer:
 def small_config(code_tokenizer) -> GPTConfig:
     """The tiny preset, shrunk in context so tests compile fast."""
     return dataclasses.replace(GPTConfig.tiny(vocab_size=len(code_tokenizer)), n_positions=128)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """A real ``ponder serve`` process on free local ports."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        import os
+        import subprocess
+        import sys
+        import tempfile
+
+        self.port, self.grpc_port = free_port(), free_port()
+        self.url, self.grpc_target = f"http://127.0.0.1:{self.port}", f"127.0.0.1:{self.grpc_port}"
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        command = [
+            sys.executable, "-m", "ponder_cli", "serve", "--port", str(self.port), "--grpc-port", str(self.grpc_port),
+            "--log-level", "warning", *args,
+        ]
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout: float = 300) -> "LiveServer":
+        import time
+
+        import httpx
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ponder serve exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"ponder serve not ready after {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return f.read()
+
+    def stop(self) -> int:
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except Exception:
+                self.process.kill()
+        return self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory):
+    """``ponder serve`` on the bundled checkpoint (3 slots, a test compile cache)."""
+    cache = tmp_path_factory.mktemp("jax-cache")
+    server = LiveServer("--slots", "3", "--compile-cache", str(cache), "--queue-size", "8")
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
