@@ -1,0 +1,163 @@
+"""The gRPC front end: a thin adapter from ``ponder.v1.Completion`` onto the completion service.
+
+A threaded ``grpc.server``: each call blocks on its job's events
+(``CompletionService.stream_sync``) and polls ``context.is_active()``, so a
+client that cancels frees its decode slot within one engine step. Errors
+map to status codes with a readable message: a bad field is
+``INVALID_ARGUMENT`` naming it, a full queue ``RESOURCE_EXHAUSTED``, a server
+still warming up or draining ``UNAVAILABLE``, a missing or wrong key
+``UNAUTHENTICATED``, a passed deadline ``DEADLINE_EXCEEDED``. The standard
+health service reports SERVING once the engine is warm; reflection lists
+the services.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.metrics import ServerMetrics
+from server.protos import completion_pb2 as pb
+from server.protos import completion_pb2_grpc as pb_grpc
+from server.service import CompletionRequest, CompletionService, Final
+from server.types import NotReady, QueueFull, RequestError
+
+log = logging.getLogger("ponder.grpc")
+
+FINISH = {"stop": pb.STOP, "length": pb.LENGTH, "cancelled": pb.CANCELLED, "deadline": pb.DEADLINE}
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Completion"].full_name
+
+
+def _usage(usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens, generated_tokens=usage.generated_tokens,
+        chunks_updated=usage.chunks_updated, chunks_skipped=usage.chunks_skipped, ttt_flops=usage.ttt_flops,
+    )
+
+
+class CompletionServicer(pb_grpc.CompletionServicer):
+    def __init__(self, service: CompletionService, metrics: ServerMetrics, api_keys: tuple[str, ...]):
+        self.service, self.metrics, self.api_keys = service, metrics, api_keys
+
+    def _api_key(self, context) -> str:
+        """The caller's key ("" without auth); aborts with UNAUTHENTICATED otherwise."""
+        if not self.api_keys:
+            return ""
+        header = dict(context.invocation_metadata()).get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        for key in self.api_keys:  # compare against every key: the time taken says nothing about which matched
+            matched = hmac.compare_digest(token.encode(), key.encode())
+            if matched:
+                return key
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key: send metadata 'authorization: Bearer KEY'")
+
+    def _request(self, context, **fields) -> CompletionRequest:
+        remaining = context.time_remaining()
+        return CompletionRequest(
+            api_key=self._api_key(context),
+            deadline_s=None if remaining is None or remaining > 1e6 else remaining,
+            **fields,
+        )
+
+    def _abort(self, context, endpoint: str, error: Exception):
+        codes = {RequestError: grpc.StatusCode.INVALID_ARGUMENT, QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 NotReady: grpc.StatusCode.UNAVAILABLE}
+        outcome = {RequestError: "client_error", QueueFull: "rejected", NotReady: "rejected"}
+        kind = type(error)
+        self.metrics.requests.labels(endpoint, outcome[kind]).inc()
+        context.abort(codes[kind], str(error))
+
+    def Complete(self, request, context):
+        endpoint, start, first = "grpc.Complete", time.monotonic(), True
+        try:
+            stream = self.service.stream_sync(
+                self._request(
+                    context,
+                    prompt=request.prompt,
+                    suffix=request.suffix if request.HasField("suffix") else None,
+                    extra=tuple((e.name, e.text) for e in request.extra),
+                    max_tokens=request.max_tokens,
+                    temperature=request.temperature,
+                    top_p=request.top_p if request.top_p > 0 else 1.0,
+                    top_k=request.top_k,
+                    seed=request.seed,
+                    stop=tuple(request.stop),
+                    session_id=request.session_id or None,
+                    document_id=request.document_id or None,
+                    reset=request.reset,
+                    time_budget_s=request.time_budget_ms / 1000 if request.time_budget_ms > 0 else None,
+                ),
+                is_active=context.is_active,
+            )
+            for item in stream:
+                if first and (item.text or item.token_ids):
+                    self.metrics.ttft.observe(time.monotonic() - start)
+                    first = False
+                if isinstance(item, Final):
+                    outcome = {"cancelled": "cancelled", "deadline": "deadline"}.get(item.finish_reason, "ok")
+                    self.metrics.requests.labels(endpoint, outcome).inc()
+                    self.metrics.e2e.observe(time.monotonic() - start)
+                    if item.finish_reason == "deadline":
+                        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed during generation")
+                    yield pb.CompleteResponse(
+                        usage=_usage(item.usage), finish_reason=FINISH[item.finish_reason], session_id=item.session_id
+                    )
+                    return
+                yield pb.CompleteResponse(text=item.text, token_ids=item.token_ids, chunk_lambda=item.chunk_lambda)
+        except (RequestError, QueueFull, NotReady) as error:
+            self._abort(context, endpoint, error)
+
+    def Ingest(self, request, context):
+        endpoint = "grpc.Ingest"
+        try:
+            fields = dict(prompt=request.text, max_tokens=0, session_id=request.session_id or None,
+                          document_id=request.document_id or None, reset=request.reset)
+            final = next(item for item in self.service.stream_sync(self._request(context, **fields), context.is_active)
+                         if isinstance(item, Final))
+        except (RequestError, QueueFull, NotReady) as error:
+            self._abort(context, endpoint, error)
+        self.metrics.requests.labels(endpoint, "ok").inc()
+        return pb.IngestResponse(usage=_usage(final.usage), session_id=final.session_id, chunk_lambda=final.chunk_lambda)
+
+    def ResetSession(self, request, context):
+        if not request.session_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id: must be non-empty")
+        existed = self.service.reset(self._api_key(context), request.session_id)
+        self.metrics.requests.labels("grpc.ResetSession", "ok").inc()
+        return pb.ResetSessionResponse(existed=existed)
+
+
+def build_grpc_server(
+    service: CompletionService, engine, metrics: ServerMetrics, api_keys: tuple[str, ...], address: str, max_workers: int = 16
+) -> grpc.Server:
+    """The gRPC server on ``address`` (not started): Completion, health and reflection."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ponder-grpc"))
+    pb_grpc.add_CompletionServicer_to_server(CompletionServicer(service, metrics, api_keys), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def watch_readiness():  # SERVING once warm; NOT_SERVING again while draining
+        serving = None
+        while True:
+            now = engine.ready and not getattr(engine, "draining", False)
+            if now != serving:
+                status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in ("", SERVICE_NAME):
+                    health_servicer.set(name, status)
+                serving = now
+            time.sleep(0.1)
+
+    threading.Thread(target=watch_readiness, name="ponder-grpc-health", daemon=True).start()
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address} for gRPC")
+    return server
