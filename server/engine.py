@@ -286,7 +286,6 @@ class Engine:
             raise RequestError("prompt", "holds no tokens")
         with self._lock:
             if len(self._waiting) >= self.config.queue_size:
-                self.metrics.requests.labels("engine", "rejected").inc()
                 raise QueueFull(f"the queue is full ({len(self._waiting)} requests waiting, limit {self.config.queue_size})")
             if job.session_id is not None:
                 same = lambda other: other.api_key == job.api_key and other.session_id == job.session_id

@@ -13,6 +13,7 @@ the services.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import threading
@@ -23,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.metrics import ServerMetrics
+from server.metrics import RequestRecord, ServerMetrics, finish_outcome
 from server.protos import completion_pb2 as pb
 from server.protos import completion_pb2_grpc as pb_grpc
 from server.service import CompletionRequest, CompletionService, Final
@@ -32,6 +33,8 @@ from server.types import NotReady, QueueFull, RequestError
 log = logging.getLogger("ponder.grpc")
 
 FINISH = {"stop": pb.STOP, "length": pb.LENGTH, "cancelled": pb.CANCELLED, "deadline": pb.DEADLINE}
+_CODES = {RequestError: grpc.StatusCode.INVALID_ARGUMENT, QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+          NotReady: grpc.StatusCode.UNAVAILABLE}
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Completion"].full_name
 
 
@@ -51,12 +54,14 @@ class CompletionServicer(pb_grpc.CompletionServicer):
         if not self.api_keys:
             return ""
         header = dict(context.invocation_metadata()).get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        for key in self.api_keys:  # compare against every key: the time taken says nothing about which matched
-            matched = hmac.compare_digest(token.encode(), key.encode())
-            if matched:
-                return key
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key: send metadata 'authorization: Bearer KEY'")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        matched = ""
+        for key in self.api_keys:  # every key is compared: the time taken says nothing about which matched
+            if hmac.compare_digest(token.encode(), key.encode()):
+                matched = key
+        if not matched:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key: send metadata 'authorization: Bearer KEY'")
+        return matched
 
     def _request(self, context, **fields) -> CompletionRequest:
         remaining = context.time_remaining()
@@ -66,17 +71,30 @@ class CompletionServicer(pb_grpc.CompletionServicer):
             **fields,
         )
 
-    def _abort(self, context, endpoint: str, error: Exception):
-        codes = {RequestError: grpc.StatusCode.INVALID_ARGUMENT, QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
-                 NotReady: grpc.StatusCode.UNAVAILABLE}
-        outcome = {RequestError: "client_error", QueueFull: "rejected", NotReady: "rejected"}
-        kind = type(error)
-        self.metrics.requests.labels(endpoint, outcome[kind]).inc()
-        context.abort(codes[kind], str(error))
+    @contextlib.contextmanager
+    def _errors(self, context, record: RequestRecord):
+        """Maps the service's refusals and any unexpected failure to a status with a readable message."""
+        try:
+            yield
+        except (RequestError, QueueFull, NotReady) as error:
+            record.done("client_error" if isinstance(error, RequestError) else "rejected")
+            context.abort(_CODES[type(error)], str(error))
+        except GeneratorExit:  # the client went away mid-stream
+            record.done("cancelled")
+            raise
+        except Exception as error:
+            if context.code() is not None:  # an abort of our own, already answered
+                raise
+            log.exception("%s failed", record.endpoint)
+            record.done("error")
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}: {error})")
+        finally:
+            if record.outcome is None:
+                record.done("cancelled")
 
     def Complete(self, request, context):
-        endpoint, start, first = "grpc.Complete", time.monotonic(), True
-        try:
+        record = RequestRecord(self.metrics, "grpc.Complete")
+        with self._errors(context, record):
             stream = self.service.stream_sync(
                 self._request(
                     context,
@@ -97,41 +115,36 @@ class CompletionServicer(pb_grpc.CompletionServicer):
                 is_active=context.is_active,
             )
             for item in stream:
-                if first and (item.text or item.token_ids):
-                    self.metrics.ttft.observe(time.monotonic() - start)
-                    first = False
                 if isinstance(item, Final):
-                    outcome = {"cancelled": "cancelled", "deadline": "deadline"}.get(item.finish_reason, "ok")
-                    self.metrics.requests.labels(endpoint, outcome).inc()
-                    self.metrics.e2e.observe(time.monotonic() - start)
+                    record.done(finish_outcome(item.finish_reason), completed=True)
                     if item.finish_reason == "deadline":
                         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed during generation")
                     yield pb.CompleteResponse(
                         usage=_usage(item.usage), finish_reason=FINISH[item.finish_reason], session_id=item.session_id
                     )
                     return
+                if item.text or item.token_ids:
+                    record.token()
                 yield pb.CompleteResponse(text=item.text, token_ids=item.token_ids, chunk_lambda=item.chunk_lambda)
-        except (RequestError, QueueFull, NotReady) as error:
-            self._abort(context, endpoint, error)
 
     def Ingest(self, request, context):
-        endpoint = "grpc.Ingest"
-        try:
+        record = RequestRecord(self.metrics, "grpc.Ingest")
+        with self._errors(context, record):
             fields = dict(prompt=request.text, max_tokens=0, session_id=request.session_id or None,
                           document_id=request.document_id or None, reset=request.reset)
             final = next(item for item in self.service.stream_sync(self._request(context, **fields), context.is_active)
                          if isinstance(item, Final))
-        except (RequestError, QueueFull, NotReady) as error:
-            self._abort(context, endpoint, error)
-        self.metrics.requests.labels(endpoint, "ok").inc()
-        return pb.IngestResponse(usage=_usage(final.usage), session_id=final.session_id, chunk_lambda=final.chunk_lambda)
+            record.done(finish_outcome(final.finish_reason), completed=True)
+            return pb.IngestResponse(usage=_usage(final.usage), session_id=final.session_id, chunk_lambda=final.chunk_lambda)
 
     def ResetSession(self, request, context):
-        if not request.session_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id: must be non-empty")
-        existed = self.service.reset(self._api_key(context), request.session_id)
-        self.metrics.requests.labels("grpc.ResetSession", "ok").inc()
-        return pb.ResetSessionResponse(existed=existed)
+        record = RequestRecord(self.metrics, "grpc.ResetSession")
+        with self._errors(context, record):
+            if not request.session_id:
+                raise RequestError("session_id", "must be non-empty")
+            existed = self.service.reset(self._api_key(context), request.session_id)
+            record.done("ok")
+            return pb.ResetSessionResponse(existed=existed)
 
 
 def build_grpc_server(

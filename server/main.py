@@ -84,6 +84,9 @@ def run(args) -> None:
         def handle_exit(self, sig, frame):  # SIGTERM / Ctrl-C: refuse new work first
             engine.draining = True
             super().handle_exit(sig, frame)
+            # uvicorn re-raises the signals it caught once serve() returns, which would kill the
+            # process before the engine and gRPC have drained; this process exits by itself.
+            self._captured_signals.clear()
 
     http = Server(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=int(args.drain_s))

@@ -9,6 +9,7 @@ requests by outcome and latencies.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -61,3 +62,32 @@ class ServerMetrics:
     def render(self) -> tuple[bytes, str]:
         """(exposition text, content type)."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestRecord:
+    """One request's figures as a front end sees them: TTFT at the first token, the outcome (and
+    the end-to-end latency of a completed request) recorded once, whatever ends it first."""
+
+    def __init__(self, metrics: ServerMetrics, endpoint: str):
+        self.metrics, self.endpoint = metrics, endpoint
+        self.start, self.first_token, self.end, self.outcome = time.monotonic(), None, None, None
+
+    def token(self) -> None:
+        """A token reached the client side of the service."""
+        if self.first_token is None:
+            self.first_token = time.monotonic()
+            self.metrics.ttft.observe(self.first_token - self.start)
+
+    def done(self, outcome: str, completed: bool = False) -> None:
+        """``outcome``: ok, client_error, rejected, cancelled, deadline or error; ``completed``: a
+        final answer was produced (its latency goes into the end-to-end histogram)."""
+        if self.outcome is None:
+            self.outcome, self.end = outcome, time.monotonic()
+            self.metrics.requests.labels(self.endpoint, outcome).inc()
+            if completed:
+                self.metrics.e2e.observe(self.end - self.start)
+
+
+def finish_outcome(finish_reason: str) -> str:
+    """The request outcome of a completion that ended with ``finish_reason``."""
+    return {"cancelled": "cancelled", "deadline": "deadline"}.get(finish_reason, "ok")

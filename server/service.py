@@ -21,6 +21,7 @@ import asyncio
 import codecs
 import dataclasses
 import queue
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -50,6 +51,8 @@ class CompletionRequest:
       extra: ``(name, text)`` snippets of other files, context for this request only.
       max_tokens: most tokens to generate; 0 only updates the session.
       stop: generation ends before the first occurrence of any of these.
+      n_indent: llama.cpp's rule: after the first newline, a line indented by
+        fewer than this many spaces/tabs ends the completion (0: off).
       session_id / document_id: see ``server.types.Job``.
       time_budget_s: generation stops (finish reason ``length``) after this long.
       deadline_s: the request fails (finish reason ``deadline``) after this long.
@@ -67,6 +70,7 @@ class CompletionRequest:
     top_k: int = 0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    n_indent: int = 0
     session_id: str | None = None
     document_id: str | None = None
     reset: bool = False
@@ -90,12 +94,20 @@ class TextDelta:
 
 @dataclasses.dataclass
 class Final:
+    """The end of a completion.
+
+    ``finish_reason``: ``stop`` (a stop sequence, named in ``stop_sequence``, or
+    the end-of-document token), ``length`` (``max_tokens``, the time budget, or
+    the ``n_indent`` rule), ``cancelled`` or ``deadline``.
+    """
+
     text: str
     token_ids: list[int]
-    finish_reason: str  # stop | length | cancelled | deadline
+    finish_reason: str
     usage: Usage
     session_id: str
     chunk_lambda: list[float]
+    stop_sequence: str = ""
 
 
 class CompletionService:
@@ -121,6 +133,8 @@ class CompletionService:
             raise RequestError("top_p", f"must be in (0, 1], got {request.top_p}")
         if request.top_k < 0:
             raise RequestError("top_k", f"must be >= 0, got {request.top_k}")
+        if request.n_indent < 0:
+            raise RequestError("n_indent", f"must be >= 0, got {request.n_indent}")
         if len(request.stop) > limits.max_stop or any(len(s) > limits.max_stop_chars for s in request.stop):
             raise RequestError("stop", f"at most {limits.max_stop} sequences of at most {limits.max_stop_chars} characters")
         if any(not s for s in request.stop):
@@ -222,14 +236,18 @@ class _TextFolder:
     """Folds a job's engine events into text deltas and one ``Final``.
 
     Holds back an incomplete UTF-8 sequence and any tail that could still grow
-    into a stop sequence; on a stop sequence it cuts the text and cancels the job.
+    into a stop sequence; where a stop sequence or the ``n_indent`` rule ends
+    the completion it cuts the text and cancels the job (the slot is free at
+    the engine's next step).
     """
 
     def __init__(self, tokenizer: Tokenizer, request: CompletionRequest, job: Job):
         self.tokenizer, self.request, self.job = tokenizer, request, job
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text, self.emitted, self.ids, self.lam = "", 0, [], []
-        self.pending_ids, self.pending_lam, self.stopped = [], [], False
+        self.pending_ids, self.pending_lam = [], []
+        self.ended: str | None = None  # the finish reason of a cut made here
+        self.stop_sequence = ""
 
     def _delta(self, upto: int) -> list[TextDelta]:
         if upto <= self.emitted and not self.pending_ids and not self.pending_lam:
@@ -238,35 +256,63 @@ class _TextFolder:
         self.emitted, self.pending_ids, self.pending_lam = max(upto, self.emitted), [], []
         return [delta]
 
+    def _cut(self, final: bool) -> int:
+        """Applies the stop sequences and ``n_indent`` to the text; returns how much is safe to emit."""
+        stops = self.request.stop
+        stop_at, safe = _stop_cut(self.text, stops)
+        indent_at = indent_cut(self.text, self.request.n_indent)
+        if indent_at is not None and (stop_at is None or indent_at < stop_at):
+            self.text, self.ended = self.text[:indent_at], "length"
+        elif stop_at is not None:
+            self.stop_sequence = next(s for s in stops if self.text.startswith(s, stop_at))
+            self.text, self.ended = self.text[:stop_at], "stop"
+        else:
+            return len(self.text) if final else safe
+        if not final:
+            self.job.cancel("stop")
+        return len(self.text)
+
     def feed(self, event) -> list[TextDelta | Final]:
         if isinstance(event, ErrorEvent):
             raise event.error
-        stops = self.request.stop
         if isinstance(event, TokenEvent):
             self.lam += event.chunk_lambda
             self.pending_lam += event.chunk_lambda
-            if self.stopped:  # tokens the engine made before it saw the cancel
+            if self.ended:  # tokens the engine made before it saw the cancel
                 return self._delta(self.emitted)
             new = [t for t in event.token_ids if t != self.tokenizer.eot_id]
             self.ids += new
             self.pending_ids += new
             self.text += self.utf8.decode(self.tokenizer.decode_bytes(new))
-            stop_at, safe = _stop_cut(self.text, stops)
-            if stop_at is not None:
-                self.text, self.stopped, safe = self.text[:stop_at], True, stop_at
-                self.job.cancel("stop")
-            return self._delta(safe)
+            return self._delta(self._cut(final=False))
         assert isinstance(event, DoneEvent), event
         reason = event.finish_reason
-        if self.stopped:
-            reason = "stop"
+        if not self.ended:
+            self.text += self.utf8.decode(b"", final=True)
+            self._cut(final=True)
+        if self.ended:
+            reason = self.ended
         elif reason == "deadline" and self.job.budget_only:
             reason = "length"  # a time budget ends generation the way max_tokens does
-        if not self.stopped:
-            self.text += self.utf8.decode(b"", final=True)
-            stop_at, _ = _stop_cut(self.text, stops)
-            if stop_at is not None:
-                self.text, reason = self.text[:stop_at], "stop"
         out = self._delta(len(self.text))
-        out.append(Final(self.text, self.ids, reason, event.usage, event.session_id, self.lam))
+        out.append(Final(self.text, self.ids, reason, event.usage, event.session_id, self.lam, self.stop_sequence))
         return out
+
+
+_SHORT_LINE = re.compile(r"\n([ \t]*)(?=[^ \t\r\n])")
+
+
+def indent_cut(text: str, n_indent: int) -> int | None:
+    """Where llama.cpp's ``n_indent`` rule ends ``text``, or None.
+
+    After the first newline, the first line that has a character other than
+    blanks and is indented by fewer than ``n_indent`` spaces/tabs ends it,
+    just before that character (its newline and indentation stay). Blank
+    lines never end it. The cut only depends on text up to that character, so
+    it is the same however the text arrives in pieces.
+    """
+    if n_indent > 0:
+        for line in _SHORT_LINE.finditer(text):
+            if len(line.group(1)) < n_indent:
+                return line.end()
+    return None

@@ -1,0 +1,203 @@
+"""The gRPC front end on a real ``grpc.server``, driven by the generated client stubs.
+
+Behind it, as in ``test_http.py``: the real ``CompletionService`` and
+tokenizer and the hand-computable test engine (``tests/fake_engine.py``), so
+the stream's text, token ids, λ, usage, finish reasons and status codes are
+checked exactly. The real model behind gRPC is tested in ``test_server.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from conftest import free_port
+from fake_engine import CHUNK, FakeEngine
+from model.tokenizer import Tokenizer
+from server.grpc_server import SERVICE_NAME, build_grpc_server
+from server.metrics import ServerMetrics
+from server.protos import completion_pb2 as pb
+from server.protos import completion_pb2_grpc as pb_grpc
+from server.service import CompletionService, Limits
+
+TOKENIZER = Path(__file__).resolve().parent.parent / "checkpoints" / "default" / "tokenizer.json"
+KEY = "sk-grpc-key"
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.load(TOKENIZER)
+
+
+class Stack:
+    """A gRPC server over the fake engine, and a channel to it."""
+
+    def __init__(self, tokenizer, api_keys=()):
+        self.engine, self.metrics = FakeEngine(tokenizer), ServerMetrics.create()
+        service = CompletionService(self.engine, tokenizer, Limits(max_new_tokens=64))
+        address = f"127.0.0.1:{free_port()}"
+        self.server = build_grpc_server(service, self.engine, self.metrics, api_keys, address, max_workers=4)
+        self.server.start()
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.CompletionStub(self.channel)
+
+    def count(self, endpoint: str, outcome: str) -> float:
+        return self.metrics.registry.get_sample_value("ponder_requests_total", {"endpoint": endpoint, "outcome": outcome}) or 0
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def stack(tokenizer):
+    s = Stack(tokenizer)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def grpc_stack(stack):
+    stack.engine.ready, stack.engine.full, stack.engine.delay_s = True, False, 0.0
+    stack.engine.jobs.clear()
+    return stack
+
+
+def reply(tokenizer, n: int) -> list[int]:
+    ids = tokenizer.encode("hello world\n")
+    return [ids[i % len(ids)] for i in range(n)]
+
+
+def test_complete_streams_text_ids_lambda_and_usage(grpc_stack, tokenizer):
+    messages = list(grpc_stack.stub.Complete(pb.CompleteRequest(prompt="def f():", max_tokens=9, session_id="s1"), timeout=10))
+    *deltas, final = messages
+    assert [t for m in deltas for t in m.token_ids] == reply(tokenizer, 9)
+    assert "".join(m.text for m in deltas) == tokenizer.decode(reply(tokenizer, 9))
+    assert [x for m in deltas for x in m.chunk_lambda] == [0.5] * (9 // CHUNK)
+    assert final.finish_reason == pb.LENGTH and final.session_id == "s1" and not final.text
+    assert final.usage.generated_tokens == 9 and final.usage.chunks_updated == 9 // CHUNK
+    assert final.usage.prompt_tokens == len(grpc_stack.engine.jobs[-1].tokens)
+    assert grpc_stack.engine.jobs[-1].tokens == [tokenizer.eot_id, *tokenizer.encode("def f():")]
+    assert grpc_stack.count("grpc.Complete", "ok") >= 1
+
+
+def test_fill_in_the_middle_and_stop_sequences(grpc_stack, tokenizer):
+    request = pb.CompleteRequest(prompt="a = ", suffix="\nb = 2\n", max_tokens=30, stop=["world"])
+    *deltas, final = grpc_stack.stub.Complete(request, timeout=10)
+    assert "".join(m.text for m in deltas) == "hello " and final.finish_reason == pb.STOP
+    job = grpc_stack.engine.jobs[-1]
+    assert job.tokens[:2] == [tokenizer.eot_id, tokenizer.fim_prefix_id] and job.tokens[-1] == tokenizer.fim_middle_id
+    assert job.cancelled.is_set()  # the stop sequence freed the slot
+
+
+def test_ingest_and_reset(grpc_stack):
+    got = grpc_stack.stub.Ingest(pb.IngestRequest(text="import os\n", session_id="doc", document_id="a.py"), timeout=10)
+    assert got.session_id == "doc" and got.usage.generated_tokens == 0
+    assert grpc_stack.engine.jobs[-1].max_new_tokens == 0 and grpc_stack.engine.jobs[-1].document_id == "a.py"
+    assert grpc_stack.stub.ResetSession(pb.ResetSessionRequest(session_id="doc"), timeout=10).existed
+    assert grpc_stack.engine.resets[-1] == ("", "doc")
+
+
+@pytest.mark.parametrize(
+    "request_, field",
+    [
+        (pb.CompleteRequest(prompt="x", max_tokens=65), "max_tokens"),
+        (pb.CompleteRequest(prompt="x", temperature=-1), "temperature"),
+        (pb.CompleteRequest(prompt="x", top_p=1.5), "top_p"),
+        (pb.CompleteRequest(prompt="x", top_k=-3), "top_k"),
+        (pb.CompleteRequest(prompt="x", stop=[""]), "stop"),
+        (pb.CompleteRequest(prompt="x", max_tokens=-1), "max_tokens"),
+    ],
+)
+def test_bad_fields_are_invalid_argument_naming_the_field(grpc_stack, request_, field):
+    with pytest.raises(grpc.RpcError) as err:
+        list(grpc_stack.stub.Complete(request_, timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(field + ":")
+    with pytest.raises(grpc.RpcError) as err:
+        grpc_stack.stub.ResetSession(pb.ResetSessionRequest(session_id=""), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "session_id" in err.value.details()
+
+
+def test_full_queue_and_warm_up_are_retryable_statuses(grpc_stack):
+    grpc_stack.engine.full = True
+    with pytest.raises(grpc.RpcError) as err:
+        list(grpc_stack.stub.Complete(pb.CompleteRequest(prompt="x", max_tokens=2), timeout=10))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue" in err.value.details()
+    grpc_stack.engine.full, grpc_stack.engine.ready = False, False
+    with pytest.raises(grpc.RpcError) as err:
+        grpc_stack.stub.Ingest(pb.IngestRequest(text="x"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "warming up" in err.value.details()
+    assert grpc_stack.count("grpc.Complete", "rejected") >= 1 and grpc_stack.count("grpc.Ingest", "rejected") >= 1
+
+
+def test_client_cancel_cancels_the_job(grpc_stack):
+    grpc_stack.engine.delay_s = 0.01
+    before = grpc_stack.count("grpc.Complete", "cancelled")
+    call = grpc_stack.stub.Complete(pb.CompleteRequest(prompt="x", max_tokens=64), timeout=10)
+    next(call)
+    call.cancel()
+    job = grpc_stack.engine.jobs[-1]
+    end = time.monotonic() + 5
+    while not job.cancelled.is_set() or grpc_stack.count("grpc.Complete", "cancelled") == before:
+        assert time.monotonic() < end, "the cancelled call's job kept running"
+        time.sleep(0.01)
+
+
+def test_deadline_is_deadline_exceeded(grpc_stack):
+    grpc_stack.engine.delay_s = 0.05
+    with pytest.raises(grpc.RpcError) as err:
+        list(grpc_stack.stub.Complete(pb.CompleteRequest(prompt="x", max_tokens=64), timeout=0.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_time_budget_ends_with_length(grpc_stack):
+    grpc_stack.engine.delay_s = 0.02
+    *deltas, final = grpc_stack.stub.Complete(pb.CompleteRequest(prompt="x", max_tokens=64, time_budget_ms=200), timeout=10)
+    assert final.finish_reason == pb.LENGTH and 0 < final.usage.generated_tokens < 64
+
+
+def test_auth(tokenizer):
+    s = Stack(tokenizer, api_keys=("other", KEY))
+    try:
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", KEY),)):
+            with pytest.raises(grpc.RpcError) as err:
+                list(s.stub.Complete(pb.CompleteRequest(prompt="x", max_tokens=2), metadata=metadata, timeout=10))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in err.value.details()
+        ok = list(s.stub.Complete(pb.CompleteRequest(prompt="x", max_tokens=2), metadata=(("authorization", f"Bearer {KEY}"),)))
+        assert ok[-1].usage.generated_tokens == 2 and s.engine.jobs[-1].api_key == KEY
+        s.stub.ResetSession(pb.ResetSessionRequest(session_id="d"), metadata=(("authorization", f"Bearer {KEY}"),))
+        assert s.engine.resets[-1] == (KEY, "d")
+        health = health_pb2_grpc.HealthStub(s.channel)  # health needs no key
+        status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status
+        assert status in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
+    finally:
+        s.close()
+
+
+def test_health_follows_readiness_and_reflection_lists_the_services(grpc_stack):
+    health = health_pb2_grpc.HealthStub(grpc_stack.channel)
+
+    def status():
+        return health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status
+
+    def wait_for(want):
+        end = time.monotonic() + 5
+        while status() != want:
+            assert time.monotonic() < end, f"health never became {want}"
+            time.sleep(0.05)
+
+    wait_for(health_pb2.HealthCheckResponse.SERVING)
+    grpc_stack.engine.ready = False
+    wait_for(health_pb2.HealthCheckResponse.NOT_SERVING)
+    grpc_stack.engine.ready = True
+    wait_for(health_pb2.HealthCheckResponse.SERVING)
+    answers = reflection_pb2_grpc.ServerReflectionStub(grpc_stack.channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+    )
+    names = {s.name for s in next(answers).list_services_response.service}
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
