@@ -8,10 +8,17 @@ python3 -m venv .venv
 # torch==2.13.0 is a CPU wheel on the project's machines; elsewhere set
 # PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu to avoid the CUDA build.
 .venv/bin/pip install --quiet -e '.[test]'
-# System tools the end-to-end tests drive (Debian packages): promtool checks /metrics.
-if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; } \
-    || echo "warning: could not install promtool (Debian's prometheus package); its test will skip" >&2
+# System tools the end-to-end tests drive (Debian packages): promtool checks /metrics, a headless
+# Neovim runs the plug-in, headless Chromium renders the λ viewer, nginx routes sessions to replicas.
+# Without root or apt those tests skip locally; under CI=true they fail instead.
+missing=()
+for pair in promtool:prometheus nvim:neovim chromium:chromium nginx:nginx; do
+  command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+done
+if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1; } \
+    || echo "warning: could not install ${missing[*]}; the tests that need them skip (fail under CI=true)" >&2
 fi
 exec .venv/bin/python -m pytest "$@"

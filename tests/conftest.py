@@ -25,6 +25,24 @@ def small_config(code_tokenizer) -> GPTConfig:
     return dataclasses.replace(GPTConfig.tiny(vocab_size=len(code_tokenizer)), n_positions=128)
 
 
+def require_tool(name: str) -> str:
+    """The path of system tool ``name`` (a Debian package that scripts/test.sh installs).
+
+    Missing, the test skips on a developer machine and fails under ``CI=true``,
+    where the tool must be there.
+    """
+    import os
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (scripts/test.sh installs it with apt-get when run as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
 def free_port() -> int:
     import socket
 

@@ -7,14 +7,13 @@ sequences, sessions. Then the operational contract: metrics pass
 ``promtool``, no compilation after warm-up, SIGTERM drains.
 """
 
-import os
-import shutil
 import subprocess
 import threading
 
 import httpx
 import pytest
 
+from conftest import require_tool
 from model import checkpoint
 from model.generate import SamplingParams, generate_text
 from server.main import DEFAULT_CHECKPOINT
@@ -113,10 +112,7 @@ def test_metrics_pass_promtool_and_nothing_compiles_after_warm_up(live_server):
     metrics = httpx.get(live_server.url + "/metrics").text
     for name in ("ponder_time_to_first_token_seconds", "ponder_chunk_lambda", "ponder_chunks_total", "ponder_requests_total"):
         assert name in metrics
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        assert not os.environ.get("CI"), "CI must have promtool: scripts/test.sh installs Debian's prometheus package"
-        pytest.skip("promtool is not installed (scripts/test.sh installs Debian's prometheus package)")
+    promtool = require_tool("promtool")
     check = subprocess.run([promtool, "check", "metrics"], input=metrics, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
 
