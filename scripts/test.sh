@@ -12,7 +12,7 @@ python3 -m venv .venv
 # Neovim runs the plug-in, headless Chromium renders the λ viewer, nginx routes sessions to replicas.
 # Without root or apt those tests skip locally; under CI=true they fail instead.
 missing=()
-for pair in promtool:prometheus nvim:neovim chromium:chromium nginx:nginx; do
+for pair in promtool:prometheus nvim:neovim chromium:chromium nginx:nginx curl:curl; do
   command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
