@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from clients.python.cli import add_commands as add_client_commands
+from clients.viewer import add_command as add_inspect_command
 from server.main import DEFAULT_CHECKPOINT
 from server.main import add_arguments as serve_arguments
 
@@ -363,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(run=_convert)
     _add_train_commands(commands)
     _add_eval_command(commands)
+    add_inspect_command(commands, DEFAULT_CHECKPOINT)
+    add_client_commands(commands)
     return parser
 
 

@@ -161,23 +161,25 @@ def _release(slots: Slots, index):
     return dataclasses.replace(slots, active=slots.active.at[index].set(False))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("slots",))
-def _decode(graphdef, schedule, eot_id, attend_keys, params, slots: Slots):
-    """One token for every slot: ``(slots, tokens [S], lam [S], count [S])``.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnames=("slots",))
+def _decode(graphdef, schedule, eot_id, attend_keys, rows, params, slots: Slots):
+    """One token for each of the first ``rows`` slots: ``(slots, tokens [rows], lam [rows], count [rows])``.
 
-    Attention reads the first ``attend_keys`` cache slots only (a bucket above
-    every live row's position): on this CPU, reading all of every slot's
-    cache cost more than the weights.
+    Jobs take the lowest free slot, so a bucket of rows above the highest
+    busy slot covers every running job, and a lone stream does not pay for
+    eight. Attention reads the first ``attend_keys`` cache slots only (a
+    bucket above every live row's position): on this CPU, reading all of
+    every slot's cache cost more than the weights.
     """
     model = nnx.merge(graphdef, params)
-    fed = jnp.where(slots.active, slots.token, eot_id)  # [S]
-    position = jnp.where(slots.active, slots.position, 0)
-    logits, cache, doc = model.step(fed, position, slots.cache, slots.doc, schedule, attend_keys)
-    keys = jax.vmap(jax.random.fold_in)(slots.key, slots.doc_position + 1)
-    token = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p)
-    slots = dataclasses.replace(
-        slots, cache=cache, doc=doc, token=token, position=position + 1, doc_position=slots.doc_position + 1
-    )
+    part = jax.tree.map(lambda x: x[:rows], slots)
+    fed = jnp.where(part.active, part.token, eot_id)
+    position = jnp.where(part.active, part.position, 0)
+    logits, cache, doc = model.step(fed, position, part.cache, part.doc, schedule, attend_keys)
+    keys = jax.vmap(jax.random.fold_in)(part.key, part.doc_position + 1)
+    token = sample(logits, keys, part.temperature, part.top_k, part.top_p)
+    part = dataclasses.replace(part, cache=cache, doc=doc, token=token, position=position + 1, doc_position=part.doc_position + 1)
+    slots = jax.tree.map(lambda full, new: full.at[:rows].set(new), slots, part)
     return slots, token, doc.lam, doc.count
 
 
@@ -326,6 +328,12 @@ class Engine:
     def session_count(self) -> int:
         return len(self._sessions)
 
+    def committed_tokens(self, api_key: str, session_id: str) -> list[int] | None:
+        """A copy of the session's committed tokens (whole chunks; see ``Session``), or None if there is no such session."""
+        with self._lock:
+            session = self._sessions.get((api_key, session_id))
+            return None if session is None else list(session.tokens)
+
     # --- Warm-up and compile counting.
 
     def _on_event(self, event: str, duration: float, **_) -> None:
@@ -346,7 +354,8 @@ class Engine:
             token, doc, cache = self._call_extend(job, self._fresh_doc, self._new_cache(), 0, 0, length)
         self._slots = _insert(self._slots, self._slot_row(job, doc, cache, token, 0, length), 0)
         for keys in self._key_buckets():
-            self._slots, *_ = self._decode(keys)
+            for rows in self._row_buckets():
+                self._slots, *_ = self._decode(keys, rows)
         self._slots = _release(self._slots, 0)
         jax.block_until_ready(self._slots)
         self._slots = self._empty_slots()
@@ -653,8 +662,12 @@ class Engine:
     def _key_buckets(self) -> list[int]:
         return sorted({min(self.W, 1 << b) for b in range(7, self.W.bit_length() + 1)})
 
-    def _decode(self, attend_keys: int):
-        return _decode(self.graphdef, self.config.schedule, self.eot_id, attend_keys, self.params, self._slots)
+    def _row_buckets(self) -> list[int]:
+        S = self.config.slots
+        return sorted({min(S, 1 << b) for b in range(S.bit_length() + 1)})
+
+    def _decode(self, attend_keys: int, rows: int):
+        return _decode(self.graphdef, self.config.schedule, self.eot_id, attend_keys, rows, self.params, self._slots)
 
     def _step(self) -> None:
         """One decode step for every slot, then the tokens out."""
@@ -669,7 +682,8 @@ class Engine:
             return
         longest = max(r.window_end for r in self._running.values())  # window position after this step
         attend_keys = next(k for k in self._key_buckets() if k >= longest)
-        self._slots, tokens, lam, count = self._decode(attend_keys)
+        rows = next(r for r in self._row_buckets() if r > max(self._running))
+        self._slots, tokens, lam, count = self._decode(attend_keys, rows)
         for running in self._running.values():
             running.window_end += 1
         tokens, lam, count = (np.asarray(a) for a in (tokens, lam, count))

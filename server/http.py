@@ -510,6 +510,7 @@ class _Operation:
     media_type: str = "application/json"  # of an answer without a model
     public: bool = False
     description: str = ""
+    query: tuple[str, ...] = ()  # required query parameters
 
 
 OPERATIONS = (
@@ -526,6 +527,13 @@ OPERATIONS = (
     _Operation(
         "POST", "/v1/sessions/{session_id}/reset", "reset_session", "Forget a session: its next request starts a fresh document",
         answer=SessionReset,
+    ),
+    _Operation(
+        "GET", "/ui", "ui", "The λ viewer: a session's committed document, each chunk shaded by its λ",
+        media_type="text/html", query=("session_id",),
+        description="An HTML page (`clients.viewer`), recomputed on every request by a fresh run of the model over the "
+        "session's committed tokens (whole chunks), once with its schedule and once with SKIP. A diagnostic: slow, "
+        "and its first use of each length compiles.",
     ),
     _Operation("GET", "/health", "health", "200 once the engine is warm, 503 before and while draining", answer=Health, public=True),
     _Operation("GET", "/metrics", "prometheus", "Prometheus metrics (prefix `ponder_`)", media_type="text/plain", public=True),
@@ -585,7 +593,9 @@ class _Frontend:
                 call.done("error")
                 return ApiError(500, f"internal error ({type(err).__name__}: {err})", kind="server_error").response()
 
-        return Route(op.path, endpoint, methods=[op.method], name=op.handler)
+        # A session id may hold slashes (editors use the file's path): it matches them, %2F-encoded or not.
+        path = op.path.replace("{session_id}", "{session_id:path}")
+        return Route(path, endpoint, methods=[op.method], name=op.handler)
 
     async def _body(self, request: Request, model: type[_Body]):
         return _parse(await _read_body(request, self.max_body_bytes), model)
@@ -753,6 +763,27 @@ class _Frontend:
         call.done("ok")
         return _json(SessionReset(session_id=session_id, existed=existed))
 
+    async def ui(self, request: Request, api_key: str, call: RequestRecord) -> Response:
+        session_id = request.query_params.get("session_id", "")
+        if not session_id:
+            raise ApiError(400, "session_id: required query parameter naming the session to show (GET /ui?session_id=ID)",
+                           "session_id")
+        tokens = self.engine.committed_tokens(api_key, session_id)
+        if tokens is None:
+            raise ApiError(404, f"session_id: no session {session_id!r} for this API key (a completion with that "
+                           "session_id creates it)", "session_id", kind="not_found_error")
+        from clients.viewer.data import inspect_tokens
+        from clients.viewer.page import render_html
+
+        def page() -> str:  # a fresh run over the tokens, off the event loop (the engine thread is untouched)
+            inspection = inspect_tokens(self.engine.model, self.service.tokenizer, tokens, self.engine.config.schedule,
+                                        source=f"session {session_id}")
+            return render_html(inspection, note="Recomputed for this page from the session's committed tokens.")
+
+        html = await anyio.to_thread.run_sync(page)
+        call.done("ok")
+        return Response(html, media_type="text/html")
+
     async def health(self, request: Request, api_key: str, call: RequestRecord) -> Response:
         if getattr(self.engine, "draining", False):
             return _json(Health(status="draining"), 503)
@@ -824,6 +855,9 @@ def openapi_document(model_name: str = "ponder") -> dict:
                 operation["responses"][status] = error
         if "{session_id}" in op.path:
             operation["parameters"] = [{"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+        if op.query:
+            operation["parameters"] = [{"name": n, "in": "query", "required": True, "schema": {"type": "string"}} for n in op.query]
+            operation["responses"].update({"400": error, "404": error})
         if op.public:
             operation["security"] = []
         else:

@@ -103,12 +103,43 @@ class LiveServer:
         return self.process.wait()
 
 
+LIVE_SLOTS = "3"  # every live server of the suite has this many slots, so all share compiled shapes
+
+
 @pytest.fixture(scope="session")
-def live_server(tmp_path_factory):
-    """``ponder serve`` on the bundled checkpoint (3 slots, a test compile cache)."""
-    cache = tmp_path_factory.mktemp("jax-cache")
-    server = LiveServer("--slots", "3", "--compile-cache", str(cache), "--queue-size", "8")
+def compile_cache(tmp_path_factory) -> str:
+    """One persistent XLA cache for every ``ponder serve`` of the test session: the first server
+    compiles, the later ones load (warm-up dominates the end-to-end tests)."""
+    return str(tmp_path_factory.mktemp("jax-cache"))
+
+
+@pytest.fixture(scope="session")
+def live_server(compile_cache):
+    """``ponder serve`` on the bundled checkpoint (3 slots, the session's compile cache)."""
+    server = LiveServer("--slots", LIVE_SLOTS, "--compile-cache", compile_cache, "--queue-size", "8")
     try:
         yield server.wait_ready()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def offline():
+    """``generate(prompt, n, suffix=None, stop=())``: the bundled checkpoint's greedy text, computed in-process.
+
+    What a server must answer for the same prompt (plain, or fill-in-the-middle with ``suffix``).
+    """
+    from model import checkpoint
+    from model.generate import SamplingParams, generate_text
+    from server.main import DEFAULT_CHECKPOINT
+
+    model, tokenizer = checkpoint.load(DEFAULT_CHECKPOINT)
+
+    def generate(prompt: str, n: int, suffix: str | None = None, stop=()) -> str:
+        if suffix is None:
+            tokens = tokenizer.encode_document(prompt)
+        else:
+            tokens = [tokenizer.eot_id, *tokenizer.fim_prompt(tokenizer.encode(prompt), tokenizer.encode(suffix))]
+        return generate_text(model, tokenizer, tokens, SamplingParams(max_new_tokens=n, stop=tuple(stop))).text
+
+    return generate

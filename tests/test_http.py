@@ -481,6 +481,7 @@ def test_auth(keyed_server, tokenizer):
     assert_error(httpx.post(url + "/infill", json={}, headers={"Authorization": KEY}), 401)  # no scheme
     assert_error(httpx.get(url + "/v1/models"), 401)
     assert_error(httpx.post(url + "/v1/sessions/s/reset"), 401)
+    assert_error(httpx.get(url + "/ui", params={"session_id": "s"}), 401)
     r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == reply(tokenizer, 2)
     assert engine.jobs[-1].api_key == KEY
@@ -498,7 +499,8 @@ def test_openapi_document(open_server):
     doc = httpx.get(url + "/openapi.json").json()
     assert doc["openapi"].startswith("3.1")
     assert set(doc["paths"]) == {
-        "/v1/completions", "/infill", "/v1/models", "/v1/sessions/{session_id}/reset", "/health", "/metrics", "/openapi.json"
+        "/v1/completions", "/infill", "/v1/models", "/v1/sessions/{session_id}/reset", "/ui", "/health", "/metrics",
+        "/openapi.json",
     }
     schemas = doc["components"]["schemas"]
     completions = doc["paths"]["/v1/completions"]["post"]

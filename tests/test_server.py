@@ -14,26 +14,10 @@ import httpx
 import pytest
 
 from conftest import require_tool
-from model import checkpoint
-from model.generate import SamplingParams, generate_text
 from server.main import DEFAULT_CHECKPOINT
 
 PROMPT = "import os\n\n\ndef read_lines(path):\n    "
 SUFFIX = "\n    return lines\n"
-
-
-@pytest.fixture(scope="module")
-def offline():
-    model, tokenizer = checkpoint.load(DEFAULT_CHECKPOINT)
-
-    def generate(prompt: str, n: int, suffix: str | None = None, stop=()) -> str:
-        if suffix is None:
-            tokens = tokenizer.encode_document(prompt)
-        else:
-            tokens = [tokenizer.eot_id, *tokenizer.fim_prompt(tokenizer.encode(prompt), tokenizer.encode(suffix))]
-        return generate_text(model, tokenizer, tokens, SamplingParams(max_new_tokens=n, stop=tuple(stop))).text
-
-    return generate
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +101,11 @@ def test_metrics_pass_promtool_and_nothing_compiles_after_warm_up(live_server):
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_sigterm_drains_running_requests(tmp_path):
+def test_sigterm_drains_running_requests(compile_cache):
     """A stream in flight when SIGTERM arrives completes; then the process exits cleanly."""
-    from conftest import LiveServer
+    from conftest import LIVE_SLOTS, LiveServer
 
-    server = LiveServer("--slots", "2", "--compile-cache", str(tmp_path / "cache")).wait_ready()
+    server = LiveServer("--slots", LIVE_SLOTS, "--compile-cache", compile_cache).wait_ready()
     result, streaming = {}, threading.Event()
 
     def stream():

@@ -256,8 +256,10 @@ def test_non_finite_updates_are_refused_and_counted():
     _, clean = layer(jnp.asarray(x[:, :16]), jnp.asarray(lam[:, :1]))
     assert int(state.refused[0]) > 0 and int(state.refused[1]) == 0
     assert np.isfinite(np.asarray(state.W[0])).all()
-    # Row 0 kept the weights from before the poisoned mini-batch, for the refused heads.
-    assert np.array_equal(np.asarray(state.W[0][0]), np.asarray(clean.W[0][0]))
+    # Row 0 kept the weights from before the poisoned mini-batch (up to rounding: the two calls are
+    # different XLA programs), while row 1's second mini-batch moved its weights by far more.
+    assert np.abs(np.asarray(state.W[0][0]) - np.asarray(clean.W[0][0])).max() <= 1e-5
+    assert np.abs(np.asarray(state.W[0][1]) - np.asarray(clean.W[0][1])).max() > 1e-3
 
 
 def test_reset_returns_rows_to_the_document_start():
