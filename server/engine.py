@@ -66,6 +66,7 @@ log = logging.getLogger("ponder.engine")
 BLOCK = 256  # tokens per window block (a multiple of the gate chunk)
 PREFILL_CHUNKS = (4, 2, 1)  # dual-form prefill calls, in chunks (largest first)
 EXTEND_LENGTHS = (16, 32, 64)  # extend buckets, in tokens
+PATIENCE_S = 0.5  # a job waiting this long is admitted next, however much prompt it brings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,19 +168,20 @@ def _decode(graphdef, schedule, eot_id, attend_keys, rows, params, slots: Slots)
 
     Jobs take the lowest free slot, so a bucket of rows above the highest
     busy slot covers every running job, and a lone stream does not pay for
-    eight. Attention reads the first ``attend_keys`` cache slots only (a
+    all of them. Attention reads the first ``attend_keys`` cache slots only (a
     bucket above every live row's position): on this CPU, reading all of
     every slot's cache cost more than the weights.
     """
     model = nnx.merge(graphdef, params)
-    part = jax.tree.map(lambda x: x[:rows], slots)
+    whole = rows == slots.token.shape[0]  # no slicing: XLA would copy every row's cache back in place
+    part = slots if whole else jax.tree.map(lambda x: x[:rows], slots)
     fed = jnp.where(part.active, part.token, eot_id)
     position = jnp.where(part.active, part.position, 0)
     logits, cache, doc = model.step(fed, position, part.cache, part.doc, schedule, attend_keys)
     keys = jax.vmap(jax.random.fold_in)(part.key, part.doc_position + 1)
     token = sample(logits, keys, part.temperature, part.top_k, part.top_p)
     part = dataclasses.replace(part, cache=cache, doc=doc, token=token, position=position + 1, doc_position=part.doc_position + 1)
-    slots = jax.tree.map(lambda full, new: full.at[:rows].set(new), slots, part)
+    slots = part if whole else jax.tree.map(lambda full, new: full.at[:rows].set(new), slots, part)
     return slots, token, doc.lam, doc.count
 
 
@@ -595,7 +597,7 @@ class Engine:
             free = [i for i in range(self.config.slots) if i not in self._running]
             if not free or not self._waiting:
                 return False
-            job = self._waiting.popleft()
+            job = self._next_waiting()
             self.metrics.waiting.set(len(self._waiting))
         now = time.monotonic()
         self.metrics.queue_time.observe(now - job.arrival)
@@ -626,6 +628,27 @@ class Engine:
             self.metrics.running.set(len(self._running))
         self._emit(slot, running, int(np.asarray(token)[0]), lambdas)
         return True
+
+    def _next_waiting(self) -> Job:
+        """Takes the waiting job with the least prompt to compute (caller holds the lock).
+
+        A keystroke in a warm session costs one ``extend``; a cold document
+        costs a prefill of all of it. Taking the cheap ones first keeps warm
+        TTFT low while cold prompts arrive; a job waiting ``PATIENCE_S`` goes
+        first regardless, so none starves. The estimate is the prompt minus
+        what the session has committed (an edit looks cheaper than it is).
+        """
+        oldest = self._waiting[0]
+        if time.monotonic() - oldest.arrival < PATIENCE_S:
+
+            def work(job: Job) -> int:
+                session = self._sessions.get((job.api_key, job.session_id)) if job.session_id is not None else None
+                fresh = session is None or job.reset or job.document_id not in (None, session.document_id)
+                return len(job.tokens) - (0 if fresh else len(session.tokens))
+
+            oldest = min(self._waiting, key=work)  # the first of equals: arrival order otherwise
+        self._waiting.remove(oldest)
+        return oldest
 
     def _finish_unstarted(self, job: Job, reason: str) -> None:
         if reason == "cancelled":
@@ -660,11 +683,14 @@ class Engine:
         running.job.put(DoneEvent(reason, running.usage, running.session.session_id))
 
     def _key_buckets(self) -> list[int]:
-        return sorted({min(self.W, 1 << b) for b in range(7, self.W.bit_length() + 1)})
+        # 128 and 256 keys, else the whole window: an 8-row step reading 512 keys measured 18 ms
+        # against 5.6 ms for all 1,024 (XLA copies the sliced caches), so there is no 512 bucket.
+        return sorted({min(self.W, 128), min(self.W, 256), self.W})
 
     def _row_buckets(self) -> list[int]:
-        S = self.config.slots
-        return sorted({min(S, 1 << b) for b in range(S.bit_length() + 1)})
+        # One row for a lone stream, else all: a step on 2 or 4 of 8 rows measured no faster than
+        # on all 8 (slicing out a few rows' caches costs XLA copies that eat the saving).
+        return sorted({1, self.config.slots})
 
     def _decode(self, attend_keys: int, rows: int):
         return _decode(self.graphdef, self.config.schedule, self.eot_id, attend_keys, rows, self.params, self._slots)
