@@ -47,6 +47,7 @@ import itertools
 import logging
 import threading
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -342,6 +343,9 @@ class Engine:
         if event == "/jax/core/compile/backend_compile_duration":
             self.compilations += 1
             self.metrics.compilations.inc()
+            if self.ready and threading.current_thread() is self._thread:  # a shape warm-up missed: say where
+                where = "".join(traceback.format_stack(limit=8)[:-1])
+                log.warning("XLA compilation after warm-up (%.2f s); add its shape to warmup():\n%s", duration, where)
 
     def warmup(self) -> None:
         """Compiles every shape the engine uses, on throwaway inputs."""
