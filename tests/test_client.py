@@ -452,3 +452,26 @@ def test_cli_against_the_server(live_server, offline, tmp_path):
     assert streamed.returncode == 0 and streamed.stdout == offline(PROMPT, 16, suffix=SUFFIX), streamed.stderr
     health = _ponder("health", "--url", live_server.url)
     assert (health.returncode, health.stdout) == (0, f"ok ({live_server.url})\n")
+
+
+def test_requests_name_their_session_for_a_router(tokenizer):
+    """Every session request carries X-Session-Id (percent-encoded), the key deploy/nginx.conf hashes on."""
+    engine, seen = FakeEngine(tokenizer), []
+    app = build_app(CompletionService(engine, tokenizer), engine, ServerMetrics.create())
+
+    async def recorder(scope, receive, send):
+        if scope["type"] == "http":
+            seen.append((scope["path"], dict(scope["headers"]).get(b"x-session-id")))
+        await app(scope, receive, send)
+
+    server = Server(recorder)
+    try:
+        with Client(server.url) as ponder:
+            ponder.complete("x = ", session="/src/a b.py", max_tokens=2)
+            list(ponder.stream("x = ", session="/src/a b.py", max_tokens=2))
+            ponder.ingest("x = 1\n", session="s1")
+            ponder.reset("/src/a b.py")
+            ponder.complete("x = ", max_tokens=2)
+    finally:
+        server.stop()
+    assert [header for _, header in seen] == [b"/src/a%20b.py", b"/src/a%20b.py", b"s1", b"/src/a%20b.py", None]

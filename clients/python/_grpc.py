@@ -106,9 +106,9 @@ def _metadata(api_key: str | None) -> tuple:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
-def _route(request: Request) -> tuple:
+def _route(session: str | None) -> tuple:
     """The x-session-id metadata, which a router in front of several replicas hashes on (deploy/nginx.conf)."""
-    return (("x-session-id", quote(request.session, safe="/")),) if request.session else ()
+    return (("x-session-id", quote(session, safe="/")),) if session else ()
 
 
 def _health(answer: health_pb2.HealthCheckResponse) -> Health:
@@ -129,7 +129,7 @@ class GrpcTransport:
 
     def stream(self, request: Request, deadline: Deadline) -> Iterator[Delta | Completion]:
         folder = MessageFolder(self.target)
-        call = self.stub.Complete(complete_message(request), timeout=deadline.remaining(), metadata=self.metadata + _route(request))
+        call = self.stub.Complete(complete_message(request), timeout=deadline.remaining(), metadata=self.metadata + _route(request.session))
         try:
             for message in call:
                 yield folder.feed(message)
@@ -144,10 +144,10 @@ class GrpcTransport:
         return final
 
     def ingest(self, request: Request, deadline: Deadline) -> Ingestion:
-        return ingestion_from_message(self._unary(self.stub.Ingest, ingest_message(request), deadline, _route(request)))
+        return ingestion_from_message(self._unary(self.stub.Ingest, ingest_message(request), deadline, _route(request.session)))
 
     def reset(self, session: str, deadline: Deadline) -> bool:
-        return self._unary(self.stub.ResetSession, pb.ResetSessionRequest(session_id=session), deadline).existed
+        return self._unary(self.stub.ResetSession, pb.ResetSessionRequest(session_id=session), deadline, _route(session)).existed
 
     def health(self, deadline: Deadline) -> Health:
         return _health(self._unary(self.health_stub.Check, health_pb2.HealthCheckRequest(service=""), deadline))
@@ -178,7 +178,7 @@ class AsyncGrpcTransport:
     async def stream(self, request: Request, deadline: Deadline) -> AsyncIterator[Delta | Completion]:
         folder = MessageFolder(self.target)
         stub, _ = self._stubs()
-        call = stub.Complete(complete_message(request), timeout=deadline.remaining(), metadata=self.metadata + _route(request))
+        call = stub.Complete(complete_message(request), timeout=deadline.remaining(), metadata=self.metadata + _route(request.session))
         try:
             async for message in call:
                 yield folder.feed(message)
@@ -195,10 +195,10 @@ class AsyncGrpcTransport:
         return final
 
     async def ingest(self, request: Request, deadline: Deadline) -> Ingestion:
-        return ingestion_from_message(await self._unary(self._stubs()[0].Ingest, ingest_message(request), deadline, _route(request)))
+        return ingestion_from_message(await self._unary(self._stubs()[0].Ingest, ingest_message(request), deadline, _route(request.session)))
 
     async def reset(self, session: str, deadline: Deadline) -> bool:
-        answer = await self._unary(self._stubs()[0].ResetSession, pb.ResetSessionRequest(session_id=session), deadline)
+        answer = await self._unary(self._stubs()[0].ResetSession, pb.ResetSessionRequest(session_id=session), deadline, _route(session))
         return answer.existed
 
     async def health(self, deadline: Deadline) -> Health:

@@ -170,9 +170,9 @@ def _headers(api_key: str | None) -> dict:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def _route(request: Request) -> dict:
+def _route(session: str | None) -> dict:
     """The X-Session-Id header, which a router in front of several replicas hashes on (deploy/nginx.conf)."""
-    return {"X-Session-Id": quote(request.session, safe="/")} if request.session else {}
+    return {"X-Session-Id": quote(session, safe="/")} if session else {}
 
 
 def _reset_path(session: str) -> str:
@@ -204,13 +204,13 @@ class HttpTransport:
             return _ok(self.http.post(path, json=body, headers=headers, timeout=_timeout(deadline)), self.url)
 
     def complete(self, request: Request, deadline: Deadline) -> Completion:
-        return completion_from_answer(self._post("/v1/completions", completion_body(request), deadline, _route(request)), self.url)
+        return completion_from_answer(self._post("/v1/completions", completion_body(request), deadline, _route(request.session)), self.url)
 
     def stream(self, request: Request, deadline: Deadline) -> Iterator[Delta | Completion]:
         folder = EventFolder(self.url, deadline)
         body = completion_body(request, stream=True)
         with transport_errors(self.url, deadline):
-            with self.http.stream("POST", "/v1/completions", json=body, headers=_route(request), timeout=_timeout(deadline)) as response:
+            with self.http.stream("POST", "/v1/completions", json=body, headers=_route(request.session), timeout=_timeout(deadline)) as response:
                 if response.status_code != 200:
                     raise error_from_answer(response.status_code, response.read(), self.url)
                 for line in response.iter_lines():
@@ -218,10 +218,10 @@ class HttpTransport:
         folder.check_ended()
 
     def ingest(self, request: Request, deadline: Deadline) -> Ingestion:
-        return ingestion_from_answer(self._post("/v1/completions", completion_body(request), deadline, _route(request)), self.url)
+        return ingestion_from_answer(self._post("/v1/completions", completion_body(request), deadline, _route(request.session)), self.url)
 
     def reset(self, session: str, deadline: Deadline) -> bool:
-        return self._post(_reset_path(session), None, deadline)["existed"]
+        return self._post(_reset_path(session), None, deadline, _route(session))["existed"]
 
     def health(self, deadline: Deadline) -> Health:
         with transport_errors(self.url, deadline):
@@ -241,13 +241,13 @@ class AsyncHttpTransport:
             return _ok(await self.http.post(path, json=body, headers=headers, timeout=_timeout(deadline)), self.url)
 
     async def complete(self, request: Request, deadline: Deadline) -> Completion:
-        return completion_from_answer(await self._post("/v1/completions", completion_body(request), deadline, _route(request)), self.url)
+        return completion_from_answer(await self._post("/v1/completions", completion_body(request), deadline, _route(request.session)), self.url)
 
     async def stream(self, request: Request, deadline: Deadline) -> AsyncIterator[Delta | Completion]:
         folder = EventFolder(self.url, deadline)
         body = completion_body(request, stream=True)
         with transport_errors(self.url, deadline):
-            async with self.http.stream("POST", "/v1/completions", json=body, headers=_route(request), timeout=_timeout(deadline)) as response:
+            async with self.http.stream("POST", "/v1/completions", json=body, headers=_route(request.session), timeout=_timeout(deadline)) as response:
                 if response.status_code != 200:
                     raise error_from_answer(response.status_code, await response.aread(), self.url)
                 async for line in response.aiter_lines():
@@ -256,10 +256,10 @@ class AsyncHttpTransport:
         folder.check_ended()
 
     async def ingest(self, request: Request, deadline: Deadline) -> Ingestion:
-        return ingestion_from_answer(await self._post("/v1/completions", completion_body(request), deadline, _route(request)), self.url)
+        return ingestion_from_answer(await self._post("/v1/completions", completion_body(request), deadline, _route(request.session)), self.url)
 
     async def reset(self, session: str, deadline: Deadline) -> bool:
-        return (await self._post(_reset_path(session), None, deadline))["existed"]
+        return (await self._post(_reset_path(session), None, deadline, _route(session)))["existed"]
 
     async def health(self, deadline: Deadline) -> Health:
         with transport_errors(self.url, deadline):
