@@ -68,6 +68,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from clients.python import AsyncClient, Completion, PonderError
+
 CHARS_PER_TOKEN = 3.7  # the bundled code tokenizer on standard-library files
 GOOD_TTFT_S = 0.2
 GRPC_SERVER_CODES = {"INTERNAL", "UNKNOWN", "UNAVAILABLE", "DATA_LOSS", "UNIMPLEMENTED", "DEADLINE_EXCEEDED"}
@@ -109,116 +111,17 @@ class Result:
     lost_session: bool = False
 
 
-class RequestFailed(Exception):
-    def __init__(self, status: str, server_error: bool, message: str = ""):
-        super().__init__(f"{status}: {message}")
-        self.status, self.server_error, self.message = status, server_error, message
-
-
-class HttpClient:
-    """``POST /v1/completions`` with SSE; yields ("text", text) events, then ("final", usage dict)."""
-
-    def __init__(self, url: str, api_key: str | None, connections: int):
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        self.http = httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=httpx.Timeout(300, connect=10))
-
-    async def stream(self, req: Request):
-        body = {"prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": req.temperature,
-                "stream": True, "stream_options": {"include_usage": True}}
-        body.update({k: v for k in ("suffix", "session_id", "document_id") if (v := getattr(req, k)) is not None})
-        final: dict = {}
-        async with self.http.stream("POST", "/v1/completions", json=body) as answer:
-            if answer.status_code != 200:
-                await answer.aread()
-                raise RequestFailed(str(answer.status_code), answer.status_code >= 500, answer.text[:300])
-            async for line in answer.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    break
-                event = json.loads(line[6:])
-                if "error" in event:  # a failure after the status line went out
-                    code = event["error"].get("code", 500)
-                    raise RequestFailed(f"{code} (in stream)", code >= 500, event["error"].get("message", ""))
-                if event.get("choices") and event["choices"][0].get("text"):
-                    yield "text", event["choices"][0]["text"]
-                if "cached_tokens" in (ponder := event.get("ponder") or {}):
-                    final.update(cached_tokens=ponder["cached_tokens"], session_id=ponder["session_id"],
-                                 finish_reason=ponder["finish_reason"])
-                if usage := event.get("usage"):
-                    final.update(prompt_tokens=usage["prompt_tokens"], generated_tokens=usage["completion_tokens"])
-        yield "final", final
-
-    async def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if (await self.http.get("/health")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                url = str(self.http.base_url).rstrip("/")
-                raise SystemExit(f"{url}/health did not answer 200 within {timeout_s:.0f} s (is `ponder serve` running?)")
-            await asyncio.sleep(1)
-
-    async def close(self) -> None:
-        await self.http.aclose()
-
-
-class GrpcClient:
-    """``ponder.v1.Completion/Complete``; the same events as ``HttpClient``."""
-
-    def __init__(self, target: str, api_key: str | None):
-        import grpc
-
-        from server.protos import completion_pb2, completion_pb2_grpc  # generated from protos/ on import
-
-        self.grpc, self.pb = grpc, completion_pb2
-        self.channel = grpc.aio.insecure_channel(target)
-        self.stub = completion_pb2_grpc.CompletionStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
-
-    async def stream(self, req: Request):
-        fields = {k: v for k in ("suffix", "session_id", "document_id") if (v := getattr(req, k)) is not None}
-        message = self.pb.CompleteRequest(prompt=req.prompt, max_tokens=req.max_tokens, temperature=req.temperature, **fields)
-        call = self.stub.Complete(message, metadata=self.metadata)
-        final: dict = {}
+async def wait_ready(client: AsyncClient, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
         try:
-            async for response in call:
-                if response.text:
-                    yield "text", response.text
-                if response.HasField("usage"):
-                    u = response.usage
-                    final = dict(prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens,
-                                 generated_tokens=u.generated_tokens, session_id=response.session_id,
-                                 finish_reason=self.pb.FinishReason.Name(response.finish_reason).lower())
-        except self.grpc.aio.AioRpcError as err:
-            code = err.code().name
-            raise RequestFailed(code, code in GRPC_SERVER_CODES, err.details() or "") from None
-        finally:
-            call.cancel()  # a no-op after the end; closes the stream when the consumer was cancelled
-        yield "final", final
-
-    async def wait_ready(self, timeout_s: float) -> None:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        health = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except self.grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"gRPC health did not report SERVING within {timeout_s:.0f} s (is `ponder serve` running?)")
-            await asyncio.sleep(1)
-
-    async def close(self) -> None:
-        await self.channel.close()
+            if (await client.health(timeout=5)).ready:
+                return
+        except PonderError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"ponder at {client.address} was not ready within {timeout_s:.0f} s (is `ponder serve` running?)")
+        await asyncio.sleep(1)
 
 
 async def measure(client, req: Request, result: Result, t0: float) -> Result:
@@ -226,25 +129,28 @@ async def measure(client, req: Request, result: Result, t0: float) -> Result:
     start = time.perf_counter()
     result.start, result.session_id, result.document_id = start - t0, req.session_id, req.document_id
     try:
-        async for kind, data in client.stream(req):
+        items = client.stream(req.prompt, req.suffix, session=req.session_id, document=req.document_id,
+                              max_tokens=req.max_tokens, temperature=req.temperature)
+        async for item in items:
             now = time.perf_counter()
-            if kind == "text":
+            if isinstance(item, Completion):
+                u = item.usage
+                result.prompt_tokens, result.cached_tokens, result.generated_tokens = u.prompt_tokens, u.cached_tokens, u.generated_tokens
+                result.session_id, result.finish_reason = item.session_id, item.finish_reason
+            elif item.text:
                 if result.first_chunk is None:
                     result.ttft, result.first_chunk = now - start, now
                 else:
                     result.gaps.append(now - result.last_chunk)
                 result.last_chunk = now
-            else:
-                for key, value in data.items():
-                    setattr(result, key, value)
         result.e2e, result.outcome, result.status = time.perf_counter() - start, "ok", "OK"
     except asyncio.CancelledError:
         result.outcome, result.status = "cancelled", "cancelled"
         raise
-    except RequestFailed as err:
-        result.outcome, result.status, result.server_error, result.message = "error", err.status, err.server_error, err.message
-    except (httpx.HTTPError, OSError) as err:  # transport: connection refused, reset, timeout
-        result.outcome, result.status, result.message = "error", type(err).__name__, str(err)[:300]
+    except PonderError as err:  # an answer (status, gRPC code) or none (connection refused, reset)
+        status = err.status or type(err).__name__
+        result.outcome, result.status, result.message = "error", status, err.message[:300]
+        result.server_error = status.startswith("5") or status in GRPC_SERVER_CODES
     return result
 
 
@@ -493,13 +399,11 @@ async def main(args) -> None:
     if args.max_tokens is None:
         args.max_tokens = 128 if args.mode == "throughput" else 32
     files = load_files(3000 if args.mode == "typing" else int(args.prompt_tokens * CHARS_PER_TOKEN), args.max_file_chars)
-    connections = max(args.concurrency, args.editors, 64) * 2
-    if args.protocol == "http":
-        client = HttpClient(args.url, args.api_key, connections)
-    else:
-        client = GrpcClient(args.grpc_target, args.api_key)
+    # No retries: a refusal is a figure here, not something to hide.
+    address = {"url": args.url} if args.protocol == "http" else {"grpc": args.grpc_target}
+    client = AsyncClient(**address, api_key=args.api_key, retries=0)
     try:
-        await client.wait_ready(args.wait_s)
+        await wait_ready(client, args.wait_s)
         if args.mode == "throughput":
             summary, results = await run_throughput(client, files, args), []
         else:
@@ -510,7 +414,7 @@ async def main(args) -> None:
             await asyncio.sleep(0.2)  # the server counts a cancellation at its next step
             summary = summarize(results, elapsed, before, scrape(args.url))
     finally:
-        await client.close()
+        await client.aclose()
     report(args.mode, summary)
     if args.json:
         out = dict(config=vars(args), summary=summary, requests=[dataclasses.asdict(r) for r in results])

@@ -79,9 +79,6 @@ class CompletionServicer(pb_grpc.CompletionServicer):
         except (RequestError, QueueFull, NotReady) as error:
             record.done("client_error" if isinstance(error, RequestError) else "rejected")
             context.abort(_CODES[type(error)], str(error))
-        except GeneratorExit:  # the client went away mid-stream
-            record.done("cancelled")
-            raise
         except Exception as error:
             if context.code() is not None:  # an abort of our own, already answered
                 raise
@@ -89,7 +86,7 @@ class CompletionServicer(pb_grpc.CompletionServicer):
             record.done("error")
             context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}: {error})")
         finally:
-            if record.outcome is None:
+            if record.outcome is None:  # the client went away mid-stream (GeneratorExit)
                 record.done("cancelled")
 
     def Complete(self, request, context):

@@ -84,8 +84,13 @@ class MessageFolder:
 
 
 def error_from_status(err: grpc.RpcError, target: str, deadline: Deadline) -> PonderError:
-    """The exception for a failed call: the server's message, the field for INVALID_ARGUMENT."""
-    code, details = err.code(), err.details() or ""
+    """The exception for a failed call: the server's message and code, the field for INVALID_ARGUMENT."""
+    error = _error_for(err.code(), err.details() or "", target, deadline)
+    error.status = err.code().name
+    return error
+
+
+def _error_for(code: grpc.StatusCode, details: str, target: str, deadline: Deadline) -> PonderError:
     if code == grpc.StatusCode.UNAVAILABLE:
         if "connect" in details.lower():  # grpc's "failed to connect to all addresses ...; Connection refused"
             return ServerUnavailable(f"cannot reach ponder at {target}: is `ponder serve` running? ({details})")

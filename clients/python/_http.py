@@ -88,7 +88,13 @@ def ingestion_from_answer(answer: dict, url: str) -> Ingestion:
 
 
 def error_from_answer(status: int, body: bytes, url: str) -> PonderError:
-    """The exception for an answer other than 200, with the server's message and field."""
+    """The exception for an answer other than 200, with the server's message, field and status."""
+    error = _error_for(status, body, url)
+    error.status = str(status)
+    return error
+
+
+def _error_for(status: int, body: bytes, url: str) -> PonderError:
     try:
         detail = json.loads(body)["error"]
         message, field = str(detail["message"]), detail.get("param")

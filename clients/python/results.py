@@ -103,7 +103,14 @@ class Health:
 
 
 class PonderError(Exception):
-    """Anything that went wrong talking to ponder; ``str(error)`` says what and what to do."""
+    """Anything that went wrong talking to ponder; ``str(error)`` says what and what to do.
+
+    Attributes:
+      status: the server's answer: the HTTP status ("503") or the gRPC code
+        ("UNAVAILABLE"); None when no answer came (connection refused, reset).
+    """
+
+    status: str | None = None
 
     def __init__(self, message: str):
         super().__init__(message)
