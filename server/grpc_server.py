@@ -17,7 +17,6 @@ import contextlib
 import hmac
 import logging
 import threading
-import time
 from concurrent import futures
 
 import grpc
@@ -155,7 +154,7 @@ def build_grpc_server(
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    def watch_readiness():  # SERVING once warm; NOT_SERVING again while draining
+    def watch_readiness():  # SERVING once warm; NOT_SERVING again while draining; ends with the server
         serving = None
         while True:
             now = engine.ready and not getattr(engine, "draining", False)
@@ -164,7 +163,8 @@ def build_grpc_server(
                 for name in ("", SERVICE_NAME):
                     health_servicer.set(name, status)
                 serving = now
-            time.sleep(0.1)
+            if not server.wait_for_termination(timeout=0.1):  # False: stopped, not timed out
+                return
 
     threading.Thread(target=watch_readiness, name="ponder-grpc-health", daemon=True).start()
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

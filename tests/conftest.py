@@ -1,5 +1,7 @@
 import dataclasses
+import gc
 
+import jax
 import pytest
 
 from model.config import GPTConfig
@@ -101,6 +103,15 @@ class LiveServer:
             except Exception:
                 self.process.kill()
         return self.process.wait()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops every compiled program after each test module: one process runs the whole suite, and
+    without this it keeps each module's executables (several GB by the end)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 LIVE_SLOTS = "3"  # every live server of the suite has this many slots, so all share compiled shapes

@@ -8,6 +8,7 @@ checked exactly. The real model behind gRPC is tested in ``test_server.py``.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -177,6 +178,20 @@ def test_auth(tokenizer):
         assert status in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
     finally:
         s.close()
+
+
+def test_a_stopped_server_leaves_no_thread_behind(tokenizer):
+    def watchers():
+        return {t for t in threading.enumerate() if t.name == "ponder-grpc-health"}
+
+    before = watchers()
+    s = Stack(tokenizer)
+    assert len(watchers() - before) == 1
+    s.close()
+    end = time.monotonic() + 5
+    while watchers() - before:
+        assert time.monotonic() < end, "the health watcher outlived its server"
+        time.sleep(0.05)
 
 
 def test_health_follows_readiness_and_reflection_lists_the_services(grpc_stack):
