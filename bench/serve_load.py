@@ -37,8 +37,11 @@ Modes:
   first chunk); aggregate = all streams' decode tokens / (last chunk of any
   stream - first chunk of any stream), so prefills of streams admitted late
   (they stall the decode steps) count against it; the per-stream median is
-  shown beside it. The goal (the serving issue): the aggregate of 8 streams
-  is at least 4x one stream's.
+  shown beside it, and "all decoding": the tokens that arrive while every
+  stream is decoding (from the last stream's first chunk to the first
+  stream's last chunk), per second, which leaves admission prefills out. The
+  goal (the serving issue): the aggregate of 8 streams is at least 4x one
+  stream's; both ratios are printed against the one stream's aggregate.
 
 TTFT percentiles include superseded requests that got a first token;
 inter-token and end-to-end latency, output tokens/s and the session hit rate
@@ -101,6 +104,7 @@ class Result:
     gaps: list[float] = dataclasses.field(default_factory=list)
     first_chunk: float | None = None  # perf_counter times, for the throughput mode
     last_chunk: float | None = None
+    chunk_times: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # (perf_counter, tokens) per text chunk
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     generated_tokens: int | None = None
@@ -138,6 +142,7 @@ async def measure(client, req: Request, result: Result, t0: float) -> Result:
                 result.prompt_tokens, result.cached_tokens, result.generated_tokens = u.prompt_tokens, u.cached_tokens, u.generated_tokens
                 result.session_id, result.finish_reason = item.session_id, item.finish_reason
             elif item.text:
+                result.chunk_times.append((now, len(item.token_ids) or 1))  # SSE deltas carry no ids: 1 token
                 if result.first_chunk is None:
                     result.ttft, result.first_chunk = now - start, now
                 else:
@@ -275,6 +280,7 @@ async def run_throughput(client, files, args) -> dict:
             window = max(r.last_chunk for r in streams) - min(r.first_chunk for r in streams)
             rounds.append(dict(
                 aggregate_tok_s=decode_tokens / window,
+                steady_tok_s=steady_rate(streams),
                 per_stream_tok_s=[(r.generated_tokens - 1) / (r.last_chunk - r.first_chunk) for r in streams],
                 generated_tokens=[r.generated_tokens for r in streams],
                 ttft_s=[r.ttft for r in streams],
@@ -282,13 +288,29 @@ async def run_throughput(client, files, args) -> dict:
         rows[n] = dict(
             streams=n,
             aggregate_tok_s=float(np.median([r["aggregate_tok_s"] for r in rounds])),
+            steady_tok_s=float(np.median([r["steady_tok_s"] for r in rounds])),
             per_stream_tok_s=float(np.median([x for r in rounds for x in r["per_stream_tok_s"]])),
             mean_generated=float(np.mean([x for r in rounds for x in r["generated_tokens"]])),
             ttft_p50_s=float(np.median([x for r in rounds for x in r["ttft_s"]])),
             rounds=rounds,
         )
-    single, many = rows[1]["aggregate_tok_s"], rows[args.concurrency]["aggregate_tok_s"]
-    return dict(single=rows[1], concurrent=rows[args.concurrency], ratio=many / single)
+    single, many = rows[1], rows[args.concurrency]
+    return dict(single=single, concurrent=many, ratio=many["aggregate_tok_s"] / single["aggregate_tok_s"],
+                steady_ratio=many["steady_tok_s"] / single["aggregate_tok_s"])
+
+
+def steady_rate(streams: list[Result]) -> float:
+    """Tokens/s arriving while every stream is past its first token and none has ended.
+
+    The window runs from the last stream's first chunk to the first stream's
+    last chunk, so no admission prefill falls inside it (for one stream it is
+    that stream's decode rate). Chunks are counted from the second one on.
+    """
+    begin, end = max(r.first_chunk for r in streams), min(r.last_chunk for r in streams)
+    if end <= begin:
+        return float("nan")
+    tokens = sum(n for r in streams for t, n in r.chunk_times[1:] if begin < t <= end)
+    return tokens / (end - begin)
 
 
 def _new(results: list[Result]) -> Result:
@@ -356,12 +378,14 @@ def report(mode: str, s: dict) -> None:
 
     if mode == "throughput":
         table = Table(title="decode throughput (TTFT excluded; medians over rounds)")
-        for col in ("streams", "aggregate tok/s", "per-stream tok/s", "mean generated", "TTFT p50"):
+        for col in ("streams", "aggregate tok/s", "all decoding tok/s", "per-stream tok/s", "mean generated", "TTFT p50"):
             table.add_column(col, justify="right")
         for row in (s["single"], s["concurrent"]):
-            table.add_row(str(row["streams"]), f"{row['aggregate_tok_s']:.0f}", f"{row['per_stream_tok_s']:.0f}",
-                          f"{row['mean_generated']:.0f}", f"{row['ttft_p50_s'] * 1000:.0f} ms")
-        table.caption = f"aggregate {s['concurrent']['streams']} streams / 1 stream = {s['ratio']:.2f}x (goal >= 4x)"
+            table.add_row(str(row["streams"]), f"{row['aggregate_tok_s']:.0f}", f"{row['steady_tok_s']:.0f}",
+                          f"{row['per_stream_tok_s']:.0f}", f"{row['mean_generated']:.0f}", f"{row['ttft_p50_s'] * 1000:.0f} ms")
+        n = s["concurrent"]["streams"]
+        table.caption = (f"aggregate {n} streams / 1 stream = {s['ratio']:.2f}x (goal >= 4x); "
+                         f"while all {n} decode: {s['steady_ratio']:.2f}x")
         Console().print(table)
         return
     table = Table(title=f"ponder load: {mode}, {s['elapsed_s']:.1f} s")

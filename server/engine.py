@@ -25,6 +25,14 @@ session rolls back to the last snapshot at or before the first difference
 The same rules applied to an empty session give a cold start, so reuse is
 exact by construction (and tested).
 
+Scheduling. Each iteration of the engine loop starts one waiting job (the
+one with the least prompt to compute), runs one more prefill call of the
+oldest long prompt in progress, and takes one decode step. A prompt with more
+than ``SLICE_TOKENS`` to compute is parked between its calls, holding its
+slot, so a cold document delays others' keystrokes and tokens by one call,
+not by its whole prefill; the session is whole between calls, and a parked
+job that is superseded or cancelled keeps the chunks it committed.
+
 Long documents. Positions are learned up to the context window W, so the
 base attends within a window: tokens in block k (``BLOCK`` tokens each) are
 encoded with the window starting at ``window_start(k * BLOCK)``, which
@@ -41,6 +49,7 @@ compile counter (every XLA compilation of the process) stays flat afterwards.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import dataclasses
 import functools
 import itertools
@@ -68,6 +77,7 @@ BLOCK = 256  # tokens per window block (a multiple of the gate chunk)
 PREFILL_CHUNKS = (4, 2, 1)  # dual-form prefill calls, in chunks (largest first)
 EXTEND_LENGTHS = (16, 32, 64)  # extend buckets, in tokens
 PATIENCE_S = 0.5  # a job waiting this long is admitted next, however much prompt it brings
+SLICE_TOKENS = 256  # a prompt with more to compute is prefilled this much per engine iteration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +227,16 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 @dataclasses.dataclass
+class _Prefilling:
+    """A job whose prompt is being computed a slice per engine iteration; it holds ``slot``."""
+
+    job: Job
+    slot: int
+    steps: collections.abc.Generator  # ``Engine._prefill``: yields tokens computed per call, returns its result
+    session: Session | None = None
+
+
+@dataclasses.dataclass
 class _Running:
     """A job holding a decode slot."""
 
@@ -255,6 +275,7 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: dict[int, _Running] = {}
+        self._prefilling: list[_Prefilling] = []  # parked between slices, oldest first
         self._sessions: collections.OrderedDict[tuple[str, str], Session] = collections.OrderedDict()
         self._session_bytes = 0
         self._anonymous = itertools.count(1)
@@ -294,12 +315,16 @@ class Engine:
                 raise QueueFull(f"the queue is full ({len(self._waiting)} requests waiting, limit {self.config.queue_size})")
             if job.session_id is not None:
                 same = lambda other: other.api_key == job.api_key and other.session_id == job.session_id
-                for other in itertools.chain(self._waiting, (r.job for r in self._running.values())):
+                for other in self._jobs():
                     if same(other):
                         other.cancel("superseded")
             self._waiting.append(job)
             self.metrics.waiting.set(len(self._waiting))
             self._lock.notify()
+
+    def _jobs(self):
+        """Every job waiting, being prefilled or decoding (caller holds the lock)."""
+        return itertools.chain(self._waiting, (p.job for p in self._prefilling), (r.job for r in self._running.values()))
 
     def reset_session(self, api_key: str, session_id: str) -> bool:
         """Forgets a session (the next request starts a fresh document). True if it existed."""
@@ -317,11 +342,11 @@ class Engine:
         end = time.monotonic() + drain_s
         while time.monotonic() < end:
             with self._lock:
-                if not self._waiting and not self._running:
+                if not self._waiting and not self._prefilling and not self._running:
                     break
             time.sleep(0.02)
         with self._lock:
-            for job in list(self._waiting) + [r.job for r in self._running.values()]:
+            for job in list(self._jobs()):
                 job.cancel("shutdown")
             self._stop = True
             self._lock.notify()
@@ -452,8 +477,10 @@ class Engine:
     def _run_chunks(self, session: Session, tokens: list[int], begin: int, end: int, doc, usage: Usage, lambdas, commit: bool):
         """Whole chunks ``tokens[begin:end]`` in dual form from ``doc``; returns the state after them.
 
-        With ``commit``, the session's committed tokens and snapshots follow.
-        Calls never cross a window block and take the largest bucket first.
+        A generator: it yields the tokens of each call once the call is done.
+        With ``commit``, the session's committed tokens and snapshots follow
+        after every call, so the session is whole between calls. Calls never
+        cross a window block and take the largest bucket first.
         """
         C, p = self.C, begin
         while p < end:
@@ -468,6 +495,7 @@ class Engine:
                 session.doc = doc
                 session.snapshots.append((p, doc))
                 del session.snapshots[: -self.config.snapshots]
+            yield n * C
         return doc
 
     def _count_chunks(self, usage: Usage, lambdas: list[float], lam, updated, flops: float) -> None:
@@ -527,14 +555,15 @@ class Engine:
             self._session_bytes -= session.nbytes()
 
     def _evict(self, keep: Session) -> None:
-        """Drops least recently used sessions until the cap holds (never ``keep``)."""
+        """Drops least recently used sessions until the cap holds (never ``keep`` or one being prefilled)."""
         cap = self.config.session_memory_mb * 2**20
         self._session_bytes = sum(s.nbytes() for s in self._sessions.values())
+        busy = [p.session for p in self._prefilling]
         for key in list(self._sessions):
             if self._session_bytes <= cap:
                 break
             session = self._sessions[key]
-            if session is keep:
+            if session is keep or any(session is b for b in busy):
                 continue
             self._drop(session)
             self.metrics.sessions_evicted.inc()
@@ -559,18 +588,22 @@ class Engine:
 
     # --- The loop.
 
-    def _prefill(self, job: Job):
+    def _prefill(self, task: _Prefilling):
         """Brings the job's session up to its prompt and samples the first token.
 
-        Returns ``(session, usage, lambdas, first)``: λ of the chunks closed,
+        A generator that yields the tokens computed by each prefill call (the
+        engine runs a long prompt a slice at a time between decode steps) and
+        returns ``(session, usage, lambdas, first)``: λ of the chunks closed,
         and ``first = (token, doc, cache, window, doc_end)`` to insert into a
         slot, or None for an ingest-only job.
         """
+        job = task.job
         C = self.C
         tokens = job.tokens
         eot_at = max(i for i, t in enumerate(tokens) if t == self.eot_id) if self.eot_id in tokens else 0
         with self._lock:
             session, reused = self._session_for(job)
+            task.session = session
         if eot_at:  # an end-of-document token inside the prompt opens a new document there
             tokens = job.tokens = tokens[eot_at:]
         L = len(tokens)
@@ -580,12 +613,12 @@ class Engine:
         start = self._rollback(session, tokens[:commit_end])
         usage, lambdas = Usage(prompt_tokens=L, cached_tokens=start), []
         self.metrics.prompt_tokens.inc(L)
-        doc = self._run_chunks(session, tokens, start, commit_end, session.doc, usage, lambdas, commit=True)
+        doc = yield from self._run_chunks(session, tokens, start, commit_end, session.doc, usage, lambdas, commit=True)
         if job.max_new_tokens == 0:
             self.metrics.prefill_tokens.inc(commit_end - start)
             return session, usage, lambdas, None
         scratch_end = (L - 1) // C * C
-        doc = self._run_chunks(session, tokens, commit_end, scratch_end, doc, usage, lambdas, commit=False)
+        doc = yield from self._run_chunks(session, tokens, commit_end, scratch_end, doc, usage, lambdas, commit=False)
         self._ensure_window(session, tokens, scratch_end)
         window = session.window
         count_before = scratch_end
@@ -596,44 +629,80 @@ class Engine:
         return session, usage, lambdas, (token, doc, session.cache, window, L)
 
     def _admit(self) -> bool:
-        """Moves one waiting job into a free slot (or finishes it). True if it did anything."""
+        """Starts one waiting job in a free slot (or finishes it). True if it did anything.
+
+        The job's prompt runs up to ``SLICE_TOKENS`` tokens now (a warm
+        keystroke: all of it); a longer one is parked in ``_prefilling`` and
+        continues a slice per iteration of the loop, between decode steps.
+        """
         with self._lock:
-            free = [i for i in range(self.config.slots) if i not in self._running]
+            reserved = {p.slot for p in self._prefilling}
+            free = [i for i in range(self.config.slots) if i not in self._running and i not in reserved]
             if not free or not self._waiting:
                 return False
             job = self._next_waiting()
+            if job is None:
+                return False
             self.metrics.waiting.set(len(self._waiting))
-        now = time.monotonic()
-        self.metrics.queue_time.observe(now - job.arrival)
-        if job.cancelled.is_set():
-            self._finish_unstarted(job, "cancelled")
-            return True
-        if job.deadline is not None and now > job.deadline:
-            self._finish_unstarted(job, "deadline")
-            return True
+        self.metrics.queue_time.observe(time.monotonic() - job.arrival)
+        task = _Prefilling(job, free[0], None)
+        task.steps = self._prefill(task)
+        self._advance(task, SLICE_TOKENS)
+        return True
+
+    def _advance(self, task: _Prefilling, budget: int) -> None:
+        """Runs ``task``'s prefill calls until ``budget`` tokens are computed or the prompt is done.
+
+        A done prompt goes into its slot (an ingestion ends); an unfinished
+        one is parked; a cancelled or late one ends, keeping what it committed.
+        """
+        job = task.job
+        reason = "cancelled" if job.cancelled.is_set() else "deadline" if job.deadline is not None and time.monotonic() > job.deadline else None
         try:
-            session, usage, lambdas, first = self._prefill(job)
+            if reason is None:
+                done = 0
+                while done < budget:
+                    done += next(task.steps)
+                if task not in self._prefilling:
+                    with self._lock:
+                        self._prefilling.append(task)
+                return
+        except StopIteration as stop:
+            self._unpark(task)
+            self._start(task, *stop.value)
+            return
         except Exception as error:  # a bug must fail the request, never the engine
             log.exception("prefill failed")
+            self._unpark(task)
             job.put(ErrorEvent(error))
-            return True
+            return
+        task.steps.close()
+        self._unpark(task)
+        self._finish_unstarted(job, reason)
+
+    def _unpark(self, task: _Prefilling) -> None:
+        with self._lock:
+            if task in self._prefilling:
+                self._prefilling.remove(task)
+
+    def _start(self, task: _Prefilling, session: Session, usage: Usage, lambdas: list[float], first) -> None:
+        """Puts a job whose prompt is done into its slot and emits its first token (an ingestion ends)."""
+        job = task.job
         with self._lock:
             self._evict(keep=session)
         if first is None:
             job.put(TokenEvent([], lambdas))
             job.put(DoneEvent("length", usage, session.session_id))
-            return True
+            return
         token, doc, cache, window, doc_end = first
-        slot = free[0]
-        self._slots = _insert(self._slots, self._slot_row(job, doc, cache, token, window, doc_end), slot)
+        self._slots = _insert(self._slots, self._slot_row(job, doc, cache, token, window, doc_end), task.slot)
         running = _Running(job, session, usage, 0, time.monotonic(), doc_end - window + 1)
         with self._lock:
-            self._running[slot] = running
+            self._running[task.slot] = running
             self.metrics.running.set(len(self._running))
-        self._emit(slot, running, int(np.asarray(token)[0]), lambdas)
-        return True
+        self._emit(task.slot, running, int(np.asarray(token)[0]), lambdas)
 
-    def _next_waiting(self) -> Job:
+    def _next_waiting(self) -> Job | None:
         """Takes the waiting job with the least prompt to compute (caller holds the lock).
 
         A keystroke in a warm session costs one ``extend``; a cold document
@@ -641,8 +710,18 @@ class Engine:
         TTFT low while cold prompts arrive; a job waiting ``PATIENCE_S`` goes
         first regardless, so none starves. The estimate is the prompt minus
         what the session has committed (an edit looks cheaper than it is).
+        A job whose session may be one being prefilled waits for it (None
+        when every waiting job does).
         """
-        oldest = self._waiting[0]
+
+        def clashes(job: Job, other: Job) -> bool:  # an anonymous job may match any session of its key
+            ids = (job.session_id, other.session_id)
+            return job.api_key == other.api_key and (None in ids or ids[0] == ids[1])
+
+        ready = [job for job in self._waiting if not any(clashes(job, p.job) for p in self._prefilling)]
+        if not ready:
+            return None
+        oldest = ready[0]
         if time.monotonic() - oldest.arrival < PATIENCE_S:
 
             def work(job: Job) -> int:
@@ -650,7 +729,7 @@ class Engine:
                 fresh = session is None or job.reset or job.document_id not in (None, session.document_id)
                 return len(job.tokens) - (0 if fresh else len(session.tokens))
 
-            oldest = min(self._waiting, key=work)  # the first of equals: arrival order otherwise
+            oldest = min(ready, key=work)  # the first of equals: arrival order otherwise
         self._waiting.remove(oldest)
         return oldest
 
@@ -726,13 +805,19 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stop and not self._waiting and not self._running:
+                while not self._stop and not self._waiting and not self._prefilling and not self._running:
                     self._lock.wait()
                 if self._stop:
                     return
+                parked = self._prefilling[0] if self._prefilling else None
             try:
+                # An iteration: start one waiting job, one more slice of the oldest parked
+                # prompt, one decode step (skipped while more jobs can still join this one).
                 admitted = self._admit()
-                if self._running and not (admitted and self._waiting and len(self._running) < self.config.slots):
+                if parked is not None:
+                    self._advance(parked, 1)
+                busy = len(self._running) + len(self._prefilling)
+                if self._running and not (admitted and self._waiting and busy < self.config.slots):
                     self._step()
             except Exception:  # pragma: no cover - a bug; keep serving and fail the running requests
                 log.exception("engine step failed")

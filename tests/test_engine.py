@@ -8,6 +8,7 @@ the bounded queue, and no compilation after warm-up.
 """
 
 import dataclasses
+import queue
 import threading
 import time
 
@@ -180,6 +181,50 @@ def test_a_newer_request_supersedes_the_older(engine):
         pass
     assert event.finish_reason == "cancelled" and old.cancel_reason == "superseded"
     assert done.finish_reason in ("length", "stop")
+
+
+def _wait_until_parked(engine, job):
+    """Waits until ``job``'s long prompt is parked between slices (the engine is still prefilling it)."""
+    end = time.monotonic() + 60
+    while not any(p.job is job for p in engine._prefilling):
+        assert time.monotonic() < end and not job.cancelled.is_set(), "the long prompt was never parked"
+        time.sleep(0.0005)
+
+
+def test_a_long_prompt_is_prefilled_in_slices_between_other_work(engine):
+    """A keystroke in a warm session is answered while a cold 2,000-token document is being prefilled,
+    and the cold document's tokens are the ones of a cold start on its own."""
+    warm_doc, cold_doc = _doc(40, seed=40), _doc(2000, seed=41)
+    _run(engine, warm_doc, session="warm", max_new=2)
+    cold = Job("", "cold", None, cold_doc, 4)
+    engine.submit(cold)
+    _wait_until_parked(engine, cold)
+    keystroke = Job("", "warm", None, warm_doc + [5], 2)
+    engine.submit(keystroke)
+    first = keystroke.next_event(timeout=60)
+    assert isinstance(first, TokenEvent) and first.token_ids
+    with pytest.raises(queue.Empty):  # the cold document has not produced its first token yet
+        cold.next_event(timeout=0)
+    got = []
+    while not isinstance(event := cold.next_event(timeout=60), DoneEvent):
+        got += event.token_ids
+    assert event.usage.cached_tokens == 0
+    alone, _, _ = _run(engine, cold_doc, session="cold-alone", max_new=4)
+    assert got == alone
+
+
+def test_a_superseded_long_prompt_keeps_what_it_committed(engine):
+    doc = _doc(2000, seed=42)
+    old = Job("", "long-typing", None, doc, 4)
+    engine.submit(old)
+    _wait_until_parked(engine, old)
+    got, _, done = _run(engine, doc + [9], session="long-typing", max_new=4)  # waits for the session, then goes on
+    while not isinstance(event := old.next_event(timeout=60), DoneEvent):
+        pass
+    assert event.finish_reason == "cancelled" and old.cancel_reason == "superseded"
+    assert done.usage.cached_tokens > 0  # the slices the old job committed
+    alone, _, _ = _run(engine, doc + [9], session="long-typing-alone", max_new=4)
+    assert got == alone
 
 
 def test_queue_full_is_refused(model):
