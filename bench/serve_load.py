@@ -26,7 +26,11 @@ Modes:
   file's path as ``document_id``; the next keystroke cancels a request still
   running (closes the stream: superseded). Every ``--switch-s`` it opens
   another file. A request is cold when it is the first of its document or
-  its ``cached_tokens`` is 0, warm otherwise. A *lost session* is a warm-
+  its ``cached_tokens`` is 0; warm when an earlier request of its document
+  had completed before it was sent (the server has read the document) and
+  its ``cached_tokens`` is above 0; *resumed* otherwise: every earlier
+  request was superseded before it completed, and the server had only part
+  of the document (a cold prefill cut short). A *lost session* is a warm-
   expected request (an earlier request of the same document completed, the
   prefix only grew) that got ``cached_tokens == 0``; the server's eviction
   counter (``/metrics`` before and after) says how many of those an eviction
@@ -112,6 +116,7 @@ class Result:
     session_id: str | None = None
     document_id: str | None = None
     first_of_document: bool = False
+    after_completed: bool = False  # an earlier request of the document had completed when this one was sent
     lost_session: bool = False
 
 
@@ -241,6 +246,7 @@ async def run_typing(client, files, args, results: list[Result], t0: float) -> N
                     req = Request(text[:cursor], args.max_tokens, suffix, args.temperature, session, path)
                     result = _new(results)
                     result.first_of_document, first = first, False
+                    result.after_completed = committed[0]
                     task = asyncio.create_task(complete(req, result))
                     pause -= debounce
                 await asyncio.sleep(pause)
@@ -345,7 +351,8 @@ def summarize(results: list[Result], elapsed: float, before, after) -> dict:
     with_ttft = [r for r in results if r.ttft is not None]  # superseded requests count if a token arrived
     known = [r for r in ok if r.cached_tokens is not None]
     cold = [r.ttft for r in with_ttft if r.first_of_document or r.cached_tokens == 0]
-    warm = [r.ttft for r in with_ttft if not r.first_of_document and r.cached_tokens]
+    warm = [r.ttft for r in with_ttft if not r.first_of_document and r.cached_tokens and r.after_completed]
+    resumed = [r.ttft for r in with_ttft if not r.first_of_document and r.cached_tokens and not r.after_completed]
     delta = {k: v - (before or {}).get(k, 0.0) for k, v in (after or {}).items() if v - (before or {}).get(k, 0.0)}
     evicted = delta.get("ponder_sessions_evicted_total") if after is not None else None
     lost = sum(r.lost_session for r in ok)
@@ -362,6 +369,7 @@ def summarize(results: list[Result], elapsed: float, before, after) -> dict:
         session_hit_rate=sum(bool(r.cached_tokens) for r in known) / len(known) if known else None,
         mean_prompt_tokens=float(np.mean([r.prompt_tokens for r in known if r.prompt_tokens])) if known else None,
         warm_ttft_s=percentiles(warm, (50, 90)), cold_ttft_s=percentiles(cold, (50, 90)), warm_n=len(warm), cold_n=len(cold),
+        resumed_ttft_s=percentiles(resumed, (50, 90)), resumed_n=len(resumed),
         lost_sessions=lost, sessions_evicted=evicted,
         lost_unexplained=None if evicted is None else max(0, lost - int(evicted)),
         metrics_delta=delta if after is not None else None,
@@ -408,6 +416,7 @@ def report(mode: str, s: dict) -> None:
         rows += [
             (f"warm TTFT p50 / p90 (n={s['warm_n']})", _fmt(s["warm_ttft_s"])),
             (f"cold TTFT p50 / p90 (n={s['cold_n']})", _fmt(s["cold_ttft_s"])),
+            (f"resumed TTFT p50 / p90 (n={s['resumed_n']})", _fmt(s["resumed_ttft_s"])),
             ("lost sessions / evicted (server)",
              f"{s['lost_sessions']} / {'-' if s['sessions_evicted'] is None else int(s['sessions_evicted'])}"),
         ]

@@ -710,25 +710,27 @@ class Engine:
         TTFT low while cold prompts arrive; a job waiting ``PATIENCE_S`` goes
         first regardless, so none starves. The estimate is the prompt minus
         what the session has committed (an edit looks cheaper than it is).
-        A job whose session may be one being prefilled waits for it (None
-        when every waiting job does).
+        While a long prompt is being prefilled, other long ones wait (they go
+        one at a time), and so does a job whose session may be the one being
+        prefilled. None when every waiting job waits.
         """
+
+        def work(job: Job) -> int:
+            session = self._sessions.get((job.api_key, job.session_id)) if job.session_id is not None else None
+            fresh = session is None or job.reset or job.document_id not in (None, session.document_id)
+            return len(job.tokens) - (0 if fresh else len(session.tokens))
 
         def clashes(job: Job, other: Job) -> bool:  # an anonymous job may match any session of its key
             ids = (job.session_id, other.session_id)
             return job.api_key == other.api_key and (None in ids or ids[0] == ids[1])
 
-        ready = [job for job in self._waiting if not any(clashes(job, p.job) for p in self._prefilling)]
+        parked = [p.job for p in self._prefilling]
+        ready = [job for job in self._waiting
+                 if not (parked and (work(job) > SLICE_TOKENS or any(clashes(job, other) for other in parked)))]
         if not ready:
             return None
         oldest = ready[0]
         if time.monotonic() - oldest.arrival < PATIENCE_S:
-
-            def work(job: Job) -> int:
-                session = self._sessions.get((job.api_key, job.session_id)) if job.session_id is not None else None
-                fresh = session is None or job.reset or job.document_id not in (None, session.document_id)
-                return len(job.tokens) - (0 if fresh else len(session.tokens))
-
             oldest = min(ready, key=work)  # the first of equals: arrival order otherwise
         self._waiting.remove(oldest)
         return oldest
@@ -810,9 +812,12 @@ class Engine:
                 if self._stop:
                     return
                 parked = self._prefilling[0] if self._prefilling else None
+                gone = [p for p in self._prefilling[1:] if p.job.cancelled.is_set()]
             try:
                 # An iteration: start one waiting job, one more slice of the oldest parked
                 # prompt, one decode step (skipped while more jobs can still join this one).
+                for task in gone:  # a superseded prompt frees its slot and session now
+                    self._advance(task, 0)
                 admitted = self._admit()
                 if parked is not None:
                     self._advance(parked, 1)
