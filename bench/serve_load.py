@@ -147,7 +147,7 @@ async def measure(client, req: Request, result: Result, t0: float) -> Result:
                 result.prompt_tokens, result.cached_tokens, result.generated_tokens = u.prompt_tokens, u.cached_tokens, u.generated_tokens
                 result.session_id, result.finish_reason = item.session_id, item.finish_reason
             elif item.text:
-                result.chunk_times.append((now, len(item.token_ids) or 1))  # SSE deltas carry no ids: 1 token
+                result.chunk_times.append((now, item.tokens))
                 if result.first_chunk is None:
                     result.ttft, result.first_chunk = now - start, now
                 else:

@@ -213,6 +213,7 @@ class _Answer(BaseModel):
 
 class PonderDelta(_Answer):
     chunk_lambda: list[float] = Field(description="λ of the TTT chunks that closed since the last event.")
+    tokens: int = Field(description="Generated tokens behind this event (a reader that fell behind gets several per event).")
 
 
 class PonderFinal(_Answer):
@@ -675,7 +676,7 @@ class _Frontend:
         def render(item):
             events = [_sse(Completion(**head, choices=[CompletionChoice(text=unsent_echo.pop())]))] if unsent_echo else []
             if isinstance(item, TextDelta):
-                choice, lam = CompletionChoice(text=item.text), PonderDelta(chunk_lambda=item.chunk_lambda)
+                choice, lam = CompletionChoice(text=item.text), PonderDelta(chunk_lambda=item.chunk_lambda, tokens=len(item.token_ids))
                 return events + [_sse(Completion(**head, choices=[choice], ponder=lam))]
             finish = CompletionChoice(text="", finish_reason=_openai_finish(item))
             events.append(_sse(Completion(**head, choices=[finish], ponder=_ponder_final(item))))
@@ -722,7 +723,7 @@ class _Frontend:
                 return [_sse(self._infill_answer(body, completion, item, call, ""))]
             predicted += len(item.token_ids)
             tokens = item.token_ids if body.return_tokens else []
-            lam = PonderDelta(chunk_lambda=item.chunk_lambda)
+            lam = PonderDelta(chunk_lambda=item.chunk_lambda, tokens=len(item.token_ids))
             return [_sse(InfillChunk(content=item.text, tokens=tokens, tokens_predicted=predicted, ponder=lam))]
 
         return _EventStream(self._events(items, call, render))

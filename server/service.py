@@ -189,7 +189,7 @@ class CompletionService:
         folder = _TextFolder(self.tokenizer, request, job)
         try:
             while True:
-                for item in folder.feed(await job.anext_event()):
+                for item in folder.feed_all([await job.anext_event(), *job.delivered()]):
                     yield item
                     if isinstance(item, Final):
                         return
@@ -213,7 +213,7 @@ class CompletionService:
                     if not is_active():
                         job.cancel("client")
                     continue
-                for item in folder.feed(event):
+                for item in folder.feed_all([event, *job.delivered()]):
                     yield item
                     if isinstance(item, Final):
                         return
@@ -271,6 +271,30 @@ class _TextFolder:
         if not final:
             self.job.cancel("stop")
         return len(self.text)
+
+    def feed_all(self, events: list) -> Iterator[TextDelta | Final]:
+        """``feed`` for several events at once, their deltas joined into one: a stream whose reader
+        fell behind the engine catches up in one message instead of one per token. The text before
+        an engine error still goes out before the error is raised."""
+        pending: TextDelta | None = None
+        for event in events:
+            try:
+                items = self.feed(event)
+            except Exception:
+                if pending is not None:
+                    yield pending
+                raise
+            for item in items:
+                if isinstance(item, TextDelta):
+                    pending = item if pending is None else TextDelta(
+                        pending.text + item.text, pending.token_ids + item.token_ids, pending.chunk_lambda + item.chunk_lambda)
+                    continue
+                if pending is not None:
+                    yield pending
+                    pending = None
+                yield item
+        if pending is not None:
+            yield pending
 
     def feed(self, event) -> list[TextDelta | Final]:
         if isinstance(event, ErrorEvent):

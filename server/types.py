@@ -144,3 +144,12 @@ class Job:
 
     async def anext_event(self):
         return await self._async_events.get()
+
+    def delivered(self) -> list:
+        """The events already handed over and not yet read, without waiting."""
+        events = []
+        try:
+            while True:
+                events.append(self._async_events.get_nowait() if self._loop is not None else self._events.get_nowait())
+        except (asyncio.QueueEmpty, queue.Empty):
+            return events

@@ -150,6 +150,7 @@ def test_completion_stream_frames_and_include_usage(open_server, tokenizer):
     assert finish["choices"][0]["finish_reason"] == "length" and finish["ponder"]["chunks_updated"] == 1
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 6
     assert sum(len(c["ponder"]["chunk_lambda"]) for c in deltas) == 6 // CHUNK
+    assert sum(c["ponder"]["tokens"] for c in deltas) == 6
 
 
 def test_official_openai_client(open_server, tokenizer):

@@ -71,7 +71,7 @@ class MessageFolder:
         self.token_ids += message.token_ids
         self.chunk_lambda += message.chunk_lambda
         if not message.HasField("usage"):
-            return Delta(message.text, tuple(message.token_ids), tuple(message.chunk_lambda))
+            return Delta(message.text, tuple(message.token_ids), tuple(message.chunk_lambda), len(message.token_ids))
         self.done = True
         return Completion(
             text="".join(self.text), finish_reason=FINISH.get(message.finish_reason, "stop"), session_id=message.session_id,

@@ -156,7 +156,8 @@ class EventFolder:
             self.ponder = _ponder_part(event, self.url)
             return []
         self.text.append(choice["text"])
-        return [Delta(choice["text"], (), tuple(event.get("ponder", {}).get("chunk_lambda", ())))]
+        ponder = event.get("ponder", {})
+        return [Delta(choice["text"], (), tuple(ponder.get("chunk_lambda", ())), ponder.get("tokens", 0))]
 
     def _end(self) -> Completion:
         if self.ponder is None or self.usage is None:

@@ -68,11 +68,13 @@ class Delta:
       text: text since the previous delta (may be empty when only λ arrived).
       token_ids: the tokens behind it (gRPC only; empty over HTTP).
       chunk_lambda: λ of the chunks closed since the previous delta.
+      tokens: how many generated tokens are behind it (both transports).
     """
 
     text: str
     token_ids: tuple[int, ...] = ()
     chunk_lambda: tuple[float, ...] = ()
+    tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
