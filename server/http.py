@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.json_schema import models_json_schema
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
@@ -586,7 +586,7 @@ class _Frontend:
             except NotReady as err:
                 call.done("rejected")
                 return ApiError(503, str(err), kind="unavailable_error").response()
-            except _ClientGone:
+            except (_ClientGone, ClientDisconnect):  # before the answer, or while its body was arriving
                 call.done("cancelled")
                 return Response(status_code=499)  # nobody is listening
             except Exception as err:

@@ -9,6 +9,7 @@ errors, streaming, disconnects and auth are checked exactly, without a model.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -453,6 +454,20 @@ def test_client_disconnect_while_waiting_for_a_json_answer_cancels_the_job(open_
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 200}, timeout=0.3)
     assert wait_for(lambda: engine.jobs and engine.jobs[-1].cancelled.is_set())
+
+
+def test_a_client_gone_while_sending_its_body_is_a_cancellation(open_server, caplog):
+    """An editor that supersedes a request mid-upload: counted as cancelled, no error, no traceback."""
+    url, engine, metrics = open_server
+    sample = lambda outcome: metrics.registry.get_sample_value(
+        "ponder_requests_total", {"endpoint": "completions", "outcome": outcome}) or 0
+    before = {o: sample(o) for o in ("cancelled", "error")}
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"prompt\": \"x\"")
+    assert wait_for(lambda: sample("cancelled") == before["cancelled"] + 1)
+    assert sample("error") == before["error"] and "failed" not in caplog.text
 
 
 def test_a_stream_in_flight_completes_when_the_server_shuts_down(tokenizer):
