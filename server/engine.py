@@ -242,13 +242,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Prefilling:
     """A job whose prompt is being computed a slice per engine iteration; it holds ``slot``."""
 
     job: Job
     slot: int
-    steps: collections.abc.Generator  # ``Engine._prefill``: yields tokens computed per call, returns its result
+    steps: collections.abc.Generator | None = None  # ``Engine._prefill``: yields tokens per call, returns its result
     session: Session | None = None
 
 
@@ -575,12 +575,12 @@ class Engine:
         """Drops least recently used sessions until the cap holds (never ``keep`` or one being prefilled)."""
         cap = self.config.session_memory_mb * 2**20
         self._session_bytes = sum(s.nbytes() for s in self._sessions.values())
-        busy = [p.session for p in self._prefilling]
+        busy = [p.session for p in self._prefilling]  # sessions compare by identity
         for key in list(self._sessions):
             if self._session_bytes <= cap:
                 break
             session = self._sessions[key]
-            if session is keep or any(session is b for b in busy):
+            if session is keep or session in busy:
                 continue
             self._drop(session)
             self.metrics.sessions_evicted.inc()
@@ -662,7 +662,7 @@ class Engine:
                 return False
             self.metrics.waiting.set(len(self._waiting))
         self.metrics.queue_time.observe(time.monotonic() - job.arrival)
-        task = _Prefilling(job, free[0], None)
+        task = _Prefilling(job, free[0])
         task.steps = self._prefill(task)
         self._advance(task, SLICE_TOKENS)
         return True
@@ -674,28 +674,26 @@ class Engine:
         one is parked; a cancelled or late one ends, keeping what it committed.
         """
         job = task.job
-        reason = "cancelled" if job.cancelled.is_set() else "deadline" if job.deadline is not None and time.monotonic() > job.deadline else None
+        if job.cancelled.is_set() or (job.deadline is not None and time.monotonic() > job.deadline):
+            task.steps.close()
+            self._unpark(task)
+            self._finish_unstarted(job, "cancelled" if job.cancelled.is_set() else "deadline")
+            return
         try:
-            if reason is None:
-                done = 0
-                while done < budget:
-                    done += next(task.steps)
-                if task not in self._prefilling:
-                    with self._lock:
-                        self._prefilling.append(task)
-                return
+            done = 0
+            while done < budget:
+                done += next(task.steps)
         except StopIteration as stop:
             self._unpark(task)
             self._start(task, *stop.value)
-            return
         except Exception as error:  # a bug must fail the request, never the engine
             log.exception("prefill failed")
             self._unpark(task)
             job.put(ErrorEvent(error))
-            return
-        task.steps.close()
-        self._unpark(task)
-        self._finish_unstarted(job, reason)
+        else:
+            if task not in self._prefilling:
+                with self._lock:
+                    self._prefilling.append(task)
 
     def _unpark(self, task: _Prefilling) -> None:
         with self._lock:
@@ -828,13 +826,13 @@ class Engine:
                     self._lock.wait()
                 if self._stop:
                     return
-                parked = self._prefilling[0] if self._prefilling else None
-                gone = [p for p in self._prefilling[1:] if p.job.cancelled.is_set()]
             try:
                 # An iteration: start one waiting job, one more slice of the oldest parked
                 # prompt, one decode step (skipped while more jobs can still join this one).
-                for task in gone:  # a superseded prompt frees its slot and session now
-                    self._advance(task, 0)
+                # Only this thread changes ``_prefilling``: it reads it without the lock.
+                for task in [p for p in self._prefilling if p.job.cancelled.is_set()]:
+                    self._advance(task, 0)  # a superseded prompt frees its slot and session now
+                parked = self._prefilling[0] if self._prefilling else None
                 admitted = self._admit()
                 if parked is not None:
                     self._advance(parked, 1)
