@@ -125,27 +125,37 @@ def _train_ttt(args: argparse.Namespace) -> None:
 
     from model import checkpoint
     from model.gating import GateConfig, Schedule
-    from model.gpt2 import GPT
     from model.ttt import TTTConfig
     from model.ttt_lm import TTTLMConfig, TTTTransformerLM
     from train.stages import TTTStage
 
     _check_corpus(args.corpus)
-    base, tokenizer = checkpoint.load(args.base)
-    if not isinstance(base, GPT):
-        raise ValueError(f"--base {args.base} is a TTT checkpoint; stage 2 starts from a base (stage 1) checkpoint")
-    D = base.config.n_embd
-    config = TTTLMConfig(
-        base=base.config,
-        ttt=TTTConfig(width=D, n_head=args.ttt_heads, kind=args.ttt_kind, mini_batch=args.mini_batch,
-                      max_update_norm=args.max_update_norm),
-        n_ttt_layers=args.ttt_layers,
-        gate=GateConfig(chunk=args.chunk),
-        eot_id=tokenizer.eot_id,
-    )
-    model = TTTTransformerLM(config, rngs=nnx.Rngs(args.seed), base=base)
+    if (args.base is None) == (args.init_from is None):
+        raise ValueError("give one of --base (a new TTT layer on a base) and --init-from (continue a TTT checkpoint)")
+    model, tokenizer = checkpoint.load(args.base or args.init_from)
+    if args.init_from is not None:
+        if not isinstance(model, TTTTransformerLM):
+            raise ValueError(f"--init-from {args.init_from} is a base checkpoint: start stage 2 from it with --base")
+        config = model.config
+    else:
+        base = model.base if isinstance(model, TTTTransformerLM) else model  # a TTT checkpoint lends its base
+        D = base.config.n_embd
+        config = TTTLMConfig(
+            base=base.config,
+            ttt=TTTConfig(width=D, n_head=args.ttt_heads, kind=args.ttt_kind, mini_batch=args.mini_batch,
+                          max_update_norm=args.max_update_norm),
+            n_ttt_layers=args.ttt_layers,
+            gate=GateConfig(chunk=args.chunk),
+            eot_id=tokenizer.eot_id,
+        )
+        model = TTTTransformerLM(config, rngs=nnx.Rngs(args.seed), base=base)
+    window = args.window or args.seq_len
+    if window > config.base.n_positions:
+        raise ValueError(f"--window {window} exceeds the base's context of {config.base.n_positions} "
+                         f"(a --seq-len longer than the context needs a --window)")
     schedule = Schedule(args.schedule, value=args.schedule_value, rate=args.schedule_rate, steps=args.schedule_steps)
-    stage = TTTStage(seq_len=args.seq_len, chunk=args.chunk, schedule=schedule, beta=args.beta, gamma=args.gamma)
+    stage = TTTStage(seq_len=args.seq_len, chunk=config.gate.chunk, schedule=schedule, beta=args.beta,
+                     gamma=args.gamma, window=args.window)
     _train_run(args, stage, model, tokenizer)
 
 
@@ -298,7 +308,12 @@ def _add_train_commands(commands) -> None:
 
     ttt = stages.add_parser("ttt", help="stage 2: freeze the base, train the TTT layer and the gate")
     common(ttt, seq_len=512, lr=3e-3, batch=4)
-    ttt.add_argument("--base", type=Path, required=True, help="the stage-1 checkpoint")
+    ttt.add_argument("--base", type=Path, help="the stage-1 checkpoint (or a TTT checkpoint, whose base is taken)")
+    ttt.add_argument("--init-from", type=Path,
+                     help="continue this TTT checkpoint instead (its layer sizes win over --ttt-*, --chunk, ...)")
+    ttt.add_argument("--window", type=int,
+                     help="base attention window in tokens (a multiple of --chunk): rows longer than the context "
+                          "run window by window while the fast weights carry across (default: the whole row)")
     ttt.add_argument("--ttt-kind", default="linear", choices=["linear", "mlp"])
     ttt.add_argument("--ttt-heads", type=int, default=4)
     ttt.add_argument("--ttt-layers", type=int, default=1)

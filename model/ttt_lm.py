@@ -264,6 +264,7 @@ class TTTTransformerLM(nnx.Module):
         state: DocState | None = None,
         cache: KVCache | None = None,
         chunk_lambda=None,
+        attention_ids=None,
     ) -> LMOutput:
         """Forward over whole chunks, from a document start or from ``state``.
 
@@ -285,6 +286,10 @@ class TTTTransformerLM(nnx.Module):
           cache: the base's KV cache holding the positions before these.
           chunk_lambda: [B, n_chunks] lam per chunk, overriding the schedule
             (evaluation baselines such as ORACLE choose it from outside).
+          attention_ids: [B, T] where base attention may reach, finer than
+            ``segment_ids`` (default: the same). Training with attention
+            windows inside a document gives each window its own id, while
+            the fast weights carry across windows (``TTTStage.window``).
 
         Returns:
           An ``LMOutput``.
@@ -300,7 +305,8 @@ class TTTTransformerLM(nnx.Module):
         count = state.count
         features = schedule.reads_history and chunk_lambda is None
         base_logits, hidden, cache = self.base(
-            tokens, positions, cache, segment_ids=segment_ids, compute_logits=features
+            tokens, positions, cache, segment_ids=segment_ids if attention_ids is None else attention_ids,
+            compute_logits=features,
         )
         h = jax.lax.stop_gradient(hidden)  # frozen base
         if features:

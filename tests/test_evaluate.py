@@ -15,6 +15,8 @@ from model.gpt2 import KVCache
 from model.ttt import TTTConfig
 from model.ttt_lm import TTTLMConfig, TTTTransformerLM
 from train import evaluate
+from train.data import Batch
+from train.stages import TTTStage
 
 BASE = GPTConfig(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=2)
 CONFIG = TTTLMConfig(base=BASE, ttt=TTTConfig(width=64, n_head=4), gate=GateConfig(chunk=16))
@@ -120,3 +122,27 @@ def test_line_completion_targets_and_scores(fixture, code_tokenizer):
     assert lc.summarize([lc.LineResult("a = 1", "a = 1 "), lc.LineResult("abcd", "abxy")]) == {
         "lines": 2, "exact_match": 0.5, "edit_similarity": 0.75
     }
+
+
+@pytest.mark.parametrize("method", ["UPDATE_1", "LEARNED"])
+def test_windowed_training_rows_equal_evaluation_window_by_window(fixture, method):
+    """Stage 2 with ``window``: a packed row of two documents of two windows each gives, token for
+    token, the losses that evaluation computes window by window with the TTT state carried across."""
+    model, docs, _ = fixture
+    schedule = evaluate.methods(0.5, 0.5)[method]
+    row = np.concatenate(docs)[None]  # [1, 128]: two documents, each two windows of 32
+    batch = Batch(row, np.concatenate([np.arange(64)] * 2)[None].astype(np.int32),
+                  np.repeat([0, 1], 64)[None].astype(np.int32), np.ones_like(row, bool))
+    stage = TTTStage(seq_len=128, chunk=16, schedule=schedule, window=WINDOW)
+    positions, attention = stage.attention(batch)
+    assert positions.max() == WINDOW - 1 and len(np.unique(attention)) == 4
+    out = model(jnp.asarray(row), jnp.asarray(positions), schedule, segment_ids=jnp.asarray(batch.segment_ids),
+                attention_ids=jnp.asarray(attention))
+    logp = np.asarray(jax.nn.log_softmax(out.logits[0], axis=-1))
+    for d, doc in enumerate(docs):
+        trained = -logp[64 * d + np.arange(63), doc[1:]]
+        evaluated = evaluate.run_document(model, doc, schedule, WINDOW).nll
+        np.testing.assert_allclose(trained, evaluated, atol=2e-4)
+    _, metrics = stage.loss(model, batch)
+    both = np.concatenate([evaluate.run_document(model, doc, schedule, WINDOW).nll for doc in docs])
+    assert float(metrics["ce"]) == pytest.approx(both.mean(), abs=1e-5)

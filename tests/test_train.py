@@ -128,7 +128,7 @@ def _ponder(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ponder_cli", *args], capture_output=True, text=True, timeout=900, **kwargs)
 
 
-def test_pulse_run_both_stages_with_a_kill_and_resume(tmp_path):
+def test_pulse_run_both_stages_with_a_kill_and_resume(tmp_path, capsys):
     """corpus -> stage 1 (killed with SIGKILL, resumed) -> stage 2 -> reload -> sample, all through the CLI."""
     src = _write_sources(tmp_path / "src", n=40)
     data, base_run, ttt_run = tmp_path / "corpus", tmp_path / "base", tmp_path / "ttt"
@@ -163,6 +163,25 @@ def test_pulse_run_both_stages_with_a_kill_and_resume(tmp_path):
     rows = [json.loads(line) for line in (ttt_run / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == [1, 2]
     assert all(np.isfinite(row["loss"]) and "mean_lambda" in row for row in rows if "loss" in row)
+
+    # Stage 2 continued on rows longer than the context, attention window by window.
+    longer = tmp_path / "ttt-window"
+    result = _ponder("train", "ttt", "--init-from", str(ttt_run / "final"), "--corpus", str(data), "--run-dir",
+                     str(longer), "--steps", "2", "--batch-size", "1", "--seq-len", "2048", "--window", "1024",
+                     "--schedule", "update", "--warmup", "1", "--eval-every", "2", "--eval-batches", "1", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (longer / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2]
+    assert all(row["chunks_updated"] == 2048 // 16 for row in rows if "loss" in row)
+    common = ["--corpus", str(data), "--run-dir", str(tmp_path / "bad"), "--seq-len", "2048"]
+    for args, message in [
+        (["--base", str(base_run / "final"), "--init-from", str(ttt_run / "final")], "give one of --base"),
+        (["--init-from", str(base_run / "final")], "is a base checkpoint: start stage 2 from it with --base"),
+        (["--base", str(base_run / "final")], "--window 2048 exceeds the base's context of 1024"),
+        (["--base", str(base_run / "final"), "--window", "1000"], "must be a positive multiple of the chunk size 64"),
+    ]:
+        assert ponder_cli.main(["train", "ttt", *common, *args]) == 2
+        assert message in capsys.readouterr().err
 
     from model import checkpoint
 

@@ -7,6 +7,10 @@
   ``L = CE + beta * L_TTT + gamma * mean(lam)`` (DESIGN.md §3) over rows whose
   documents start on chunk boundaries, fast weights reset at each. A fixed
   schedule (SKIP, UPDATE_k, FIXED_lam, ...) trains the same way for comparison.
+  With ``window`` set, base attention sees windows of that many tokens from
+  each piece's start (positions restart in each), as when a document longer
+  than the context is served or evaluated, while the fast weights carry
+  across windows: the layer learns to keep what attention can no longer see.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class TTTStage:
     schedule: Schedule = Schedule()
     beta: float = 0.1
     gamma: float = 0.1
+    window: int | None = None  # base attention window; None: the whole row
     name: str = "ttt"
     # Everything but the frozen base.
     trainable: object = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("base")))
@@ -68,8 +73,20 @@ class TTTStage:
     def align(self) -> int:
         return self.chunk
 
+    def __post_init__(self):
+        if self.window is not None and (self.window <= 0 or self.window % self.chunk):
+            raise ValueError(f"window {self.window} must be a positive multiple of the chunk size {self.chunk}")
+
+    def attention(self, batch: Batch):
+        """Base positions and attention ids: one id per window of each piece (the piece's own id without windows)."""
+        if self.window is None:
+            return batch.positions, batch.segment_ids
+        windows = -(-self.seq_len // self.window)
+        return batch.positions % self.window, batch.segment_ids * windows + batch.positions // self.window
+
     def loss(self, model, batch: Batch):
-        out = model(batch.tokens, batch.positions, self.schedule, segment_ids=batch.segment_ids)
+        positions, attention = self.attention(batch)
+        out = model(batch.tokens, positions, self.schedule, segment_ids=batch.segment_ids, attention_ids=attention)
         ce = masked_cross_entropy(out.logits, batch)
         ttt_loss = out.ttt_loss.mean()
         mean_lambda = out.chunk_lambda.mean()
@@ -86,7 +103,7 @@ class TTTStage:
 
     def tokens_flops(self, model) -> float:
         # The frozen base runs forward only (2 x), the TTT layers forward and backward.
-        base = _gpt_flops_per_token(model.base.config, self.seq_len) / 3
+        base = _gpt_flops_per_token(model.base.config, min(self.seq_len, self.window or self.seq_len)) / 3
         D = model.config.base.n_embd
         ttt = sum(6 * 4 * D * D + 3 * layer.update_flops(self.chunk) / self.chunk for layer in model.ttt)
         return base + ttt + 2 * D * model.config.base.vocab_size * 3
