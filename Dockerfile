@@ -7,9 +7,9 @@
 # `--checkpoint /models/mine`, ...); PONDER_API_KEY turns on bearer auth.
 # Other commands: `docker run --entrypoint ponder ponder generate "def f("`.
 #
-# The project is installed in place (editable) under /opt/ponder rather than
-# copied into site-packages: the server finds the bundled checkpoint and the
-# .proto it generates gRPC stubs from next to its own source files.
+# The build stage installs the project as a wheel would (`pip install .`):
+# the bundled checkpoint and the .proto travel inside the package
+# (server/assets.py), so the runtime stage needs only the virtual environment.
 
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -29,8 +29,7 @@ COPY server server
 COPY clients clients
 COPY protos/ponder protos/ponder
 COPY checkpoints/default checkpoints/default
-RUN pip install --no-deps -e . \
-    && python -m compileall -q model train server clients ponder_cli.py
+RUN pip install --no-deps .
 
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -42,9 +41,8 @@ RUN groupadd --system --gid 10001 ponder \
     && mkdir -p /var/cache/ponder/jax \
     && chown -R ponder:ponder /var/cache/ponder
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /opt/ponder /opt/ponder
-# The gRPC stubs are generated now, while /opt/ponder is writable; the server
-# only reads them.
+# The gRPC stubs are generated now, while the environment is writable; the
+# server only reads them.
 RUN python -c "import server.protos"
 USER 10001:10001
 WORKDIR /home/ponder

@@ -15,7 +15,9 @@ import os
 import threading
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
+from server.assets import bundled
+
+DEFAULT_CHECKPOINT = bundled("checkpoints") / "default"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -2,9 +2,11 @@
 
 The ``.proto`` is the contract; the generated ``*_pb2.py`` files are build
 output, never edited or committed. They are written by ``grpc_tools.protoc``
-into ``protos/gen/`` (git-ignored) whenever they are missing or older than
-the ``.proto``; generation goes to a temporary directory that is renamed into
-place, so processes starting together cannot see half-written files.
+into ``protos/gen/`` (git-ignored; for an installed wheel whose folder is
+read-only, into ``$XDG_CACHE_HOME/ponder/protos-gen``) whenever they are
+missing or older than the ``.proto``; generation goes to a temporary
+directory that is renamed into place, so processes starting together cannot
+see half-written files.
 
 Usage: ``from server.protos import completion_pb2, completion_pb2_grpc``.
 """
@@ -18,9 +20,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-PROTO_ROOT = Path(__file__).resolve().parent.parent / "protos"
-PROTO = PROTO_ROOT / "ponder" / "v1" / "completion.proto"
-GENERATED = PROTO_ROOT / "gen"
+from server.assets import bundled
+
+PROTO = bundled("protos") / "ponder" / "v1" / "completion.proto"
+
+
+def _output() -> Path:
+    if os.access(PROTO.parents[2], os.W_OK):
+        return PROTO.parents[2] / "gen"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "ponder" / "protos-gen"
+
+
+GENERATED = _output()
 
 
 def _stale() -> bool:
@@ -35,7 +47,8 @@ def generate() -> Path:
     from grpc_tools import protoc
 
     include = Path(protoc.__file__).parent / "_proto"  # google/protobuf/*.proto
-    tmp = Path(tempfile.mkdtemp(prefix=".gen-", dir=PROTO_ROOT))
+    GENERATED.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".gen-", dir=GENERATED.parent))
     try:
         args = [
             "protoc", f"-I{PROTO.parent}", f"-I{include}", f"--python_out={tmp}", f"--grpc_python_out={tmp}", str(PROTO)
@@ -43,7 +56,7 @@ def generate() -> Path:
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {PROTO}")
         if _stale():  # another process may have finished first
-            old = PROTO_ROOT / f".old-{os.getpid()}"
+            old = GENERATED.parent / f".old-{os.getpid()}"
             if GENERATED.exists():
                 GENERATED.rename(old)
             tmp.rename(GENERATED)

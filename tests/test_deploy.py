@@ -75,9 +75,11 @@ def test_image_copies_what_the_server_needs():
     """The packages pyproject installs, the .proto and the bundled checkpoint reach the image."""
     dockerfile = (ROOT / "Dockerfile").read_text()
     copied = {source for line in re.findall(r"^COPY (?!--)(.+)$", dockerfile, flags=re.M) for source in line.split()[:-1]}
-    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
-    packages = {p.rstrip("*") for p in patterns}
-    needed = packages | {"ponder_cli.py", "pyproject.toml", "README.md", "protos/ponder", "checkpoints/default"}
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {setuptools["package-dir"].get(name, name) for name in (p.split(".")[0] for p in setuptools["packages"])}
+    assert folders == {"model", "train", "server", "clients", "protos", "checkpoints"}
+    needed = (folders - {"protos", "checkpoints"}) | {"ponder_cli.py", "pyproject.toml", "README.md", "protos/ponder",
+                                                      "checkpoints/default"}
     assert needed <= copied, f"the Dockerfile does not copy {sorted(needed - copied)}"
     ignored = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     for path in needed:
