@@ -27,18 +27,19 @@ def small_config(code_tokenizer) -> GPTConfig:
     return dataclasses.replace(GPTConfig.tiny(vocab_size=len(code_tokenizer)), n_positions=128)
 
 
-def require_tool(name: str) -> str:
-    """The path of system tool ``name`` (a Debian package that scripts/test.sh installs).
+def require_tool(name: str, where: str | None = None) -> str:
+    """The path of tool ``name`` (a Debian package or a test extra that scripts/test.sh installs).
 
+    ``where``: the folders to look in (os.pathsep-separated; default: PATH).
     Missing, the test skips on a developer machine and fails under ``CI=true``,
     where the tool must be there.
     """
     import os
     import shutil
 
-    path = shutil.which(name)
+    path = shutil.which(name, path=where)
     if path is None:
-        message = f"{name} is not installed (scripts/test.sh installs it with apt-get when run as root)"
+        message = f"{name} is not installed{f' in {where}' if where else ''} (scripts/test.sh installs it)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

