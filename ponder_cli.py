@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -124,7 +125,7 @@ def _train_ttt(args: argparse.Namespace) -> None:
     from flax import nnx
 
     from model import checkpoint
-    from model.gating import GateConfig, Schedule
+    from model.gating import GateConfig, GatingNetwork, Schedule
     from model.ttt import TTTConfig
     from model.ttt_lm import TTTLMConfig, TTTTransformerLM
     from train.stages import TTTStage
@@ -132,11 +133,16 @@ def _train_ttt(args: argparse.Namespace) -> None:
     _check_corpus(args.corpus)
     if (args.base is None) == (args.init_from is None):
         raise ValueError("give one of --base (a new TTT layer on a base) and --init-from (continue a TTT checkpoint)")
+    if args.new_gate and args.init_from is None:
+        raise ValueError("--new-gate goes with --init-from (a new TTT layer from --base has a new gate anyway)")
     model, tokenizer = checkpoint.load(args.base or args.init_from)
     if args.init_from is not None:
         if not isinstance(model, TTTTransformerLM):
             raise ValueError(f"--init-from {args.init_from} is a base checkpoint: start stage 2 from it with --base")
         config = model.config
+        if args.new_gate:
+            config = dataclasses.replace(config, gate=dataclasses.replace(config.gate, output=GateConfig().output))
+            model.config, model.gate = config, GatingNetwork(config.gate, rngs=nnx.Rngs(args.seed))
     else:
         base = model.base if isinstance(model, TTTTransformerLM) else model  # a TTT checkpoint lends its base
         D = base.config.n_embd
@@ -311,6 +317,8 @@ def _add_train_commands(commands) -> None:
     ttt.add_argument("--base", type=Path, help="the stage-1 checkpoint (or a TTT checkpoint, whose base is taken)")
     ttt.add_argument("--init-from", type=Path,
                      help="continue this TTT checkpoint instead (its layer sizes win over --ttt-*, --chunk, ...)")
+    ttt.add_argument("--new-gate", action="store_true",
+                     help="with --init-from: a fresh gating network of the current kind (e.g. after an UPDATE run)")
     ttt.add_argument("--window", type=int,
                      help="base attention window in tokens (a multiple of --chunk): rows longer than the context "
                           "run window by window while the fast weights carry across (default: the whole row)")

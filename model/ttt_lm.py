@@ -86,7 +86,8 @@ class TTTLMConfig:
 
         nested = {
             "ttt": build(TTTConfig, data.get("ttt", {}), "ttt.ttt"),
-            "gate": build(GateConfig, data.get("gate", {}), "ttt.gate"),
+            # A gate saved before GateConfig.output existed is a sigmoid gate.
+            "gate": build(GateConfig, {"output": "sigmoid", **data.get("gate", {})}, "ttt.gate"),
         }
         return build(cls, {**data, **nested, "base": base}, "ttt")
 

@@ -177,6 +177,7 @@ def test_pulse_run_both_stages_with_a_kill_and_resume(tmp_path, capsys):
     for args, message in [
         (["--base", str(base_run / "final"), "--init-from", str(ttt_run / "final")], "give one of --base"),
         (["--init-from", str(base_run / "final")], "is a base checkpoint: start stage 2 from it with --base"),
+        (["--base", str(base_run / "final"), "--new-gate"], "--new-gate goes with --init-from"),
         (["--base", str(base_run / "final")], "--window 2048 exceeds the base's context of 1024"),
         (["--base", str(base_run / "final"), "--window", "1000"], "must be a positive multiple of the chunk size 64"),
     ]:

@@ -265,3 +265,29 @@ def test_extend_equals_token_by_token_decoding(schedule):
     logits, _, state = extend(model, tokens[:, start : start + T], positions[:, start : start + T], length, cache, state)
     assert np.abs(np.asarray(logits) - want[:, -1]).max() <= 1e-5
     _close((state.ttt, state.history, state.lam), (want_state.ttt, want_state.history, want_state.lam))
+
+
+@pytest.mark.parametrize("output", ["clip", "sigmoid"])
+def test_gate_output_starts_at_one_and_stays_in_range(output):
+    from model.gating import N_FEATURES, GatingNetwork
+
+    config = GateConfig(output=output)
+    gate = GatingNetwork(config, rngs=nnx.Rngs(0))
+    features = jax.random.normal(jax.random.key(0), (64, N_FEATURES)) * 3
+    np.testing.assert_allclose(gate(features), 1.0, rtol=1e-6)  # untrained: UPDATE_1
+    gate.out.kernel[...] = jax.random.normal(jax.random.key(1), gate.out.kernel.shape) * 10
+    lam = np.asarray(gate(features))
+    assert lam.min() >= 0 and lam.max() <= config.lambda_max
+    if output == "clip":  # a rectified output reaches exactly 0 (a real skip) and the top of the range
+        assert (lam == 0).any() and (lam == config.lambda_max).any()
+    else:
+        assert (lam > 0).all()
+
+
+def test_config_saved_before_the_gate_output_field_reads_as_sigmoid():
+    saved = CONFIG.to_dict()
+    assert saved["gate"].pop("output") == "clip"
+    assert TTTLMConfig.from_dict(BASE, saved).gate.output == "sigmoid"
+    assert TTTLMConfig.from_dict(BASE, CONFIG.to_dict()) == CONFIG
+    with pytest.raises(ValueError, match="gate output must be 'clip' or 'sigmoid'"):
+        GateConfig(output="relu")
