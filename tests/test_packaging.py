@@ -1,15 +1,28 @@
 """A wheel (plain ``pip install .``, not editable) carries the .proto and the bundled checkpoint."""
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_wheel_serves_its_own_proto_and_default_checkpoint(tmp_path):
+@pytest.fixture
+def clean_build_folder():
+    """pip builds in the checkout's build/ (git-ignored), where files deleted from the tree would linger
+    and reach the next wheel: a build/ this test made goes away with it."""
+    existed = (ROOT / "build").exists()
+    yield
+    if not existed:
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
+
+
+def test_wheel_serves_its_own_proto_and_default_checkpoint(tmp_path, clean_build_folder):
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(ROOT)],
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr
