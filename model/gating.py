@@ -40,9 +40,11 @@ class GateConfig:
     hidden: width of the gating MLP.
     ema: decay of the difficulty EMA and of the threshold gate's rate EMA.
     output: how the gate's last unit a becomes lam. ``"clip"``: lam =
-      clip(a, 0, lambda_max), exactly 0 for a <= 0, so the compute penalty
-      gamma * mean(lam) drives chunks to a real skip (an L1 penalty on a
-      rectified output, as in the lasso). ``"sigmoid"``: lam = lambda_max *
+      clip(a, 0, lambda_max), exactly 0 for a <= 0, so a real skip is within
+      reach of the compute penalty gamma * mean(lam) (an L1 penalty on a
+      rectified output, as in the lasso). Within reach, not reached: the
+      bundled checkpoint's gate shrank lam on every chunk instead
+      (checkpoints/README.md). ``"sigmoid"``: lam = lambda_max *
       sigmoid(a), which never reaches 0: trained with the penalty, it lowers
       lam on every chunk alike and skips none (a stage-2 run measured mean
       lam 1 -> 0.53 with 100% of chunks still updated); kept for checkpoints
