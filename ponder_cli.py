@@ -183,7 +183,11 @@ def _eval(args: argparse.Namespace) -> None:
         raise ValueError(f"--window {args.window} must be a multiple of the chunk size {model.config.gate.chunk} "
                          f"and at most the context of {model.config.base.n_positions}")
     docs = evaluate.held_out_documents(args.corpus, args.window, args.min_tokens, args.max_tokens, args.max_documents)
-    table = evaluate.evaluate(model, docs, args.window, args.fixed_lambda, args.rate)
+    calibration = None
+    if args.rate is not None and args.rate < 1 and args.calibration_documents:
+        calibration = evaluate.held_out_documents(args.corpus, args.window, args.min_tokens, args.max_tokens,
+                                                  args.calibration_documents, split="train")
+    table = evaluate.evaluate(model, docs, args.window, args.fixed_lambda, args.rate, calibration)
     if args.lines_per_file:
         table["line_completion"] = _line_completion(model, tokenizer, docs, args)
     out = evaluate.write(table, args.out)
@@ -250,7 +254,10 @@ def _add_eval_command(commands) -> None:
     ev.add_argument("--max-tokens", type=int, default=4096)
     ev.add_argument("--max-documents", type=int, default=20)
     ev.add_argument("--fixed-lambda", type=float, default=1.0)
-    ev.add_argument("--rate", type=float, help="update rate for RANDOM / THRESHOLD / ORACLE (default: LEARNED's)")
+    ev.add_argument("--rate", type=float, help="update rate for RANDOM / THRESHOLD / ORACLE (default: LEARNED's); "
+                    "below 1 it also adds the learned gate under that budget (LEARNED_BUDGET, RANDOM_LEARNED)")
+    ev.add_argument("--calibration-documents", type=int, default=10,
+                    help="training-split documents that set LEARNED_BUDGET's controller (0: leave it out)")
     ev.add_argument("--lines-per-file", type=int, default=5, help="line-completion targets per file (0: skip)")
     ev.add_argument("--line-every", type=int, default=300, help="tokens between line-completion targets")
     ev.set_defaults(run=_eval)

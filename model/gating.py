@@ -15,7 +15,8 @@ and an EMA of the cross-entropy (difficulty so far).
 ``Schedule`` names where lam comes from: the learned gating network, or one
 of the fixed baselines (SKIP, UPDATE_k, FIXED_lam, RANDOM at a rate, and a
 training-free threshold gate on the reconstruction loss whose threshold an
-EMA controller steers toward a target update rate).
+EMA controller steers toward a target update rate). ``learned_budget`` puts
+the learned gate under such a controller: a compute budget.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 N_FEATURES = 6
-SCHEDULES = ("learned", "skip", "update", "fixed", "random", "threshold")
+SCHEDULES = ("learned", "skip", "update", "fixed", "random", "random_learned", "threshold", "learned_budget")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +69,24 @@ class Schedule:
     """Where lam comes from.
 
     Attributes:
-      kind: one of ``SCHEDULES``.
+      kind: one of ``SCHEDULES``. ``random_learned``: the learned gate's lam on
+        a random ``rate`` share of the chunks (which chunks at random, how
+        strongly learned: the control that tells the gate's choice of chunks
+        from its step size). ``learned_budget``: the learned gate's lam on the
+        chunks where it reaches a threshold that an EMA controller steers
+        toward an update rate of ``rate`` (as ``threshold`` steers its
+        reconstruction-loss threshold); a document's first chunk always
+        updates. A fixed threshold on lam cannot hold a rate: a skipped chunk
+        changes the features of the next, which lowers its lam (the bundled
+        gate, trained with every chunk updated, updates 76% of chunks at a
+        threshold of 0.359 and under 50% at 0.375).
       value: lam of ``fixed``.
-      rate: update rate of ``random`` and target rate of ``threshold``.
-      seed: seed of ``random``.
+      rate: update rate of ``random`` / ``random_learned``, target rate of
+        ``threshold`` / ``learned_budget``.
+      seed: seed of ``random`` / ``random_learned``.
       gain: step of the threshold controller (log-threshold per chunk).
-      initial_threshold: starting reconstruction-loss threshold of ``threshold``.
+      initial_threshold: starting threshold of ``threshold`` (on the
+        reconstruction loss) and ``learned_budget`` (on lam).
       steps: gradient steps per mini-batch (k of UPDATE_k; full forwards only).
     """
 
@@ -88,7 +101,7 @@ class Schedule:
     @property
     def reads_history(self) -> bool:
         """Whether lam depends on the gate's features (else they are not computed: they cost a base LM head)."""
-        return self.kind in ("learned", "threshold")
+        return self.kind in ("learned", "random_learned", "threshold", "learned_budget")
 
     def __post_init__(self):
         if self.kind not in SCHEDULES:

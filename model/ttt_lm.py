@@ -218,6 +218,12 @@ class TTTTransformerLM(nnx.Module):
     def _chunk_lambda(self, schedule: Schedule, history: GateHistory, count):
         """lam of the chunk starting at document position ``count`` [B], from the history only. [B]"""
         B = count.shape[0]
+
+        def coin():  # [B] 1.0 with probability rate, drawn per chunk number inside the document
+            index = count // self.config.gate.chunk
+            draw = lambda i: jax.random.bernoulli(jax.random.fold_in(jax.random.key(schedule.seed), i), schedule.rate)
+            return jax.vmap(draw)(index).astype(jnp.float32)
+
         if schedule.kind == "learned":
             lam = self.gate(history.features)
         elif schedule.kind == "skip":
@@ -227,9 +233,12 @@ class TTTTransformerLM(nnx.Module):
         elif schedule.kind == "fixed":
             lam = jnp.full((B,), schedule.value)
         elif schedule.kind == "random":
-            index = count // self.config.gate.chunk  # chunk number inside the document
-            draw = lambda i: jax.random.bernoulli(jax.random.fold_in(jax.random.key(schedule.seed), i), schedule.rate)
-            lam = jax.vmap(draw)(index).astype(jnp.float32)
+            lam = coin()
+        elif schedule.kind == "random_learned":
+            lam = coin() * self.gate(history.features)
+        elif schedule.kind == "learned_budget":  # the gate's lam where it reaches the controlled threshold
+            lam = self.gate(history.features)
+            lam = jnp.where((count == 0) | (lam >= history.threshold), lam, 0.0)
         else:  # threshold: update when chunk c-1 was hard to reconstruct; a document's first chunk always updates
             recon_before = history.features[:, 2]
             lam = jnp.where((count == 0) | (recon_before > history.threshold), 1.0, 0.0)

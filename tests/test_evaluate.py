@@ -82,6 +82,26 @@ def test_table_is_recomputed_by_the_decode_path(fixture):
     assert rows["LEARNED"]["gain_vs_oracle"] == pytest.approx(oracle_gain, abs=1e-4)
 
 
+def test_learned_gate_under_a_budget_is_set_on_calibration_documents(fixture):
+    model, docs, _ = fixture
+    calibration = [np.random.default_rng(1).integers(0, 512, 64).astype(np.int32)]
+    table = evaluate.evaluate(model, docs, WINDOW, rate=0.5, calibration=calibration)
+    rows, budget = table["methods"], table["budget"]
+    assert {"LEARNED_BUDGET", "RANDOM_LEARNED"} <= set(rows) and budget["calibration_documents"] == 1
+    # The controller starts at the median of the learned gate's lam on the calibration document.
+    _, lams = _decode_nll(model, calibration[0], Schedule("learned"))
+    assert budget["initial_threshold"] == pytest.approx(np.quantile(lams, 0.5), abs=1e-6)
+    assert budget["gain"] in evaluate.CONTROLLER_GAINS
+    # Its row is that schedule on the held-out documents, recomputed token by token.
+    schedule = Schedule("learned_budget", rate=0.5, initial_threshold=budget["initial_threshold"], gain=budget["gain"])
+    runs = [_decode_nll(model, doc, schedule) for doc in docs]
+    assert rows["LEARNED_BUDGET"]["ce"] == pytest.approx(float(np.concatenate([nll for nll, _ in runs]).mean()), abs=1e-5)
+    assert rows["LEARNED_BUDGET"]["updated"] == pytest.approx(np.mean(np.concatenate([lam for _, lam in runs]) > 0))
+    assert "LEARNED_BUDGET: threshold on lam starting at" in evaluate.markdown(table)
+    # Without calibration documents, or at a rate of 1, there is no budget to set.
+    assert "budget" not in evaluate.evaluate(model, docs, WINDOW, rate=1.0, calibration=calibration)
+
+
 def test_oracle_updates_the_chunks_with_the_largest_own_gain(fixture):
     model, docs, table = fixture
     rate = table["rate"]

@@ -85,7 +85,10 @@ def _decode(model, tokens, positions, schedule, cache=None, state=None):
     return np.stack(logits, 1), np.stack(lams, 1), cache, state
 
 
-@pytest.mark.parametrize("schedule", [FIXED, Schedule("learned"), Schedule("threshold", rate=0.5, initial_threshold=9.0, gain=2.0)])
+@pytest.mark.parametrize("schedule", [
+    FIXED, Schedule("learned"), Schedule("threshold", rate=0.5, initial_threshold=9.0, gain=2.0),
+    Schedule("learned_budget", rate=0.5, initial_threshold=1.0, gain=2.0), Schedule("random_learned", rate=0.5, seed=1),
+])
 def test_token_by_token_decoding_equals_full_forward(schedule):
     """Every offset inside mini-batches and chunks; lam per chunk and the gating history too."""
     model = _with_random_gate(_trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0))))
@@ -201,6 +204,36 @@ def test_fixed_schedules():
     assert (np.asarray(two.ttt_flops) > np.asarray(one.ttt_flops)).all()
     gated = model(tokens, positions, Schedule("threshold", rate=0.5))
     assert np.asarray(gated.chunk_updated)[:, 0].all()  # the first chunk always updates
+
+
+def test_learned_gate_under_a_budget():
+    """learned_budget: the gate's lam where it reaches the controlled threshold; random_learned: on random chunks."""
+    model = _with_random_gate(_trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0))))
+    tokens, positions = _batch()
+    tokens = jnp.tile(tokens, (1, 4))  # 192 tokens, 12 chunks
+    positions = jnp.broadcast_to(jnp.arange(192), tokens.shape)
+    learned = model(tokens, positions, Schedule("learned"))
+    lam = np.asarray(learned.chunk_lambda)
+    assert lam.min() > 0
+    # A threshold of 0 that never moves skips nothing: the learned gate itself.
+    free = model(tokens, positions, Schedule("learned_budget", initial_threshold=0.0, gain=0.0))
+    assert np.array_equal(np.asarray(free.logits), np.asarray(learned.logits))
+    # A threshold above every lam that never moves: only each document's first chunk updates, with the gate's lam.
+    shut = model(tokens, positions, Schedule("learned_budget", initial_threshold=lam.max() + 1, gain=0.0))
+    first_only = np.zeros_like(lam)
+    first_only[:, 0] = lam[:, 0]
+    np.testing.assert_array_equal(np.asarray(shut.chunk_lambda), first_only)
+    # The controller moves the threshold toward the target rate: from a threshold above every lam it comes down.
+    steered = model(tokens, positions, Schedule("learned_budget", rate=0.5, initial_threshold=lam.max() + 1, gain=2.0))
+    assert np.asarray(steered.chunk_updated)[:, 1:].any()
+    # random_learned at rate 1 is the learned gate; below 1 it updates only where RANDOM's coin says so.
+    assert np.array_equal(np.asarray(model(tokens, positions, Schedule("random_learned", rate=1.0)).logits),
+                          np.asarray(learned.logits))
+    coin = np.asarray(model(tokens, positions, Schedule("random", rate=0.5, seed=2)).chunk_updated)
+    mixed = model(tokens, positions, Schedule("random_learned", rate=0.5, seed=2))
+    updated = np.asarray(mixed.chunk_updated)
+    assert 0 < updated.mean() < 1 and not (updated & ~coin).any()
+    assert (np.asarray(mixed.chunk_lambda)[updated] != 1.0).all()  # the gate's lam, not RANDOM's 1
 
 
 def test_end_of_document_token_resets_the_decode_state():

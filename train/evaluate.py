@@ -12,6 +12,17 @@ lam comes from differs:
 | THRESHOLD | the training-free gate, its EMA controller aimed at that rate |
 | LEARNED | the gating network |
 | ORACLE | 1 on the chunks where updating helps most, at that rate (see below) |
+| LEARNED_BUDGET | the gating network, on the chunks where its lam reaches a threshold steered toward that rate |
+| RANDOM_LEARNED | the gating network's lam, on a random share of chunks at that rate |
+
+The last two appear when calibration documents are given (``ponder eval
+--rate R`` takes them from the corpus's training split, never from the
+held-out files). LEARNED_BUDGET is the learned gate under a compute budget:
+``calibrate_budget`` sets its controller's starting threshold and gain on
+the calibration documents. RANDOM_LEARNED keeps the gate's step sizes and
+picks the chunks at random, so the two together tell how much of a budgeted
+gate's gain comes from which chunks it picks rather than from how strongly it
+updates them.
 
 ORACLE is an upper bound for evaluation only, and needs the answers: a first
 pass measures each chunk's true gain, the drop in the chunk's own
@@ -103,6 +114,31 @@ def oracle_lambda(model, tokens, window, rate: float) -> np.ndarray:
     return lam
 
 
+CONTROLLER_GAINS = (0.05, 0.2, 0.5)
+
+
+def calibrate_budget(model: TTTTransformerLM, documents: list[np.ndarray], window: int, rate: float) -> Schedule:
+    """LEARNED_BUDGET's schedule for update rate ``rate``, set on ``documents`` (not the held-out ones).
+
+    The controller starts at the (1 - rate) quantile of the learned gate's lam
+    with every chunk updated; of ``CONTROLLER_GAINS``, it keeps the one with
+    the lowest CE among those within 0.02 of the rate (the closest in rate if
+    none is).
+    """
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"a budget's update rate must be in (0, 1), got {rate!r}")
+    lam = np.concatenate([run_document(model, d, Schedule("learned"), window).chunk_lambda for d in documents])
+    start = float(np.quantile(lam, 1.0 - rate))
+    trials = []
+    for gain in CONTROLLER_GAINS:
+        schedule = Schedule("learned_budget", rate=rate, initial_threshold=start, gain=gain)
+        runs = [run_document(model, d, schedule, window) for d in documents]
+        reached = float(np.mean(np.concatenate([r.chunk_updated for r in runs])))
+        trials.append((abs(reached - rate) > 0.02, abs(reached - rate), float(np.concatenate([r.nll for r in runs]).mean()), schedule))
+    within = [t for t in trials if not t[0]]
+    return min(within, key=lambda t: t[2])[3] if within else min(trials, key=lambda t: t[1])[3]
+
+
 def methods(fixed_lambda: float, rate: float, seed: int = 0) -> dict[str, Schedule]:
     return {
         "SKIP": Schedule("skip"),
@@ -117,22 +153,34 @@ def methods(fixed_lambda: float, rate: float, seed: int = 0) -> dict[str, Schedu
 
 
 def evaluate(model: TTTTransformerLM, documents: list[np.ndarray], window: int, fixed_lambda: float = 1.0,
-             rate: float | None = None) -> dict:
+             rate: float | None = None, calibration: list[np.ndarray] | None = None) -> dict:
     """The table as a dict: per method CE, perplexity, update share, relative FLOPs, gains recovered.
 
     Args:
       documents: token arrays, each cut to a whole number of chunks.
       rate: the update rate RANDOM, THRESHOLD and ORACLE aim at (default: what LEARNED does here).
+      calibration: documents (not ``documents``) to set LEARNED_BUDGET on; with
+        them and a ``rate`` below 1, the table has LEARNED_BUDGET and RANDOM_LEARNED.
     """
     runs: dict[str, list[DocumentRun]] = {}
     learned = [run_document(model, d, Schedule("learned"), window) for d in documents]
     if rate is None:
         rate = float(np.mean(np.concatenate([r.chunk_updated for r in learned])))
-    for name, schedule in methods(fixed_lambda, rate).items():
+    schedules = methods(fixed_lambda, rate)
+    budget = calibration and rate < 1.0
+    if budget:
+        schedules["LEARNED_BUDGET"] = calibrate_budget(model, calibration, window, rate)
+        schedules["RANDOM_LEARNED"] = Schedule("random_learned", rate=rate)
+    for name, schedule in schedules.items():
         runs[name] = learned if name == "LEARNED" else [run_document(model, d, schedule, window) for d in documents]
     runs["ORACLE"] = [run_document(model, d, Schedule("skip"), window, oracle_lambda(model, d, window, rate))
                       for d in documents]
-    return summarize(runs, rate)
+    table = summarize(runs, rate)
+    if budget:
+        chosen = schedules["LEARNED_BUDGET"]
+        table["budget"] = {"initial_threshold": chosen.initial_threshold, "gain": chosen.gain,
+                           "calibration_documents": len(calibration)}
+    return table
 
 
 def summarize(runs: dict[str, list[DocumentRun]], rate: float) -> dict:
@@ -161,6 +209,10 @@ def markdown(table: dict) -> str:
         "| method | CE | perplexity | chunks updated | TTT FLOPs vs UPDATE_1 | UPDATE_1 gain recovered | ORACLE gain recovered |",
         "|---|---|---|---|---|---|---|",
     ]
+    if "budget" in table:
+        b = table["budget"]
+        lines[1:1] = ["", f"LEARNED_BUDGET: threshold on lam starting at {b['initial_threshold']:.3f}, controller gain "
+                          f"{b['gain']:g}, both set on {b['calibration_documents']} training-split documents"]
     for name, row in table["methods"].items():
         lines.append(
             f"| {name} | {row['ce']:.4f} | {row['perplexity']:.2f} | {100 * row['updated']:.0f}% | "
@@ -193,14 +245,15 @@ def plot(table: dict, out: str | Path) -> Path:
     return Path(out)
 
 
-def held_out_documents(corpus_dir, window: int, min_tokens: int, max_tokens: int, max_documents: int) -> list[np.ndarray]:
-    """Validation documents of at least ``min_tokens``, cut to ``max_tokens`` and to whole windows.
+def held_out_documents(corpus_dir, window: int, min_tokens: int, max_tokens: int, max_documents: int,
+                       split: str = "val") -> list[np.ndarray]:
+    """Documents of ``split`` (default: validation) of at least ``min_tokens``, cut to ``max_tokens`` and to whole windows.
 
     Whole windows keep every forward the same shape (one compilation per method).
     """
     from train.corpus import TokenFile
 
-    data = TokenFile(corpus_dir, "val")
+    data = TokenFile(corpus_dir, split)
     docs = []
     for i in range(len(data)):
         doc = data.document(i)
@@ -210,7 +263,7 @@ def held_out_documents(corpus_dir, window: int, min_tokens: int, max_tokens: int
         if len(docs) == max_documents:
             break
     if not docs:
-        raise ValueError(f"no validation document in {corpus_dir} has {min_tokens} tokens or more")
+        raise ValueError(f"no {split} document in {corpus_dir} has {min_tokens} tokens or more")
     return docs
 
 
