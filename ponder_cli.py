@@ -125,7 +125,7 @@ def _train_ttt(args: argparse.Namespace) -> None:
     from flax import nnx
 
     from model import checkpoint
-    from model.gating import GateConfig, GatingNetwork, Schedule
+    from model.gating import GateConfig, GatingNetwork, schedule_from_arguments
     from model.ttt import TTTConfig
     from model.ttt_lm import TTTLMConfig, TTTTransformerLM
     from train.stages import TTTStage
@@ -159,8 +159,7 @@ def _train_ttt(args: argparse.Namespace) -> None:
     if window > config.base.n_positions:
         raise ValueError(f"--window {window} exceeds the base's context of {config.base.n_positions} "
                          f"(a --seq-len longer than the context needs a --window)")
-    schedule = Schedule(args.schedule, value=args.schedule_value, rate=args.schedule_rate, steps=args.schedule_steps)
-    stage = TTTStage(seq_len=args.seq_len, chunk=config.gate.chunk, schedule=schedule, beta=args.beta,
+    stage = TTTStage(seq_len=args.seq_len, chunk=config.gate.chunk, schedule=schedule_from_arguments(args), beta=args.beta,
                      gamma=args.gamma, window=args.window)
     _train_run(args, stage, model, tokenizer)
 
@@ -276,7 +275,7 @@ def _add_eval_command(commands) -> None:
 
 
 def _add_train_commands(commands) -> None:
-    from model.gating import SCHEDULES
+    from model.gating import add_schedule_arguments
 
     train = commands.add_parser("train", help="build a corpus, train the base model or the TTT layer, plot a run")
     stages = train.add_subparsers(dest="stage", required=True)
@@ -335,10 +334,7 @@ def _add_train_commands(commands) -> None:
     ttt.add_argument("--mini-batch", type=int, default=16)
     ttt.add_argument("--chunk", type=int, default=64)
     ttt.add_argument("--max-update-norm", type=float, default=None)
-    ttt.add_argument("--schedule", default="learned", choices=SCHEDULES)
-    ttt.add_argument("--schedule-value", type=float, default=1.0, help="lam of --schedule fixed")
-    ttt.add_argument("--schedule-rate", type=float, default=0.5, help="update rate of random / threshold")
-    ttt.add_argument("--schedule-steps", type=int, default=1, help="k of UPDATE_k")
+    add_schedule_arguments(ttt)
     ttt.add_argument("--beta", type=float, default=0.1, help="weight of the TTT reconstruction loss")
     ttt.add_argument("--gamma", type=float, default=0.1, help="weight of mean(lam), the compute penalty")
     ttt.set_defaults(run=_train_ttt)

@@ -101,6 +101,11 @@ class EngineConfig:
     snapshots: int = 16
     schedule: Schedule = Schedule()
 
+    def __post_init__(self):
+        if self.schedule.steps != 1:
+            raise ValueError(f"the server decodes with one gradient step per mini-batch (UPDATE_1); "
+                             f"schedule steps is {self.schedule.steps}")
+
 
 def as_ttt_model(model: GPT | TTTTransformerLM) -> TTTTransformerLM:
     """A base-only checkpoint served through the TTT path: a fresh TTT layer

@@ -21,6 +21,8 @@ DEFAULT_CHECKPOINT = bundled("checkpoints") / "default"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from model.gating import add_schedule_arguments
+
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory (default: the bundled one)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8080, help="HTTP port")
@@ -35,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--api-key", action="append", default=None,
         help="require this bearer token (repeat for several; default: $PONDER_API_KEY, comma-separated; none: no auth)",
     )
-    p.add_argument("--schedule", default="learned", help="where λ comes from: learned, skip, update, threshold, ...")
+    add_schedule_arguments(p)
     p.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "ponder" / "jax"), help="persistent XLA cache ('' to disable)")
     p.add_argument("--drain-s", type=float, default=30.0, help="how long SIGTERM waits for running requests")
     p.add_argument("--log-level", default="info")
@@ -58,7 +60,7 @@ def run(args) -> None:
     import uvicorn
 
     from model import checkpoint
-    from model.gating import Schedule
+    from model.gating import schedule_from_arguments
     from server.engine import Engine, EngineConfig
     from server.grpc_server import build_grpc_server
     from server.http import build_app
@@ -69,7 +71,7 @@ def run(args) -> None:
     metrics = ServerMetrics.create()
     config = EngineConfig(
         slots=args.slots, max_new_tokens=args.max_tokens, queue_size=args.queue_size,
-        session_memory_mb=args.session_memory, schedule=Schedule(kind=args.schedule),
+        session_memory_mb=args.session_memory, schedule=schedule_from_arguments(args),
     )
     engine = Engine(model, config, metrics)
     service = CompletionService(engine, tokenizer, Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens))

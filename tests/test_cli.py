@@ -42,3 +42,6 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "ponder generate: error: checkpoint directory" in err and "Traceback" not in err
     assert ponder_cli.main(["convert", "--from-hf", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "has no config.json" in capsys.readouterr().err
+    # A schedule the server cannot decode with is refused with the reason.
+    assert ponder_cli.main(["serve", "--schedule", "update", "--schedule-steps", "2"]) == 2
+    assert "one gradient step per mini-batch" in capsys.readouterr().err
