@@ -249,3 +249,22 @@ def test_no_compilation_after_warm_up(engine):
         _run(engine, _doc(n, seed=n), session=f"shapes-{n}", max_new=3, sampling=Sampling(temperature=0.5, seed=n))
     _run(engine, _doc(400, seed=1), session="shapes-ingest", max_new=0)
     assert engine.compilations == before
+
+
+def test_the_learned_gate_under_a_budget_serves_exactly(model):
+    """learned_budget (the controller's threshold lives in the session state): offline tokens, reuse = cold start."""
+    schedule = Schedule("learned_budget", rate=0.5, initial_threshold=1.0, gain=2.0)
+    engine = Engine(model, EngineConfig(slots=2, max_new_tokens=MAX_NEW, snapshots=4, schedule=schedule))
+    engine.start(warmup=False)
+    try:
+        doc = _doc(300, seed=9)
+        want = [t for piece in stream_ttt_tokens(model, doc, SamplingParams(max_new_tokens=8), eot_id=0, schedule=schedule)
+                for t in piece]
+        got, lambdas, _ = _run(engine, doc, session="budget-cold")
+        assert got == want
+        assert 0.0 in lambdas and max(lambdas) > 0  # some chunks skipped, some updated
+        for i, n in enumerate((100, 180, 300)):
+            warm, _, _ = _run(engine, doc[:n], session="budget-warm")
+            assert warm == _run(engine, doc[:n], session=f"budget-cold-{i}")[0]
+    finally:
+        engine.stop(drain_s=1)
