@@ -129,14 +129,15 @@ def calibrate_budget(model: TTTTransformerLM, documents: list[np.ndarray], windo
         raise ValueError(f"a budget's update rate must be in (0, 1), got {rate!r}")
     lam = np.concatenate([run_document(model, d, Schedule("learned"), window).chunk_lambda for d in documents])
     start = float(np.quantile(lam, 1.0 - rate))
-    trials = []
+    best = None  # (rank, schedule); rank = (off the rate?, then CE if on it, else how far off)
     for gain in CONTROLLER_GAINS:
         schedule = Schedule("learned_budget", rate=rate, initial_threshold=start, gain=gain)
         runs = [run_document(model, d, schedule, window) for d in documents]
-        reached = float(np.mean(np.concatenate([r.chunk_updated for r in runs])))
-        trials.append((abs(reached - rate) > 0.02, abs(reached - rate), float(np.concatenate([r.nll for r in runs]).mean()), schedule))
-    within = [t for t in trials if not t[0]]
-    return min(within, key=lambda t: t[2])[3] if within else min(trials, key=lambda t: t[1])[3]
+        miss = abs(float(np.mean(np.concatenate([r.chunk_updated for r in runs]))) - rate)
+        rank = (miss > 0.02, miss if miss > 0.02 else float(np.concatenate([r.nll for r in runs]).mean()))
+        if best is None or rank < best[0]:
+            best = (rank, schedule)
+    return best[1]
 
 
 def methods(fixed_lambda: float, rate: float, seed: int = 0) -> dict[str, Schedule]:
@@ -167,7 +168,7 @@ def evaluate(model: TTTTransformerLM, documents: list[np.ndarray], window: int, 
     if rate is None:
         rate = float(np.mean(np.concatenate([r.chunk_updated for r in learned])))
     schedules = methods(fixed_lambda, rate)
-    budget = calibration and rate < 1.0
+    budget = bool(calibration) and rate < 1.0
     if budget:
         schedules["LEARNED_BUDGET"] = calibrate_budget(model, calibration, window, rate)
         schedules["RANDOM_LEARNED"] = Schedule("random_learned", rate=rate)
