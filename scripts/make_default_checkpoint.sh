@@ -27,7 +27,7 @@ for run in ttt-1-update ttt-2-update-4096 ttt-3-update-4096 ttt-4-gate; do
 done
 $ponder eval --checkpoint "$runs/ttt-4-gate/final" --corpus "$runs/corpus" --out "$runs/eval" --fixed-lambda 0.38 \
   --lines-per-file 2
-for rate in 0.5 0.45; do  # the learned gate under a compute budget, against RANDOM, THRESHOLD and ORACLE at that rate
+for rate in 0.5 0.48 0.45; do  # the learned gate under a compute budget, against RANDOM, THRESHOLD and ORACLE at that rate
   $ponder eval --checkpoint "$runs/ttt-4-gate/final" --corpus "$runs/corpus" --out "$runs/eval-rate$rate" \
     --fixed-lambda 0.38 --lines-per-file 0 --rate $rate
 done
