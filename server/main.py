@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -97,8 +98,24 @@ def run(args) -> None:
     )
     log.info("ponder: HTTP on %s:%d, gRPC on %s, checkpoint %s, %d slots", args.host, args.port,
              args.grpc_port or "off", args.checkpoint, args.slots)
+
+    def sigterm_outside_uvicorn(sig, frame):
+        # uvicorn handles SIGTERM while it serves and puts this handler back when it stops: a
+        # repeated SIGTERM (supervisors send more than one) must not kill the process while the
+        # engine and gRPC still drain. Before serving, SIGTERM ends the process as usual.
+        if not engine.draining:
+            raise SystemExit(128 + sig)
+        log.info("ponder: SIGTERM again; still draining")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm_outside_uvicorn)
     asyncio.run(http.serve())
     engine.stop(drain_s=args.drain_s)
     if grpc_server is not None:
         grpc_server.stop(grace=5).wait()
     log.info("ponder: stopped")
+    if threading.current_thread() is threading.main_thread():
+        # Nothing is left to drain. Python's shutdown puts SIGTERM's default action back while
+        # XLA and gRPC tear down (a few hundred ms), which would turn a repeated SIGTERM into
+        # exit -15; an ignored signal stays ignored.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
