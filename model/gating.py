@@ -77,9 +77,10 @@ class Schedule:
         toward an update rate of ``rate`` (as ``threshold`` steers its
         reconstruction-loss threshold); a document's first chunk always
         updates. A fixed threshold on lam cannot hold a rate: a skipped chunk
-        changes the features of the next, which lowers its lam (the bundled
-        gate, trained with every chunk updated, updates 76% of chunks at a
-        threshold of 0.359 and under 50% at 0.375).
+        changes the features of the next, which lowers its lam (a gate
+        trained with every chunk updated, the one bundled before 2026-12-01's
+        retraining, updated 76% of chunks at a threshold of 0.359 and under
+        50% at 0.375).
       value: lam of ``fixed``.
       rate: update rate of ``random`` / ``random_learned``, target rate of
         ``threshold`` / ``learned_budget``.
