@@ -107,14 +107,15 @@ def run(args) -> None:
             raise SystemExit(128 + sig)
         log.info("ponder: SIGTERM again; still draining")
 
-    if threading.current_thread() is threading.main_thread():
+    on_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    if on_main_thread:
         signal.signal(signal.SIGTERM, sigterm_outside_uvicorn)
     asyncio.run(http.serve())
     engine.stop(drain_s=args.drain_s)
     if grpc_server is not None:
         grpc_server.stop(grace=5).wait()
     log.info("ponder: stopped")
-    if threading.current_thread() is threading.main_thread():
+    if on_main_thread:
         # Nothing is left to drain. Python's shutdown puts SIGTERM's default action back while
         # XLA and gRPC tear down (a few hundred ms), which would turn a repeated SIGTERM into
         # exit -15; an ignored signal stays ignored.

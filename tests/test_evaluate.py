@@ -98,8 +98,6 @@ def test_learned_gate_under_a_budget_is_set_on_calibration_documents(fixture):
     assert rows["LEARNED_BUDGET"]["ce"] == pytest.approx(float(np.concatenate([nll for nll, _ in runs]).mean()), abs=1e-5)
     assert rows["LEARNED_BUDGET"]["updated"] == pytest.approx(np.mean(np.concatenate([lam for _, lam in runs]) > 0))
     assert "LEARNED_BUDGET: threshold on lam starting at" in evaluate.markdown(table)
-    # Without calibration documents, or at a rate of 1, there is no budget to set.
-    assert "budget" not in evaluate.evaluate(model, docs, WINDOW, rate=1.0, calibration=calibration)
 
 
 def test_oracle_updates_the_chunks_with_the_largest_own_gain(fixture):

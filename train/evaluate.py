@@ -100,6 +100,16 @@ def run_document(model: TTTTransformerLM, tokens: np.ndarray, schedule: Schedule
     return DocumentRun(np.concatenate(nll), np.concatenate(lams), np.concatenate(updated), flops)
 
 
+def cross_entropy(runs: list[DocumentRun]) -> float:
+    """Token-weighted mean loss over the documents' runs."""
+    return float(np.concatenate([r.nll for r in runs]).mean())
+
+
+def update_rate(runs: list[DocumentRun]) -> float:
+    """Share of the documents' chunks that were updated."""
+    return float(np.concatenate([r.chunk_updated for r in runs]).mean())
+
+
 def oracle_lambda(model, tokens, window, rate: float) -> np.ndarray:
     """lam per chunk of ORACLE: 1 on the top ``rate`` share of chunks by their own CE gain under UPDATE_1."""
     C = model.config.gate.chunk
@@ -133,8 +143,8 @@ def calibrate_budget(model: TTTTransformerLM, documents: list[np.ndarray], windo
     for gain in CONTROLLER_GAINS:
         schedule = Schedule("learned_budget", rate=rate, initial_threshold=start, gain=gain)
         runs = [run_document(model, d, schedule, window) for d in documents]
-        miss = abs(float(np.mean(np.concatenate([r.chunk_updated for r in runs]))) - rate)
-        rank = (miss > 0.02, miss if miss > 0.02 else float(np.concatenate([r.nll for r in runs]).mean()))
+        miss = abs(update_rate(runs) - rate)
+        rank = (miss > 0.02, miss if miss > 0.02 else cross_entropy(runs))
         if best is None or rank < best[0]:
             best = (rank, schedule)
     return best[1]
@@ -166,7 +176,7 @@ def evaluate(model: TTTTransformerLM, documents: list[np.ndarray], window: int, 
     runs: dict[str, list[DocumentRun]] = {}
     learned = [run_document(model, d, Schedule("learned"), window) for d in documents]
     if rate is None:
-        rate = float(np.mean(np.concatenate([r.chunk_updated for r in learned])))
+        rate = update_rate(learned)
     schedules = methods(fixed_lambda, rate)
     budget = bool(calibration) and rate < 1.0
     if budget:
@@ -186,7 +196,7 @@ def evaluate(model: TTTTransformerLM, documents: list[np.ndarray], window: int, 
 
 def summarize(runs: dict[str, list[DocumentRun]], rate: float) -> dict:
     """Token-weighted CE and the derived columns, from per-document runs."""
-    ce = {name: float(np.concatenate([r.nll for r in rs]).mean()) for name, rs in runs.items()}
+    ce = {name: cross_entropy(rs) for name, rs in runs.items()}
     flops = {name: sum(r.ttt_flops for r in rs) for name, rs in runs.items()}
     gain = lambda name: ce["SKIP"] - ce[name]
     rows = {}
@@ -194,7 +204,7 @@ def summarize(runs: dict[str, list[DocumentRun]], rate: float) -> dict:
         rows[name] = {
             "ce": ce[name],
             "perplexity": math.exp(ce[name]),
-            "updated": float(np.mean(np.concatenate([r.chunk_updated for r in rs]))),
+            "updated": update_rate(rs),
             "flops_vs_update_1": flops[name] / flops["UPDATE_1"] if flops["UPDATE_1"] else float("nan"),
             "gain_vs_update_1": gain(name) / gain("UPDATE_1") if gain("UPDATE_1") else float("nan"),
             "gain_vs_oracle": gain(name) / gain("ORACLE") if gain("ORACLE") else float("nan"),
