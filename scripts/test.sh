@@ -9,10 +9,11 @@ python3 -m venv .venv
 # PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu to avoid the CUDA build.
 .venv/bin/pip install --quiet -e '.[test]'
 # System tools the end-to-end tests drive (Debian packages): promtool checks /metrics, a headless
-# Neovim runs the plug-in, headless Chromium renders the λ viewer, nginx routes sessions to replicas.
+# Neovim runs the plug-in, headless Chromium renders the λ viewer, nginx routes sessions to replicas,
+# Docker builds and runs the image (debootstrap makes its base image where Docker Hub is out of reach).
 # Without root or apt those tests skip locally; under CI=true they fail instead.
 missing=()
-for pair in promtool:prometheus nvim:neovim chromium:chromium nginx:nginx curl:curl; do
+for pair in promtool:prometheus nvim:neovim chromium:chromium nginx:nginx curl:curl dockerd:docker.io debootstrap:debootstrap; do
   command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
