@@ -29,15 +29,7 @@ from model.generate import SamplingParams, prefill, stream_tokens
 from model.gpt2 import KVCache, forward, init_model
 from model.hf import export_hf
 from model.tokenizer import Tokenizer
-from timing import interleaved_medians
-
-
-def peak_matmul(n: int = 2048):
-    """A large jitted f32 matmul (the peak that MFU is measured against) and its FLOPs."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    matmul = jax.jit(lambda a, b: a @ b)
-    return (lambda: matmul(a, b).block_until_ready()), 2 * n**3
+from timing import interleaved_medians, peak_matmul
 
 
 def forward_flops(config: GPTConfig, T: int, logit_positions: int) -> float:

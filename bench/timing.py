@@ -22,3 +22,14 @@ def interleaved_medians(fns: dict, runs: int, warmup: int = 2) -> dict:
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_matmul(n: int = 2048):
+    """A large jitted f32 matmul (the peak that MFU is measured against) and its FLOPs."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(lambda a, b: a @ b)
+    return (lambda: matmul(a, b).block_until_ready()), 2 * n**3

@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent(
     from train.data import Batch
     from train.sharding import make_mesh, shard, shard_batch
     from train.stages import BaseStage
-    from train.trainer import TrainConfig, _optimizer, make_train_step
+    from train.trainer import TrainConfig, make_optimizer, make_train_step
 
     assert jax.device_count() == 4, jax.devices()
     config = GPTConfig(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4)
@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
 
     def run(spec):
         model = GPT(config, rngs=nnx.Rngs(0))
-        optimizer = _optimizer(model, stage, TrainConfig(steps=10, warmup=1, lr=1e-2))
+        optimizer = make_optimizer(model, stage, TrainConfig(steps=10, warmup=1, lr=1e-2))
         mesh = make_mesh(spec)
         shard((model, optimizer), mesh)
         placed = shard_batch(Batch(*map(jnp.asarray, batch)), mesh)

@@ -98,7 +98,7 @@ def learning_rate(config: TrainConfig) -> optax.Schedule:
     )
 
 
-def _optimizer(model, stage: Stage, config: TrainConfig) -> nnx.Optimizer:
+def make_optimizer(model, stage: Stage, config: TrainConfig) -> nnx.Optimizer:
     tx = optax.chain(
         optax.clip_by_global_norm(config.clip),
         optax.adamw(learning_rate(config), b1=0.9, b2=0.95, weight_decay=config.weight_decay),
@@ -203,7 +203,7 @@ def train(
     mesh = make_mesh(mesh_spec)
     if config.batch_size % mesh.shape["data"]:
         raise ValueError(f"batch size {config.batch_size} does not split over {mesh.shape['data']} data-parallel devices")
-    optimizer = _optimizer(model, stage, config)
+    optimizer = make_optimizer(model, stage, config)
     manager = ocp.CheckpointManager(
         manager_dir, options=ocp.CheckpointManagerOptions(max_to_keep=config.keep, enable_async_checkpointing=False)
     )
