@@ -28,8 +28,10 @@ from train.data import Batch, loss_mask
 def masked_cross_entropy(logits, batch: Batch):
     """Mean next-token cross-entropy over the predictions ``loss_mask`` keeps. Scalar."""
     mask = loss_mask(batch.segment_ids, batch.real)  # [B, T-1]
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch.tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
+    logits = logits[:, :-1].astype(jnp.float32)  # [B, T-1, V]
+    # log-sum-exp minus the target's logit: no [B, T-1, V] log-probabilities are materialised.
+    target = jnp.take_along_axis(logits, batch.tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target  # [B, T-1]
     return (nll * mask).sum() / jnp.maximum(mask.sum(), 1)
 
 
