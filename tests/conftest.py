@@ -34,16 +34,21 @@ def require_tool(name: str, where: str | None = None) -> str:
     Missing, the test skips on a developer machine and fails under ``CI=true``,
     where the tool must be there.
     """
-    import os
     import shutil
 
     path = shutil.which(name, path=where)
     if path is None:
-        message = f"{name} is not installed{f' in {where}' if where else ''} (scripts/test.sh installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{name} is not installed{f' in {where}' if where else ''} (scripts/test.sh installs it)")
     return path
+
+
+def unavailable(message: str):
+    """A test's system prerequisite is missing: skip on a developer machine, fail under ``CI=true``."""
+    import os
+
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def free_port() -> int:

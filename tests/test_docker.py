@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, require_tool
+from tests.conftest import free_port, require_tool, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "ponder-test:latest"
@@ -31,12 +31,6 @@ PROMPT = "def fibonacci(n):\n"
 NEW_TOKENS = 24
 
 pytestmark = pytest.mark.slow
-
-
-def unavailable(message: str):
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
@@ -110,14 +104,14 @@ def test_image_serves_the_bundled_checkpoint_as_non_root_and_stops_cleanly(image
         result = docker("logs", name, check=False)
         return result.stdout + result.stderr
 
-    def status(path: str) -> int | None:
+    def ready() -> bool:
         try:
-            return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5).status_code
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
         except httpx.HTTPError:
-            return None
+            return False
 
     try:
-        wait_for(lambda: status("/health") == 200, 600, "the server did not become ready", logs)
+        wait_for(ready, 600, "the server did not become ready", logs)
         assert docker("exec", name, "id", "-u").stdout.strip() == "10001"
 
         expected = offline(PROMPT, NEW_TOKENS)
