@@ -31,7 +31,9 @@ oldest long prompt in progress, and takes one decode step. A prompt with more
 than ``SLICE_TOKENS`` to compute is parked between its calls, holding its
 slot, so a cold document delays others' keystrokes and tokens by one call,
 not by its whole prefill; the session is whole between calls, and a parked
-job that is superseded or cancelled keeps the chunks it committed.
+job that is superseded or cancelled keeps the chunks it committed. Decode
+steps are pipelined: a step is started before the previous one's tokens are
+handed out, so XLA and the Python that delivers tokens run at once.
 
 Long documents. Positions are learned up to the context window W, so the
 base attends within a window: tokens in block k (``BLOCK`` tokens each) are
@@ -269,6 +271,16 @@ class _Running:
     window_end: int  # window position of the next token fed, plus one
 
 
+@dataclasses.dataclass
+class _Step:
+    """A decode step started and not yet handed out: its outputs (device arrays) and the jobs it ran."""
+
+    tokens: jax.Array  # [rows]
+    lam: jax.Array  # [rows]
+    count: jax.Array  # [rows]
+    running: dict[int, _Running]  # slot -> job, when the step started
+
+
 class Engine:
     def __init__(self, model: GPT | TTTTransformerLM, config: EngineConfig = EngineConfig(), metrics: ServerMetrics | None = None):
         model = as_ttt_model(model)
@@ -298,6 +310,7 @@ class Engine:
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: dict[int, _Running] = {}
         self._prefilling: list[_Prefilling] = []  # parked between slices, oldest first
+        self._in_flight: _Step | None = None  # the decode step whose tokens are not out yet
         self._sessions: collections.OrderedDict[tuple[str, str], Session] = collections.OrderedDict()
         self._session_bytes = 0
         self._anonymous = itertools.count(1)
@@ -801,8 +814,16 @@ class Engine:
     def _decode(self, attend_keys: int, rows: int):
         return _decode(self.static, self.config.schedule, self.eot_id, attend_keys, rows, self.params, self._slots)
 
-    def _step(self) -> None:
-        """One decode step for every slot, then the tokens out."""
+    def _step(self, dispatch: bool = True) -> None:
+        """Starts a decode step for every running slot, then hands out the tokens of the step before it.
+
+        Pipelined: XLA computes this step while the thread hands out the
+        previous one's tokens (events, metrics, and the front ends that read
+        them), so the Python work of a token overlaps the model instead of
+        following it. A job that ended since a step was started (its last
+        token, a cancellation, a deadline) gets nothing from that step; its
+        slot's extra row of work is thrown away.
+        """
         now = time.monotonic()
         for slot, running in list(self._running.items()):  # free cancelled / late slots before the step
             job = running.job
@@ -810,16 +831,27 @@ class Engine:
                 self._finish(slot, "cancelled")
             elif job.deadline is not None and now > job.deadline:
                 self._finish(slot, "deadline")
-        if not self._running:
-            return
-        longest = max(r.window_end for r in self._running.values())  # window position after this step
-        attend_keys = next(k for k in self._key_buckets() if k >= longest)
-        rows = next(r for r in self._row_buckets() if r > max(self._running))
-        self._slots, tokens, lam, count = self._decode(attend_keys, rows)
-        for running in self._running.values():
-            running.window_end += 1
-        tokens, lam, count = (np.asarray(a) for a in (tokens, lam, count))
-        for slot, running in list(self._running.items()):
+        previous, self._in_flight = self._in_flight, None
+        if dispatch and self._running:
+            longest = max(r.window_end for r in self._running.values())  # window position after this step
+            attend_keys = next(k for k in self._key_buckets() if k >= longest)
+            rows = next(r for r in self._row_buckets() if r > max(self._running))
+            self._slots, tokens, lam, count = self._decode(attend_keys, rows)
+            for running in self._running.values():
+                running.window_end += 1
+            self._in_flight = _Step(tokens, lam, count, dict(self._running))
+        if previous is not None:
+            self._hand_out(previous)
+
+    def _hand_out(self, step: _Step) -> None:
+        """Emits a finished step's token to each job that was running then and still is."""
+        tokens, lam, count = (np.asarray(a) for a in (step.tokens, step.lam, step.count))
+        for slot, running in step.running.items():
+            if self._running.get(slot) is not running:
+                continue  # ended after the step started (or its slot went to another job)
+            if running.job.cancelled.is_set():
+                self._finish(slot, "cancelled")
+                continue
             lambdas = []
             if count[slot] % self.C == 0:  # the token fed closed a chunk
                 self._count_decoded_chunk(running.usage, lambdas, float(lam[slot]))
@@ -843,12 +875,13 @@ class Engine:
                 if parked is not None:
                     self._advance(parked, 1)
                 busy = len(self._running) + len(self._prefilling)
-                if self._running and not (admitted and self._waiting and busy < self.config.slots):
-                    self._step()
+                dispatch = bool(self._running) and not (admitted and self._waiting and busy < self.config.slots)
+                if dispatch or self._in_flight is not None:
+                    self._step(dispatch)
             except Exception:  # pragma: no cover - a bug; keep serving and fail the running requests
                 log.exception("engine step failed")
                 for slot in list(self._running):
                     self._running[slot].job.put(ErrorEvent(RuntimeError("the engine failed; see the server log")))
                     with self._lock:
                         self._running.pop(slot, None)
-                self._slots = self._empty_slots()
+                self._slots, self._in_flight = self._empty_slots(), None
