@@ -87,8 +87,8 @@ def main() -> None:
     ours_decode, hf_decode = decode["ours"], decode["hf"]
     same_tokens = ours_tokens == hf_tokens
 
-    # Prefill as a server does it: ingest T prompt tokens into the KV cache,
-    # logits (and the first token) at the last position only.
+    # Prefill as `ponder generate` does it: ingest T prompt tokens at the start of
+    # a document into the KV cache, logits (and the first token) at the last position only.
     T = min(args.prefill_tokens, config.n_positions)
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (1, T)), jnp.int32)
     graphdef, state = nnx.split(ours)
@@ -98,7 +98,7 @@ def main() -> None:
         cache = KVCache.init(config, 1, T)
         _, first = prefill(
             graphdef, state, tokens, jnp.asarray([T]), zeros_i, cache, jax.random.key(0)[None],
-            zeros_f, zeros_i, zeros_f + 1, no_eot,
+            zeros_f, zeros_i, zeros_f + 1, no_eot, fresh=True,
         )
         first.block_until_ready()
 

@@ -122,8 +122,8 @@ jax.tree_util.register_dataclass(
 )
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
-def prefill(graphdef, state, tokens, length, start, cache, keys, temperature, top_k, top_p, eot_id):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("fresh",), donate_argnames=("cache",))
+def prefill(graphdef, state, tokens, length, start, cache, keys, temperature, top_k, top_p, eot_id, fresh=False):
     """Feeds a right-padded prompt and samples the first new token.
 
     Args:
@@ -132,13 +132,15 @@ def prefill(graphdef, state, tokens, length, start, cache, keys, temperature, to
       start: [B] position of ``tokens[:, 0]`` (tokens before it are in ``cache``).
       cache: KV cache for the rows.
       keys: [B] sampling key of each row.
+      fresh: every row starts its document (``start`` is 0 and ``cache``
+        empty): attention skips the cache, with no runtime test for it.
 
     Returns:
       ``(DecodeState, first_token [B])``.
     """
     model: GPT = nnx.merge(graphdef, state)
     positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]  # [B, T]
-    _, hidden, cache = model(tokens, positions, cache, compute_logits=False)  # hidden [B, T, D]
+    _, hidden, cache = model(tokens, positions, cache, compute_logits=False, attend_keys=0 if fresh else None)  # [B, T, D]
     last_hidden = jnp.take_along_axis(hidden, (length - 1)[:, None, None], axis=1)  # [B, 1, D]
     last = model.logits(last_hidden)[:, 0]  # [B, V]: the head runs on one position per row
     token = sample(last, jax.vmap(jax.random.fold_in)(keys, start + length), temperature, top_k, top_p)
@@ -224,7 +226,7 @@ def stream_tokens(
     top_p = jnp.full((1,), params.top_p, jnp.float32)
     ds, first = prefill(
         graphdef, state, tokens, jnp.asarray([len(prompt)]), jnp.zeros((1,), jnp.int32),
-        KVCache.init(config, 1, S), jax.random.key(params.seed)[None], temperature, top_k, top_p, eot_id,
+        KVCache.init(config, 1, S), jax.random.key(params.seed)[None], temperature, top_k, top_p, eot_id, fresh=True,
     )
     yield [int(first[0])]
     remaining = params.max_new_tokens - 1

@@ -103,7 +103,8 @@ class Attention(nnx.Module):
           attend_keys: read only the first ``attend_keys`` cache slots (static;
             every row's positions must lie below it). Decoding reads the
             whole cache on every step, so a server bounds it by the longest
-            live row.
+            live row. 0: the cache holds nothing before these
+            tokens (every row starts its document), so none of it is read.
 
         Returns:
           ``(y [B, T, D], new_kv)``.
@@ -159,7 +160,9 @@ class Attention(nnx.Module):
                     "bhts,bhsd->bthd", probs[..., S:], v
                 )  # [B, T, H, hd]
 
-            if T == 1:
+            if S == 0:  # known to start the document: attend among the new tokens only
+                y = attend_new_only()
+            elif T == 1:
                 y = attend_past_and_new()
             else:
                 # A prompt at the start of its document has no past: skip reading

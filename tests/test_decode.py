@@ -61,6 +61,25 @@ def test_long_prefill_then_decode_equals_full_forward(code_tokenizer):
         assert np.abs(np.asarray(logits) - full[:, start:end]).max() <= 1e-5, (start, end)
 
 
+def test_prefill_known_to_start_the_document_equals_the_tested_one(model, small_config):
+    """``attend_keys=0`` (no past, known when compiling) skips the cache: same logits and cache, then decoding agrees."""
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, small_config.vocab_size, (2, 41)))
+    full = _full_logits(model, tokens)
+    positions = jnp.broadcast_to(jnp.arange(40), (2, 40))
+    cache = KVCache.init(small_config, batch_size=2)
+    tested_logits, _, tested_cache = model(tokens[:, :40], positions, cache)
+    # Stale contents from another document: never read.
+    junk = jnp.asarray(np.random.default_rng(5).integers(0, small_config.vocab_size, (2, 60)))
+    _, _, stale = model(junk, jnp.broadcast_to(jnp.arange(60), (2, 60)), KVCache.init(small_config, batch_size=2))
+    logits, _, cache = model(tokens[:, :40], positions, stale, attend_keys=0)
+    assert np.abs(np.asarray(logits) - full[:, :40]).max() <= 1e-5
+    assert np.abs(np.asarray(tested_logits) - full[:, :40]).max() <= 1e-5
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(tested_cache)):  # [B, H, S, hd]: the 40 slots written
+        np.testing.assert_allclose(np.asarray(a)[:, :, :40], np.asarray(b)[:, :, :40], rtol=0, atol=1e-5)
+    step, _, _ = model(tokens[:, 40:], jnp.full((2, 1), 40), cache, attend_keys=41)
+    assert np.abs(np.asarray(step) - full[:, 40:]).max() <= 1e-5
+
+
 def test_rows_at_different_positions_and_stale_slots(model, small_config):
     """Each row writes at its own position; slots past a row's position are never attended."""
     rng = np.random.default_rng(1)
