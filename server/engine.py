@@ -170,8 +170,8 @@ def _prefill_chunks(model: _Model, schedule, params, tokens, positions, doc, cac
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
 def _base_fill(model: _Model, params, tokens, positions, cache):
-    """The base alone on [1, T] tokens into the KV cache (a window move)."""
-    _, _, cache = model.merge(params).base(tokens, positions, cache, compute_logits=False)
+    """The base alone on [1, T] tokens from window position 0 into the KV cache (a window move)."""
+    _, _, cache = model.merge(params).base(tokens, positions, cache, compute_logits=False, attend_keys=0)
     return cache
 
 
