@@ -149,7 +149,7 @@ def _train_ttt(args: argparse.Namespace) -> None:
         config = TTTLMConfig(
             base=base.config,
             ttt=TTTConfig(width=D, n_head=args.ttt_heads, kind=args.ttt_kind, mini_batch=args.mini_batch,
-                          max_update_norm=args.max_update_norm),
+                          base_lr=args.ttt_base_lr, max_update_norm=args.max_update_norm),
             n_ttt_layers=args.ttt_layers,
             gate=GateConfig(chunk=args.chunk),
             eot_id=tokenizer.eot_id,
@@ -332,6 +332,8 @@ def _add_train_commands(commands) -> None:
     ttt.add_argument("--ttt-heads", type=int, default=4)
     ttt.add_argument("--ttt-layers", type=int, default=1)
     ttt.add_argument("--mini-batch", type=int, default=16)
+    ttt.add_argument("--ttt-base-lr", type=float, default=1.0,
+                     help="base learning rate of the fast weights (eta = base_lr * lam * tau * sigma / head dim)")
     ttt.add_argument("--chunk", type=int, default=64)
     ttt.add_argument("--max-update-norm", type=float, default=None)
     add_schedule_arguments(ttt)
