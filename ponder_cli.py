@@ -143,13 +143,19 @@ def _train_ttt(args: argparse.Namespace) -> None:
         if args.new_gate:
             config = dataclasses.replace(config, gate=dataclasses.replace(config.gate, output=GateConfig().output))
             model.config, model.gate = config, GatingNetwork(config.gate, rngs=nnx.Rngs(args.seed))
+        if args.ttt_base_lr is not None:  # the one layer setting a continued run may change
+            config = dataclasses.replace(config, ttt=dataclasses.replace(config.ttt, base_lr=args.ttt_base_lr))
+            model.config = config
+            for layer in model.ttt:
+                layer.config = config.ttt
     else:
         base = model.base if isinstance(model, TTTTransformerLM) else model  # a TTT checkpoint lends its base
         D = base.config.n_embd
         config = TTTLMConfig(
             base=base.config,
             ttt=TTTConfig(width=D, n_head=args.ttt_heads, kind=args.ttt_kind, mini_batch=args.mini_batch,
-                          base_lr=args.ttt_base_lr, max_update_norm=args.max_update_norm),
+                          base_lr=TTTConfig.base_lr if args.ttt_base_lr is None else args.ttt_base_lr,
+                          max_update_norm=args.max_update_norm),
             n_ttt_layers=args.ttt_layers,
             gate=GateConfig(chunk=args.chunk),
             eot_id=tokenizer.eot_id,
@@ -322,7 +328,8 @@ def _add_train_commands(commands) -> None:
     common(ttt, seq_len=512, lr=3e-3, batch=4)
     ttt.add_argument("--base", type=Path, help="the stage-1 checkpoint (or a TTT checkpoint, whose base is taken)")
     ttt.add_argument("--init-from", type=Path,
-                     help="continue this TTT checkpoint instead (its layer sizes win over --ttt-*, --chunk, ...)")
+                     help="continue this TTT checkpoint instead (its layer sizes win over --ttt-*, --chunk, ...; "
+                          "--ttt-base-lr changes its learning rate)")
     ttt.add_argument("--new-gate", action="store_true",
                      help="with --init-from: a fresh gating network of the current kind (e.g. after an UPDATE run)")
     ttt.add_argument("--window", type=int,
@@ -332,8 +339,9 @@ def _add_train_commands(commands) -> None:
     ttt.add_argument("--ttt-heads", type=int, default=4)
     ttt.add_argument("--ttt-layers", type=int, default=1)
     ttt.add_argument("--mini-batch", type=int, default=16)
-    ttt.add_argument("--ttt-base-lr", type=float, default=1.0,
-                     help="base learning rate of the fast weights (eta = base_lr * lam * tau * sigma / head dim)")
+    ttt.add_argument("--ttt-base-lr", type=float,
+                     help="base learning rate of the fast weights (eta = base_lr * lam * tau * sigma / head dim; "
+                          "default 1, or the --init-from checkpoint's)")
     ttt.add_argument("--chunk", type=int, default=64)
     ttt.add_argument("--max-update-norm", type=float, default=None)
     add_schedule_arguments(ttt)

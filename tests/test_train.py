@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import ponder_cli
+from model.checkpoint import load_config
 from model.config import GPTConfig
 from model.gating import GateConfig
 from model.gpt2 import GPT
@@ -164,12 +165,14 @@ def test_pulse_run_both_stages_with_a_kill_and_resume(tmp_path, capsys):
     assert [row["step"] for row in rows if "loss" in row] == [1, 2]
     assert all(np.isfinite(row["loss"]) and "mean_lambda" in row for row in rows if "loss" in row)
 
-    # Stage 2 continued on rows longer than the context, attention window by window.
+    # Stage 2 continued on rows longer than the context, attention window by window, at a new fast-weight rate.
     longer = tmp_path / "ttt-window"
     result = _ponder("train", "ttt", "--init-from", str(ttt_run / "final"), "--corpus", str(data), "--run-dir",
                      str(longer), "--steps", "2", "--batch-size", "1", "--seq-len", "2048", "--window", "1024",
-                     "--schedule", "update", "--warmup", "1", "--eval-every", "2", "--eval-batches", "1", "--no-progress")
+                     "--schedule", "update", "--warmup", "1", "--eval-every", "2", "--eval-batches", "1", "--no-progress",
+                     "--ttt-base-lr", "0.4")
     assert result.returncode == 0, result.stderr
+    assert load_config(ttt_run / "final").ttt.base_lr == 1.0 and load_config(longer / "final").ttt.base_lr == 0.4
     rows = [json.loads(line) for line in (longer / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == [1, 2]
     assert all(row["chunks_updated"] == 2048 // 16 for row in rows if "loss" in row)
