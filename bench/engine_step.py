@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import resource
+import statistics
 
 import model  # noqa: F401  (XLA flags)
 import jax
@@ -40,47 +41,30 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
 
-    engine = Engine(load(args.checkpoint)[0], EngineConfig(slots=args.slots))
-    engine.start(warmup=False)
-    engine._stop = True  # the engine thread is not needed: this script calls the step itself
-    with engine._lock:
-        engine._lock.notify_all()
+    engine = Engine(load(args.checkpoint)[0], EngineConfig(slots=args.slots))  # not started: this script steps it
     keys = [int(k) for k in args.keys.split(",")]
     rows = [int(r) for r in args.rows.split(",")]
     S = args.slots
     # Every slot busy, positions just inside the bucket, so the mask keeps (nearly) every key read.
-    busy = {
-        k: dataclasses.replace(engine._slots, active=jnp.ones((S,), bool), position=jnp.full((S,), k - 2, jnp.int32))
-        for k in keys
-    }
-    slots = {k: jax.tree.map(jnp.copy, busy[k]) for k in keys}
+    busy_at = lambda k: jnp.full((S,), k - 2, jnp.int32)  # a fresh array each time: the step donates its input
+    slots = {k: dataclasses.replace(engine._empty_slots(), active=jnp.ones((S,), bool), position=busy_at(k)) for k in keys}
+    faults = {(k, r): [] for k in keys for r in rows}
 
     def step(k: int, r: int):
         def run():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             slots[k], tokens, *_ = _decode(engine.static, engine.config.schedule, engine.eot_id, k, r, engine.params, slots[k])
             tokens.block_until_ready()
-            # Hold positions still, so every round reads the same number of keys.
-            # (A fresh array: the step donates what it is given.)
-            slots[k] = dataclasses.replace(slots[k], position=jnp.full((S,), k - 2, jnp.int32))
+            faults[k, r].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+            slots[k] = dataclasses.replace(slots[k], position=busy_at(k))  # every round reads the same keys
         return run
 
-    faults = {}
-
-    def counted(k: int, r: int):
-        run = step(k, r)
-
-        def fn():
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            run()
-            faults.setdefault((k, r), []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-        return fn
-
-    medians = interleaved_medians({(k, r): counted(k, r) for k in keys for r in rows}, args.runs)
+    medians = interleaved_medians({(k, r): step(k, r) for k in keys for r in rows}, args.runs)
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
     print("| keys read | " + " | ".join(f"{r} row{'s' * (r > 1)}" for r in rows) + " |")
     print("|---" * (len(rows) + 1) + "|")
     for k in keys:
-        print(f"| {k} | " + " | ".join(f"{medians[k, r] * 1e3:.2f} ms ({sorted(faults[k, r])[len(faults[k, r]) // 2]} faults)" for r in rows) + " |")
+        print(f"| {k} | " + " | ".join(f"{medians[k, r] * 1e3:.2f} ms ({statistics.median(faults[k, r]):.0f} faults)" for r in rows) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({f"{k}x{r}": medians[k, r] for k in keys for r in rows}, f, indent=2)
