@@ -135,6 +135,8 @@ def _train_ttt(args: argparse.Namespace) -> None:
         raise ValueError("give one of --base (a new TTT layer on a base) and --init-from (continue a TTT checkpoint)")
     if args.new_gate and args.init_from is None:
         raise ValueError("--new-gate goes with --init-from (a new TTT layer from --base has a new gate anyway)")
+    if args.gate_only and args.init_from is None:
+        raise ValueError("--gate-only goes with --init-from (it trains a gate for a TTT layer that is already trained)")
     model, tokenizer = checkpoint.load(args.base or args.init_from)
     if args.init_from is not None:
         if not isinstance(model, TTTTransformerLM):
@@ -165,8 +167,9 @@ def _train_ttt(args: argparse.Namespace) -> None:
     if window > config.base.n_positions:
         raise ValueError(f"--window {window} exceeds the base's context of {config.base.n_positions} "
                          f"(a --seq-len longer than the context needs a --window)")
+    trainable = {"trainable": nnx.All(nnx.Param, nnx.PathContains("gate"))} if args.gate_only else {}
     stage = TTTStage(seq_len=args.seq_len, chunk=config.gate.chunk, schedule=schedule_from_arguments(args), beta=args.beta,
-                     gamma=args.gamma, window=args.window)
+                     gamma=args.gamma, window=args.window, **trainable)
     _train_run(args, stage, model, tokenizer)
 
 
@@ -332,6 +335,9 @@ def _add_train_commands(commands) -> None:
                           "--ttt-base-lr changes its learning rate)")
     ttt.add_argument("--new-gate", action="store_true",
                      help="with --init-from: a fresh gating network of the current kind (e.g. after an UPDATE run)")
+    ttt.add_argument("--gate-only", action="store_true",
+                     help="with --init-from: train only the gating network; the TTT layer stays as it is, so "
+                          "UPDATE_1's results do not move")
     ttt.add_argument("--window", type=int,
                      help="base attention window in tokens (a multiple of --chunk): rows longer than the context "
                           "run window by window while the fast weights carry across (default: the whole row)")

@@ -17,7 +17,7 @@ from flax import nnx
 import ponder_cli
 from model.checkpoint import load_config
 from model.config import GPTConfig
-from model.gating import GateConfig
+from model.gating import GateConfig, GatingNetwork
 from model.gpt2 import GPT
 from model.ttt import TTTConfig
 from model.ttt_lm import TTTLMConfig, TTTTransformerLM
@@ -176,18 +176,32 @@ def test_pulse_run_both_stages_with_a_kill_and_resume(tmp_path, capsys):
     rows = [json.loads(line) for line in (longer / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == [1, 2]
     assert all(row["chunks_updated"] == 2048 // 16 for row in rows if "loss" in row)
+    # A gate trained for that layer, the layer frozen: only the gate's parameters move.
+    gated = tmp_path / "ttt-gate"
+    result = _ponder("train", "ttt", "--init-from", str(longer / "final"), "--corpus", str(data), "--run-dir",
+                     str(gated), "--steps", "2", "--batch-size", "1", "--seq-len", "2048", "--window", "1024",
+                     "--new-gate", "--gate-only", "--lr", "1e-2", "--warmup", "1", "--eval-every", "2",
+                     "--eval-batches", "1", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    from model import checkpoint
+
+    before, after = (checkpoint.load(run / "final")[0] for run in (longer, gated))
+    moved = lambda a, b: jax.tree.map(lambda x, y: bool(np.any(np.asarray(x) != np.asarray(y))), nnx.state(a), nnx.state(b))
+    assert not any(jax.tree.leaves(moved(before.ttt, after.ttt))) and not any(jax.tree.leaves(moved(before.base, after.base)))
+    fresh_gate = GatingNetwork(before.config.gate, rngs=nnx.Rngs(0))  # what --new-gate started from (seed 0)
+    # (Its output kernel starts at zero, so the hidden layer gets no gradient before the output layer moved.)
+    assert all(jax.tree.leaves(moved(fresh_gate.out, after.gate.out)))
     common = ["--corpus", str(data), "--run-dir", str(tmp_path / "bad"), "--seq-len", "2048"]
     for args, message in [
         (["--base", str(base_run / "final"), "--init-from", str(ttt_run / "final")], "give one of --base"),
         (["--init-from", str(base_run / "final")], "is a base checkpoint: start stage 2 from it with --base"),
         (["--base", str(base_run / "final"), "--new-gate"], "--new-gate goes with --init-from"),
+        (["--base", str(base_run / "final"), "--gate-only"], "--gate-only goes with --init-from"),
         (["--base", str(base_run / "final")], "--window 2048 exceeds the base's context of 1024"),
         (["--base", str(base_run / "final"), "--window", "1000"], "must be a positive multiple of the chunk size 64"),
     ]:
         assert ponder_cli.main(["train", "ttt", *common, *args]) == 2
         assert message in capsys.readouterr().err
-
-    from model import checkpoint
 
     model, _ = checkpoint.load(ttt_run / "final")
     assert isinstance(model, TTTTransformerLM) and model.config.gate.chunk == 16
