@@ -9,9 +9,11 @@ ponder=".venv/bin/ponder"
 $ponder train corpus --out "$runs/corpus" --max-mb 64 --tokenizer-mb 32
 $ponder train base --corpus "$runs/corpus" --run-dir "$runs/base" --steps 700 --batch-size 4 --seq-len 1024 \
   --lr 2e-3 --warmup 70 --eval-every 100 --eval-batches 8 --checkpoint-every-s 300 --no-progress
-# Stage 2 in four runs, rows longer than the context seen in attention windows of 1024 (the fast weights carry
+# Stage 2 in eight runs, rows longer than the context seen in attention windows of 1024 (the fast weights carry
 # across windows): (1) a TTT layer updating on every chunk, (2) the same on rows of 4096, (3) more of (2) from a
-# fresh warm-up, (4) a fresh gate.
+# fresh warm-up, (4) a fresh gate trained with the layer; then, from (4) rounded to bfloat16 (the checkpoint bundled
+# until 2026-12-01, which run 5 started from), (5) a lower fast-weight rate, every chunk updating, (6) and (7) more
+# of (5) from fresh warm-ups, (8) a fresh gate trained with the TTT layer frozen.
 common="--corpus $runs/corpus --window 1024 --eval-batches 4 --checkpoint-every-s 240 --no-progress"
 $ponder train ttt $common --base "$runs/base/final" --run-dir "$runs/ttt-1-update" --schedule update --chunk 64 \
   --steps 1500 --batch-size 2 --seq-len 2048 --lr 3e-3 --warmup 50 --eval-every 250
@@ -21,14 +23,23 @@ $ponder train ttt $common --init-from "$runs/ttt-2-update-4096/final" --run-dir 
   --schedule update --steps 1500 --batch-size 1 --seq-len 4096 --lr 1.5e-3 --warmup 30 --eval-every 250
 $ponder train ttt $common --init-from "$runs/ttt-3-update-4096/final" --new-gate --run-dir "$runs/ttt-4-gate" \
   --schedule learned --gamma 0.03 --steps 600 --batch-size 2 --seq-len 2048 --lr 1e-3 --warmup 20 --eval-every 200
+$ponder export --checkpoint "$runs/ttt-4-gate/final" --out "$runs/ttt-4-gate-bf16" --storage-dtype bfloat16 --overwrite
+$ponder train ttt $common --init-from "$runs/ttt-4-gate-bf16" --ttt-base-lr 0.4 --run-dir "$runs/ttt-5-update-lr04" \
+  --schedule update --steps 1000 --batch-size 1 --seq-len 4096 --lr 1e-3 --warmup 30 --eval-every 250
+$ponder train ttt $common --init-from "$runs/ttt-5-update-lr04/final" --run-dir "$runs/ttt-6-update-lr04" \
+  --schedule update --steps 1500 --batch-size 1 --seq-len 4096 --lr 1e-3 --warmup 30 --eval-every 250
+$ponder train ttt $common --init-from "$runs/ttt-6-update-lr04/final" --run-dir "$runs/ttt-7-update-lr04" \
+  --schedule update --steps 3000 --batch-size 1 --seq-len 4096 --lr 1e-3 --warmup 30 --eval-every 500
+$ponder train ttt $common --init-from "$runs/ttt-7-update-lr04/final" --new-gate --gate-only --run-dir "$runs/ttt-8-gate" \
+  --schedule learned --gamma 0.03 --steps 600 --batch-size 2 --seq-len 2048 --lr 1e-3 --warmup 20 --eval-every 200
 $ponder train plot --run-dir "$runs/base" --out "$runs/base-curves.png"
-for run in ttt-1-update ttt-2-update-4096 ttt-3-update-4096 ttt-4-gate; do
+for run in ttt-1-update ttt-2-update-4096 ttt-3-update-4096 ttt-4-gate ttt-5-update-lr04 ttt-6-update-lr04 \
+           ttt-7-update-lr04 ttt-8-gate; do
   $ponder train plot --run-dir "$runs/$run" --out "$runs/$run-curves.png"
 done
-$ponder eval --checkpoint "$runs/ttt-4-gate/final" --corpus "$runs/corpus" --out "$runs/eval" --fixed-lambda 0.38 \
-  --lines-per-file 2
-for rate in 0.5 0.48 0.45; do  # the learned gate under a compute budget, against RANDOM, THRESHOLD and ORACLE at that rate
-  $ponder eval --checkpoint "$runs/ttt-4-gate/final" --corpus "$runs/corpus" --out "$runs/eval-rate$rate" \
-    --fixed-lambda 0.38 --lines-per-file 0 --rate $rate
-done
-$ponder export --checkpoint "$runs/ttt-4-gate/final" --out checkpoints/default --storage-dtype bfloat16 --overwrite
+# Evaluated as bundled (bfloat16 weights, loaded as float32).
+$ponder export --checkpoint "$runs/ttt-8-gate/final" --out checkpoints/default --storage-dtype bfloat16 --overwrite
+$ponder eval --checkpoint checkpoints/default --corpus "$runs/corpus" --out "$runs/eval" --fixed-lambda 0.6 --lines-per-file 2
+# The learned gate under a compute budget of half the updates, against RANDOM, THRESHOLD and ORACLE at that rate.
+$ponder eval --checkpoint checkpoints/default --corpus "$runs/corpus" --out "$runs/eval-rate0.5" --fixed-lambda 0.6 \
+  --lines-per-file 0 --rate 0.5
