@@ -137,6 +137,9 @@ def _train_ttt(args: argparse.Namespace) -> None:
         raise ValueError("--new-gate goes with --init-from (a new TTT layer from --base has a new gate anyway)")
     if args.gate_only and args.init_from is None:
         raise ValueError("--gate-only goes with --init-from (it trains a gate for a TTT layer that is already trained)")
+    if args.gate_only and args.schedule not in ("learned", "random_learned", "learned_budget"):
+        raise ValueError(f"--gate-only trains the gate, which --schedule {args.schedule} does not use "
+                         "(use learned, random_learned or learned_budget)")
     model, tokenizer = checkpoint.load(args.base or args.init_from)
     if args.init_from is not None:
         if not isinstance(model, TTTTransformerLM):

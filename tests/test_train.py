@@ -197,6 +197,8 @@ def test_pulse_run_both_stages_with_a_kill_and_resume(tmp_path, capsys):
         (["--init-from", str(base_run / "final")], "is a base checkpoint: start stage 2 from it with --base"),
         (["--base", str(base_run / "final"), "--new-gate"], "--new-gate goes with --init-from"),
         (["--base", str(base_run / "final"), "--gate-only"], "--gate-only goes with --init-from"),
+        (["--init-from", str(ttt_run / "final"), "--gate-only", "--schedule", "update"],
+         "--gate-only trains the gate, which --schedule update does not use"),
         (["--base", str(base_run / "final")], "--window 2048 exceeds the base's context of 1024"),
         (["--base", str(base_run / "final"), "--window", "1000"], "must be a positive multiple of the chunk size 64"),
     ]:
