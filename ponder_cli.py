@@ -137,7 +137,8 @@ def _train_ttt(args: argparse.Namespace) -> None:
         raise ValueError("--new-gate goes with --init-from (a new TTT layer from --base has a new gate anyway)")
     if args.gate_only and args.init_from is None:
         raise ValueError("--gate-only goes with --init-from (it trains a gate for a TTT layer that is already trained)")
-    if args.gate_only and args.schedule not in ("learned", "random_learned", "learned_budget"):
+    schedule = schedule_from_arguments(args)
+    if args.gate_only and not schedule.uses_gate:
         raise ValueError(f"--gate-only trains the gate, which --schedule {args.schedule} does not use "
                          "(use learned, random_learned or learned_budget)")
     model, tokenizer = checkpoint.load(args.base or args.init_from)
@@ -171,7 +172,7 @@ def _train_ttt(args: argparse.Namespace) -> None:
         raise ValueError(f"--window {window} exceeds the base's context of {config.base.n_positions} "
                          f"(a --seq-len longer than the context needs a --window)")
     trainable = {"trainable": nnx.All(nnx.Param, nnx.PathContains("gate"))} if args.gate_only else {}
-    stage = TTTStage(seq_len=args.seq_len, chunk=config.gate.chunk, schedule=schedule_from_arguments(args), beta=args.beta,
+    stage = TTTStage(seq_len=args.seq_len, chunk=config.gate.chunk, schedule=schedule, beta=args.beta,
                      gamma=args.gamma, window=args.window, **trainable)
     _train_run(args, stage, model, tokenizer)
 

@@ -14,7 +14,7 @@ _FLAGS = ["--xla_cpu_copy_insertion_use_region_analysis=true"]
 def _has_avx512() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
+            return any(line.startswith("flags") and "avx512f" in line.split() for line in f)
     except OSError:
         return False
 

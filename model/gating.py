@@ -104,6 +104,11 @@ class Schedule:
         """Whether lam depends on the gate's features (else they are not computed: they cost a base LM head)."""
         return self.kind in ("learned", "random_learned", "threshold", "learned_budget")
 
+    @property
+    def uses_gate(self) -> bool:
+        """Whether lam comes from the gating network (so training it can change anything)."""
+        return self.kind in ("learned", "random_learned", "learned_budget")
+
     def __post_init__(self):
         if self.kind not in SCHEDULES:
             raise ValueError(f"schedule kind must be one of {SCHEDULES}, got {self.kind!r}")
