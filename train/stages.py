@@ -27,11 +27,15 @@ from train.data import Batch, loss_mask
 
 def masked_cross_entropy(logits, batch: Batch):
     """Mean next-token cross-entropy over the predictions ``loss_mask`` keeps. Scalar."""
-    mask = loss_mask(batch.segment_ids, batch.real)  # [B, T-1]
-    logits = logits[:, :-1].astype(jnp.float32)  # [B, T-1, V]
-    # log-sum-exp minus the target's logit: no [B, T-1, V] log-probabilities are materialised.
-    target = jnp.take_along_axis(logits, batch.tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
-    nll = jax.nn.logsumexp(logits, axis=-1) - target  # [B, T-1]
+    # Every position is scored against the next token (the last one against the row's first,
+    # masked out): slicing off the last position would copy the [B, T, V] logits, and its
+    # gradient would be padded back, two copies of the largest tensor of the step.
+    mask = jnp.pad(loss_mask(batch.segment_ids, batch.real), ((0, 0), (0, 1)))  # [B, T]
+    targets = jnp.roll(batch.tokens, -1, axis=1)  # [B, T]
+    logits = logits.astype(jnp.float32)
+    # log-sum-exp minus the target's logit: no [B, T, V] log-probabilities are materialised.
+    target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target
     return (nll * mask).sum() / jnp.maximum(mask.sum(), 1)
 
 
