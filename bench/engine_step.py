@@ -1,9 +1,10 @@
 """One decode step of the server's engine, by rows and keys read.
 
-Times ``server.engine._decode`` (one token for each of the first ``rows``
-slots, attention over the first ``keys`` cache slots) on the bundled
-checkpoint with every slot busy, as the engine calls it between requests'
-tokens: the step the 8-stream throughput goal rests on. Every
+Times ``server.engine._decode`` (one token per row, attention over the
+first ``keys`` cache slots) on the bundled checkpoint with every row busy, as
+the engine calls it between requests' tokens: on all the slots' state, or on
+slot 0's state alone (1 row, a lone stream). The step the 8-stream
+throughput goal rests on. Every
 (rows, keys) pair takes its turn in every round; medians of ``--runs`` rounds,
 with the median count of page faults per step (memory that the step's
 temporaries took from the kernel afresh).
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from model.checkpoint import load
-from server.engine import Engine, EngineConfig, _decode
+from server.engine import Engine, EngineConfig, _decode, _first_row
 from timing import interleaved_medians
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "checkpoints", "default")
@@ -44,19 +45,25 @@ def main() -> None:
     engine = Engine(load(args.checkpoint)[0], EngineConfig(slots=args.slots))  # not started: this script steps it
     keys = [int(k) for k in args.keys.split(",")]
     rows = [int(r) for r in args.rows.split(",")]
-    S = args.slots
-    # Every slot busy, positions just inside the bucket, so the mask keeps (nearly) every key read.
-    busy_at = lambda k: jnp.full((S,), k - 2, jnp.int32)  # a fresh array each time: the step donates its input
-    slots = {k: dataclasses.replace(engine._empty_slots(), active=jnp.ones((S,), bool), position=busy_at(k)) for k in keys}
+    # Every row busy, positions just inside the bucket, so the mask keeps (nearly) every key read.
+    busy_at = lambda k, r: jnp.full((r,), k - 2, jnp.int32)  # a fresh array each time: the step donates its input
+
+    def busy(k: int, r: int):
+        if r not in (1, args.slots):
+            raise SystemExit(f"--rows takes 1 (slot 0 alone) or {args.slots} (every slot), not {r}")
+        state = engine._empty_slots() if r == args.slots else _first_row(engine._empty_slots())
+        return dataclasses.replace(state, active=jnp.ones((r,), bool), position=busy_at(k, r))
+
+    slots = {(k, r): busy(k, r) for k in keys for r in rows}
     faults = {(k, r): [] for k in keys for r in rows}
 
     def step(k: int, r: int):
         def run():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            slots[k], tokens, *_ = _decode(engine.static, engine.config.schedule, engine.eot_id, k, r, engine.params, slots[k])
+            slots[k, r], tokens, *_ = _decode(engine.static, engine.config.schedule, engine.eot_id, k, engine.params, slots[k, r])
             tokens.block_until_ready()
             faults[k, r].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-            slots[k] = dataclasses.replace(slots[k], position=busy_at(k))  # every round reads the same keys
+            slots[k, r] = dataclasses.replace(slots[k, r], position=busy_at(k, r))  # every round reads the same keys
         return run
 
     medians = interleaved_medians({(k, r): step(k, r) for k in keys for r in rows}, args.runs)

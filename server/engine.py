@@ -196,26 +196,29 @@ def _release(slots: Slots, index):
     return dataclasses.replace(slots, active=slots.active.at[index].set(False))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnames=("slots",))
-def _decode(model: _Model, schedule, eot_id, attend_keys, rows, params, slots: Slots):
-    """One token for each of the first ``rows`` slots: ``(slots, tokens [rows], lam [rows], count [rows])``.
+@jax.jit
+def _first_row(slots: Slots) -> Slots:
+    """Slot 0's state as a one-row ``Slots`` (a copy)."""
+    return jax.tree.map(lambda x: x[:1], slots)
 
-    Jobs take the lowest free slot, so a bucket of rows above the highest
-    busy slot covers every running job, and a lone stream does not pay for
-    all of them. Attention reads the first ``attend_keys`` cache slots only (a
-    bucket above every live row's position): on this CPU, reading all of
-    every slot's cache cost more than the weights.
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("slots",))
+def _decode(model: _Model, schedule, eot_id, attend_keys, params, slots: Slots):
+    """One token for every row of ``slots``: ``(slots, tokens [S], lam [S], count [S])``.
+
+    Attention reads the first ``attend_keys`` cache slots only (a bucket
+    above every live row's position): on this CPU, reading all of every
+    slot's cache cost more than the weights.
     """
     model = model.merge(params)
-    whole = rows == slots.token.shape[0]  # no slicing: XLA would copy every row's cache back in place
-    part = slots if whole else jax.tree.map(lambda x: x[:rows], slots)
-    fed = jnp.where(part.active, part.token, eot_id)
-    position = jnp.where(part.active, part.position, 0)
-    logits, cache, doc = model.step(fed, position, part.cache, part.doc, schedule, attend_keys)
-    keys = jax.vmap(jax.random.fold_in)(part.key, part.doc_position + 1)
-    token = sample(logits, keys, part.temperature, part.top_k, part.top_p)
-    part = dataclasses.replace(part, cache=cache, doc=doc, token=token, position=position + 1, doc_position=part.doc_position + 1)
-    slots = part if whole else jax.tree.map(lambda full, new: full.at[:rows].set(new), slots, part)
+    fed = jnp.where(slots.active, slots.token, eot_id)
+    position = jnp.where(slots.active, slots.position, 0)
+    logits, cache, doc = model.step(fed, position, slots.cache, slots.doc, schedule, attend_keys)
+    keys = jax.vmap(jax.random.fold_in)(slots.key, slots.doc_position + 1)
+    token = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p)
+    slots = dataclasses.replace(
+        slots, cache=cache, doc=doc, token=token, position=position + 1, doc_position=slots.doc_position + 1
+    )
     return slots, token, doc.lam, doc.count
 
 
@@ -275,9 +278,9 @@ class _Running:
 class _Step:
     """A decode step started and not yet handed out: its outputs (device arrays) and the jobs it ran."""
 
-    tokens: jax.Array  # [rows]
-    lam: jax.Array  # [rows]
-    count: jax.Array  # [rows]
+    tokens: jax.Array  # [S], or [1] for slot 0 alone
+    lam: jax.Array  # like tokens
+    count: jax.Array  # like tokens
     running: dict[int, _Running]  # slot -> job, when the step started
 
 
@@ -311,6 +314,10 @@ class Engine:
         self._running: dict[int, _Running] = {}
         self._prefilling: list[_Prefilling] = []  # parked between slices, oldest first
         self._in_flight: _Step | None = None  # the decode step whose tokens are not out yet
+        # While slot 0 is the only busy slot, its state lives here as one row and steps alone:
+        # a step on one row sliced out of all the slots' state (and written back) took 2.6 ms,
+        # one on a one-row state 1.4 ms (bench/engine_step.py). Row 0 of ``_slots`` is stale then.
+        self._lone: Slots | None = None
         self._sessions: collections.OrderedDict[tuple[str, str], Session] = collections.OrderedDict()
         self._session_bytes = 0
         self._anonymous = itertools.count(1)
@@ -419,9 +426,11 @@ class Engine:
             job = Job("", None, None, [self.eot_id] * length, 1)
             token, doc, cache = self._call_extend(job, self._fresh_doc, self._new_cache(), 0, 0, length)
         self._slots = _insert(self._slots, self._slot_row(job, doc, cache, token, 0, length), 0)
+        self._lone = _first_row(self._slots)
         for keys in self._key_buckets():
-            for rows in self._row_buckets():
-                self._slots, *_ = self._decode(keys, rows)
+            self._slots, *_ = self._decode(keys, self._slots)
+            self._lone, *_ = self._decode(keys, self._lone)
+        self._merge_lone()
         self._slots = _release(self._slots, 0)
         jax.block_until_ready(self._slots)
         self._slots = self._empty_slots()
@@ -728,6 +737,7 @@ class Engine:
             job.put(DoneEvent("length", usage, session.session_id))
             return
         token, doc, cache, window, doc_end = first
+        self._merge_lone()  # the new job joins the others: slot 0 steps with them
         self._slots = _insert(self._slots, self._slot_row(job, doc, cache, token, window, doc_end), task.slot)
         running = _Running(job, session, usage, 0, time.monotonic(), doc_end - window + 1)
         with self._lock:
@@ -792,6 +802,8 @@ class Engine:
             self._finish(slot, "length")
 
     def _finish(self, slot: int, reason: str) -> None:
+        if slot == 0:
+            self._lone = None  # row 0 of ``_slots`` is stale, and idle from here on
         self._slots = _release(self._slots, slot)
         with self._lock:
             running = self._running.pop(slot)
@@ -806,13 +818,13 @@ class Engine:
         # bench/engine_step.py).
         return sorted({min(self.W, 128), min(self.W, 256), self.W})
 
-    def _row_buckets(self) -> list[int]:
-        # One row for a lone stream, else all: a step on 2 or 4 of 8 rows measured no faster than
-        # on all 8 (slicing out a few rows' caches costs XLA copies that eat the saving).
-        return sorted({1, self.config.slots})
+    def _decode(self, attend_keys: int, slots: Slots):
+        return _decode(self.static, self.config.schedule, self.eot_id, attend_keys, self.params, slots)
 
-    def _decode(self, attend_keys: int, rows: int):
-        return _decode(self.static, self.config.schedule, self.eot_id, attend_keys, rows, self.params, self._slots)
+    def _merge_lone(self) -> None:
+        """Writes slot 0's lone state back into row 0 of ``_slots``."""
+        if self._lone is not None:
+            self._slots, self._lone = _insert(self._slots, self._lone, 0), None
 
     def _step(self, dispatch: bool = True) -> None:
         """Starts a decode step for every running slot, then hands out the tokens of the step before it.
@@ -835,8 +847,13 @@ class Engine:
         if dispatch and self._running:
             longest = max(r.window_end for r in self._running.values())  # window position after this step
             attend_keys = next(k for k in self._key_buckets() if k >= longest)
-            rows = next(r for r in self._row_buckets() if r > max(self._running))
-            self._slots, tokens, lam, count = self._decode(attend_keys, rows)
+            if max(self._running) == 0:  # slot 0 alone (jobs take the lowest free slot)
+                if self._lone is None:
+                    self._lone = _first_row(self._slots)
+                self._lone, tokens, lam, count = self._decode(attend_keys, self._lone)
+            else:
+                self._merge_lone()
+                self._slots, tokens, lam, count = self._decode(attend_keys, self._slots)
             for running in self._running.values():
                 running.window_end += 1
             self._in_flight = _Step(tokens, lam, count, dict(self._running))
@@ -884,4 +901,4 @@ class Engine:
                     self._running[slot].job.put(ErrorEvent(RuntimeError("the engine failed; see the server log")))
                     with self._lock:
                         self._running.pop(slot, None)
-                self._slots, self._in_flight = self._empty_slots(), None
+                self._slots, self._lone, self._in_flight = self._empty_slots(), None, None

@@ -139,6 +139,25 @@ def test_concurrent_sessions_do_not_change_each_other(engine):
     assert results == want
 
 
+def test_a_lone_stream_joined_and_left_mid_generation_is_exact(engine):
+    # Slot 0 steps on its own one-row state while it runs alone: it must carry over exactly when
+    # another job joins (its state goes back among the others) and when that one ends.
+    # Sampled: greedy decoding of this random model repeats one token, which a stale state repeats too.
+    first, second, sampling = _doc(30, seed=31), _doc(30, seed=32), Sampling(temperature=1.0, seed=5)
+    want = [_run(engine, first, session="lone-alone", max_new=MAX_NEW, sampling=sampling)[0],
+            _run(engine, second, session="joiner-alone", max_new=16, sampling=sampling)[0]]
+    jobs = [Job("", "lone", None, list(first), MAX_NEW, sampling), Job("", "joiner", None, list(second), 16, sampling)]
+    got = [[], []]
+    engine.submit(jobs[0])
+    while len(got[0]) < 3:  # two decode steps alone (the first token comes from the prefill)
+        got[0] += jobs[0].next_event(timeout=60).token_ids
+    engine.submit(jobs[1])
+    for tokens, job in zip(got, jobs):
+        while not isinstance(event := job.next_event(timeout=60), DoneEvent):
+            tokens += event.token_ids
+    assert got == want
+
+
 def test_eviction_rebuilds_transparently(model):
     engine = Engine(model, EngineConfig(slots=2, max_new_tokens=MAX_NEW, session_memory_mb=0.5))
     engine.start(warmup=False)
