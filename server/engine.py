@@ -44,8 +44,10 @@ prefill, no TTT). The fast weights see the whole document.
 
 Compiled shapes: dual-form prefill of 1, 2 or 4 chunks; ``extend`` of 16,
 32 or 64 tokens; the window re-encode at two lengths; ``insert``; the decode
-step over one row or all of them, reading 128, 256 or all cache keys. ``warmup`` compiles them all before the engine reports ready; the
-compile counter (every XLA compilation of the process) stays flat afterwards.
+step over every slot, or over slot 0 alone on its own one-row state (a lone
+stream), reading 128, 256 or all cache keys. ``warmup`` compiles them all
+before the engine reports ready; the compile counter (every XLA compilation
+of the process) stays flat afterwards.
 """
 
 from __future__ import annotations
