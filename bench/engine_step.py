@@ -45,12 +45,12 @@ def main() -> None:
     engine = Engine(load(args.checkpoint)[0], EngineConfig(slots=args.slots))  # not started: this script steps it
     keys = [int(k) for k in args.keys.split(",")]
     rows = [int(r) for r in args.rows.split(",")]
+    if set(rows) - {1, args.slots}:
+        raise SystemExit(f"--rows takes 1 (slot 0 alone) or {args.slots} (every slot), got {args.rows}")
     # Every row busy, positions just inside the bucket, so the mask keeps (nearly) every key read.
     busy_at = lambda k, r: jnp.full((r,), k - 2, jnp.int32)  # a fresh array each time: the step donates its input
 
     def busy(k: int, r: int):
-        if r not in (1, args.slots):
-            raise SystemExit(f"--rows takes 1 (slot 0 alone) or {args.slots} (every slot), not {r}")
         state = engine._empty_slots() if r == args.slots else _first_row(engine._empty_slots())
         return dataclasses.replace(state, active=jnp.ones((r,), bool), position=busy_at(k, r))
 
