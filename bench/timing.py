@@ -33,3 +33,13 @@ def peak_matmul(n: int = 2048):
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     matmul = jax.jit(lambda a, b: a @ b)
     return (lambda: matmul(a, b).block_until_ready()), 2 * n**3
+
+
+def streaming_read(mib: int = 512):
+    """A jitted sum over an f32 array far larger than the caches (the DRAM read rate) and its bytes."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    return (lambda: total(x).block_until_ready()), x.nbytes
