@@ -57,6 +57,8 @@ def main() -> None:
     rows = [int(r) for r in args.rows.split(",")]
     if set(rows) - {1, args.slots}:
         raise SystemExit(f"--rows takes 1 (slot 0 alone) or {args.slots} (every slot), got {args.rows}")
+    if min(keys) <= args.burst:
+        raise SystemExit(f"--keys must all exceed --burst ({args.burst}): a turn's positions stay below the keys read")
     # Every row busy, positions just inside the bucket for the whole turn, so the mask keeps (nearly) every key read.
     busy_at = lambda k, r: jnp.full((r,), k - 1 - args.burst, jnp.int32)  # a fresh array each time: the step donates its input
 
@@ -79,6 +81,7 @@ def main() -> None:
 
     read, read_bytes = streaming_read()
     bandwidth = read_bytes / interleaved_medians({"read": read}, 10)["read"]
+    del read  # its 512 MiB
     turns = interleaved_medians({(k, r): step(k, r) for k in keys for r in rows}, args.runs)
     medians = {pair: t / args.burst for pair, t in turns.items()}
     c = engine.base_config
