@@ -8,8 +8,8 @@
 # Other commands: `docker run --entrypoint ponder ponder generate "def f("`.
 #
 # The build stage installs the project as a wheel would (`pip install .`):
-# the bundled checkpoint and the .proto travel inside the package
-# (server/assets.py), so the runtime stage needs only the virtual environment.
+# the bundled checkpoint and the gRPC stubs travel inside the package
+# (ponder.checkpoints, ponder.v1), so the runtime stage needs only the virtual environment.
 
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -22,13 +22,13 @@ COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
-COPY ponder_cli.py ./
+COPY ponder ponder
 COPY model model
 COPY train train
 COPY server server
 COPY clients clients
 COPY protos/ponder protos/ponder
-COPY checkpoints/default checkpoints/default
+COPY checkpoints checkpoints
 RUN pip install --no-deps .
 
 FROM python:3.11-slim
@@ -41,9 +41,6 @@ RUN groupadd --system --gid 10001 ponder \
     && mkdir -p /var/cache/ponder/jax \
     && chown -R ponder:ponder /var/cache/ponder
 COPY --from=build /opt/venv /opt/venv
-# The gRPC stubs are generated now, while the environment is writable; the
-# server only reads them.
-RUN python -c "import server.protos"
 USER 10001:10001
 WORKDIR /home/ponder
 EXPOSE 8080 50051

@@ -16,20 +16,22 @@ import argparse
 import json
 import tempfile
 
-import model  # noqa: F401  (XLA flags)
+from ponder.runtime import configure_process
+
+configure_process()
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
+from timing import interleaved_medians, peak_matmul
 from transformers import GPT2LMHeadModel
 
-from model.config import GPTConfig
-from model.generate import SamplingParams, prefill, stream_tokens
-from model.gpt2 import KVCache, forward, init_model
-from model.hf import export_hf
-from model.tokenizer import Tokenizer
-from timing import interleaved_medians, peak_matmul
+from ponder.model.config import GPTConfig
+from ponder.model.generate import SamplingParams, prefill, stream_tokens
+from ponder.model.gpt2 import KVCache, forward, init_model
+from ponder.model.hf import export_hf
+from ponder.model.tokenizer import Tokenizer
 
 
 def forward_flops(config: GPTConfig, T: int, logit_positions: int) -> float:

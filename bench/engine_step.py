@@ -30,13 +30,14 @@ import os
 import resource
 import statistics
 
-import model  # noqa: F401  (XLA flags)
-import jax
-import jax.numpy as jnp
+from ponder.runtime import configure_process
 
-from model.checkpoint import load
-from server.engine import Engine, EngineConfig, _decode, _first_row
+configure_process()
+import jax.numpy as jnp
 from timing import interleaved_medians, streaming_read
+
+from ponder.model.checkpoint import load
+from ponder.server.engine import Engine, EngineConfig, _decode, _first_row
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "checkpoints", "default")
 

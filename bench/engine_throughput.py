@@ -23,11 +23,13 @@ import statistics
 import threading
 import time
 
-import model  # noqa: F401  (XLA flags)
+from ponder.runtime import configure_process
 
-from model.checkpoint import load
-from server.engine import Engine, EngineConfig
-from server.types import DoneEvent, Job, TokenEvent
+configure_process()
+
+from ponder.model.checkpoint import load
+from ponder.server.engine import Engine, EngineConfig
+from ponder.server.types import DoneEvent, Job, TokenEvent
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "checkpoints", "default")
 

@@ -75,7 +75,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from clients.python import AsyncClient, Completion, PonderError
+from ponder.client import AsyncClient, Completion, PonderError
 
 CHARS_PER_TOKEN = 3.7  # the bundled code tokenizer on standard-library files
 GOOD_TTFT_S = 0.2

@@ -21,17 +21,19 @@ import argparse
 import dataclasses
 import json
 
-import model  # noqa: F401  (XLA flags)
+from ponder.runtime import configure_process
+
+configure_process()
 import jax
 import numpy as np
 from flax import nnx
-
-from model.config import GPTConfig
-from model.gpt2 import init_model
 from timing import interleaved_medians, peak_matmul
-from train.data import Batch
-from train.stages import BaseStage
-from train.trainer import TrainConfig, make_optimizer, make_train_step
+
+from ponder.model.config import GPTConfig
+from ponder.model.gpt2 import init_model
+from ponder.train.data import Batch
+from ponder.train.stages import BaseStage
+from ponder.train.trainer import TrainConfig, make_optimizer, make_train_step
 
 
 def packed_rows(batch_size: int, seq_len: int, vocab: int, documents_per_row: int, seed: int = 0) -> Batch:

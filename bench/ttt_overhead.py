@@ -19,18 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import model  # noqa: F401  (XLA flags)
+
+from ponder.runtime import configure_process
+
+configure_process()
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-from model.config import GPTConfig
-from model.gating import Schedule
-from model.gpt2 import KVCache
-from model.ttt import TTTConfig
-from model.ttt_lm import TTTLMConfig, TTTTransformerLM
 from timing import interleaved_medians
+
+from ponder.model.config import GPTConfig
+from ponder.model.gating import Schedule
+from ponder.model.gpt2 import KVCache
+from ponder.model.ttt import TTTConfig
+from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
 
 HALF = Schedule("random", rate=0.5, seed=0)  # every other chunk on average, skipped chunks skip for real
 GATED = Schedule("threshold", rate=0.5)  # a gate that reads the chunk features (base CE/entropy, TTT losses)

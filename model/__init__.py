@@ -1,56 +1,6 @@
-"""ponder's model package: GPT-2 in Flax NNX, tokenizers, checkpoints, HF interop."""
+"""ponder's model: GPT-2 in Flax NNX, the TTT layer and its gate, tokenizers, checkpoints, HF interop.
 
-import ctypes
-import os
-import platform
-
-# XLA's CPU backend by default copies a buffer that is read and then updated in
-# place within one computation; for the KV cache that is every layer's cache on
-# every decode step (3x slower single-stream decode at 1024 slots). Region
-# analysis proves the update safe in place.
-_FLAGS = ["--xla_cpu_copy_insertion_use_region_analysis=true"]
-
-
-def _has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "avx512f" in line.split() for line in f)
-    except OSError:
-        return False
-
-
-# On a CPU with AVX-512, XLA still emits its own loop fusions with 256-bit
-# vectors. A one-token decode step of `tiny` runs ~80 such fusions (LayerNorm,
-# softmax, GELU, cache updates) around 25 library matrix-vector products;
-# 512-bit vectors made single-stream decode 15-25% faster on an AMD Zen 5 and
-# left the training step as it was (bench/README.md).
-if _has_avx512():
-    _FLAGS.append("--xla_cpu_prefer_vector_width=512")
-# The flags must be set before the JAX backend starts, so they are set when the
-# package is imported; a flag already in XLA_FLAGS keeps the user's value.
-for _flag in _FLAGS:
-    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
-
-
-def _keep_freed_memory() -> None:
-    """Makes glibc's malloc reuse freed memory instead of handing it back to the kernel.
-
-    An XLA executable takes its temporary buffers from malloc on every call.
-    glibc serves a large request with a fresh ``mmap`` and unmaps it on free,
-    so every call page-faults its temporaries in again: an 8-row decode step
-    whose attention reads 512 of 1,024 cache slots took 8,209 faults (32 MB)
-    and 13 ms per call, against 5 ms once the memory is kept. Serving every
-    request from the heap (no ``mmap``) and never trimming it keeps the
-    process at its peak footprint, which a server reaches within seconds.
-    A user's own ``MALLOC_*`` or ``GLIBC_TUNABLES`` settings win.
-    """
-    if platform.libc_ver()[0] != "glibc" or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
-        return
-    libc = ctypes.CDLL(None)
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-
-_keep_freed_memory()
+Importing it changes nothing in the process; the XLA flags and malloc settings
+the server and training want are applied by their entry points
+(``ponder.runtime.configure_process``).
+"""

@@ -30,11 +30,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from model.config import GPTConfig
-from model.gpt2 import GPT
-from model.gpt2 import abstract_model as abstract_gpt
-from model.tokenizer import Tokenizer
-from model.ttt_lm import TTTLMConfig, TTTTransformerLM
+from ponder.model.config import GPTConfig
+from ponder.model.gpt2 import GPT
+from ponder.model.gpt2 import abstract_model as abstract_gpt
+from ponder.model.tokenizer import Tokenizer
+from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
 
 FORMAT_VERSION = 1
 CONFIG_FILE, TOKENIZER_FILE, STATE_DIR, MANIFEST_FILE = "config.json", "tokenizer.json", "state", "manifest.json"

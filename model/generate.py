@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.gating import Schedule
-from model.gpt2 import GPT, KVCache
-from model.tokenizer import Tokenizer
-from model.ttt_lm import TTTTransformerLM
+from ponder.model.gating import Schedule
+from ponder.model.gpt2 import GPT, KVCache
+from ponder.model.tokenizer import Tokenizer
+from ponder.model.ttt_lm import TTTTransformerLM
 
 DECODE_BLOCK = 64  # most tokens one decode call produces
 MIN_BUCKET = 16  # shortest prefill bucket

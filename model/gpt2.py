@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.config import GPTConfig
-
+from ponder.model.config import GPTConfig
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
 ATTN_BLOCK = 256  # query block of causal attention over long prompts

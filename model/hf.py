@@ -21,9 +21,9 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from model.config import GPTConfig
-from model.gpt2 import GPT, abstract_model
-from model.tokenizer import Tokenizer
+from ponder.model.config import GPTConfig
+from ponder.model.gpt2 import GPT, abstract_model
+from ponder.model.tokenizer import Tokenizer
 
 _SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 

@@ -39,10 +39,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.config import GPTConfig
-from model.gpt2 import GPT, KVCache
-from model.gating import N_FEATURES, GateConfig, GatingNetwork, Schedule, chunk_stats, token_stats
-from model.ttt import TTTConfig, TTTLayer, TTTState, select_rows
+from ponder.model.config import GPTConfig
+from ponder.model.gating import (
+    N_FEATURES,
+    GateConfig,
+    GatingNetwork,
+    Schedule,
+    chunk_stats,
+    token_stats,
+)
+from ponder.model.gpt2 import GPT, KVCache
+from ponder.model.ttt import TTTConfig, TTTLayer, TTTState, select_rows
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,13 +67,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.gating import Schedule
-from model.generate import sample
-from model.gpt2 import GPT, KVCache
-from model.ttt import TTTConfig
-from model.ttt_lm import DocState, TTTLMConfig, TTTTransformerLM
-from server.metrics import ServerMetrics
-from server.types import DoneEvent, ErrorEvent, Job, NotReady, QueueFull, RequestError, TokenEvent, Usage
+from ponder.model.gating import Schedule
+from ponder.model.generate import sample
+from ponder.model.gpt2 import GPT, KVCache
+from ponder.model.ttt import TTTConfig
+from ponder.model.ttt_lm import DocState, TTTLMConfig, TTTTransformerLM
+from ponder.server.metrics import ServerMetrics
+from ponder.server.types import (
+    DoneEvent,
+    ErrorEvent,
+    Job,
+    NotReady,
+    QueueFull,
+    RequestError,
+    TokenEvent,
+    Usage,
+)
 
 log = logging.getLogger("ponder.engine")
 

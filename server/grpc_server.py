@@ -23,11 +23,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.metrics import RequestRecord, ServerMetrics, finish_outcome
-from server.protos import completion_pb2 as pb
-from server.protos import completion_pb2_grpc as pb_grpc
-from server.service import CompletionRequest, CompletionService, Final
-from server.types import NotReady, QueueFull, RequestError
+from ponder.server.metrics import RequestRecord, ServerMetrics, finish_outcome
+from ponder.server.service import CompletionRequest, CompletionService, Final
+from ponder.server.types import NotReady, QueueFull, RequestError
+from ponder.v1 import completion_pb2 as pb
+from ponder.v1 import completion_pb2_grpc as pb_grpc
 
 log = logging.getLogger("ponder.grpc")
 

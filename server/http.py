@@ -45,7 +45,14 @@ from typing import Any, Literal
 
 import anyio
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import models_json_schema
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -53,9 +60,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from server.metrics import RequestRecord, ServerMetrics, finish_outcome
-from server.service import CompletionRequest, CompletionService, Final, TextDelta
-from server.types import NotReady, QueueFull, RequestError
+from ponder.server.metrics import RequestRecord, ServerMetrics, finish_outcome
+from ponder.server.service import CompletionRequest, CompletionService, Final, TextDelta
+from ponder.server.types import NotReady, QueueFull, RequestError
 
 log = logging.getLogger("ponder.http")
 
@@ -532,7 +539,7 @@ OPERATIONS = (
     _Operation(
         "GET", "/ui", "ui", "The λ viewer: a session's committed document, each chunk shaded by its λ",
         media_type="text/html", query=("session_id",),
-        description="An HTML page (`clients.viewer`), recomputed on every request by a fresh run of the model over the "
+        description="An HTML page (`ponder.server.viewer`), recomputed on every request by a fresh run of the model over the "
         "session's committed tokens (whole chunks), once with its schedule and once with SKIP. A diagnostic: slow, "
         "and its first use of each length compiles.",
     ),
@@ -773,8 +780,8 @@ class _Frontend:
         if tokens is None:
             raise ApiError(404, f"session_id: no session {session_id!r} for this API key (a completion with that "
                            "session_id creates it)", "session_id", kind="not_found_error")
-        from clients.viewer.data import inspect_tokens
-        from clients.viewer.page import render_html
+        from ponder.server.viewer.data import inspect_tokens
+        from ponder.server.viewer.page import render_html
 
         def page() -> str:  # a fresh run over the tokens, off the event loop (the engine thread is untouched)
             inspection = inspect_tokens(self.engine.model, self.service.tokenizer, tokens, self.engine.config.schedule,

@@ -16,13 +16,11 @@ import signal
 import threading
 from pathlib import Path
 
-from server.assets import bundled
-
-DEFAULT_CHECKPOINT = bundled("checkpoints") / "default"
+from ponder.checkpoints import DEFAULT_CHECKPOINT
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from model.gating import add_schedule_arguments
+    from ponder.model.gating import add_schedule_arguments
 
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory (default: the bundled one)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
@@ -60,13 +58,13 @@ def run(args) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     import uvicorn
 
-    from model import checkpoint
-    from model.gating import schedule_from_arguments
-    from server.engine import Engine, EngineConfig
-    from server.grpc_server import build_grpc_server
-    from server.http import build_app
-    from server.metrics import ServerMetrics
-    from server.service import CompletionService, Limits
+    from ponder.model import checkpoint
+    from ponder.model.gating import schedule_from_arguments
+    from ponder.server.engine import Engine, EngineConfig
+    from ponder.server.grpc_server import build_grpc_server
+    from ponder.server.http import build_app
+    from ponder.server.metrics import ServerMetrics
+    from ponder.server.service import CompletionService, Limits
 
     model, tokenizer = checkpoint.load(args.checkpoint)
     metrics = ServerMetrics.create()

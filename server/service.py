@@ -25,10 +25,18 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterator
 
-from model.generate import _stop_cut
-from model.tokenizer import Tokenizer
-from server.engine import Engine
-from server.types import DoneEvent, ErrorEvent, Job, RequestError, Sampling, TokenEvent, Usage
+from ponder.model.generate import _stop_cut
+from ponder.model.tokenizer import Tokenizer
+from ponder.server.engine import Engine
+from ponder.server.types import (
+    DoneEvent,
+    ErrorEvent,
+    Job,
+    RequestError,
+    Sampling,
+    TokenEvent,
+    Usage,
+)
 
 
 @dataclasses.dataclass(frozen=True)

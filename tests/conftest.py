@@ -1,11 +1,15 @@
 import dataclasses
 import gc
 
-import jax
 import pytest
 
-from model.config import GPTConfig
-from model.tokenizer import Tokenizer
+from ponder.runtime import configure_process
+
+configure_process()  # the XLA flags and malloc policy the server and training run with, before JAX starts
+import jax  # noqa: E402
+
+from ponder.model.config import GPTConfig  # noqa: E402
+from ponder.model.tokenizer import Tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +20,7 @@ def gpt2_tokenizer() -> Tokenizer:
 @pytest.fixture(scope="session")
 def code_tokenizer() -> Tokenizer:
     """A small code vocabulary trained on a slice of the standard library."""
-    from train.corpus import default_roots, python_sources
+    from ponder.train.corpus import default_roots, python_sources
 
     return Tokenizer.train(python_sources(default_roots(), max_bytes=2 << 20), vocab_size=1024)
 
@@ -72,7 +76,7 @@ class LiveServer:
         self.url, self.grpc_target = f"http://127.0.0.1:{self.port}", f"127.0.0.1:{self.grpc_port}"
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         command = [
-            sys.executable, "-m", "ponder_cli", "serve", "--port", str(self.port), "--grpc-port", str(self.grpc_port),
+            sys.executable, "-m", "ponder", "serve", "--port", str(self.port), "--grpc-port", str(self.grpc_port),
             "--log-level", "warning", *args,
         ]
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -146,9 +150,9 @@ def offline():
 
     What a server must answer for the same prompt (plain, or fill-in-the-middle with ``suffix``).
     """
-    from model import checkpoint
-    from model.generate import SamplingParams, generate_text
-    from server.main import DEFAULT_CHECKPOINT
+    from ponder.checkpoints import DEFAULT_CHECKPOINT
+    from ponder.model import checkpoint
+    from ponder.model.generate import SamplingParams, generate_text
 
     model, tokenizer = checkpoint.load(DEFAULT_CHECKPOINT)
 

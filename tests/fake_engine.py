@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 
-from server.types import DoneEvent, Job, NotReady, QueueFull, TokenEvent, Usage
+from ponder.server.types import DoneEvent, Job, NotReady, QueueFull, TokenEvent, Usage
 
 REPLY = "hello world\n"
 CHUNK = 4

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import checkpoint
-from model.checkpoint import CheckpointError
-from model.gpt2 import init_model
+from ponder.model import checkpoint
+from ponder.model.checkpoint import CheckpointError
+from ponder.model.gpt2 import init_model
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +124,8 @@ def test_bfloat16_storage_of_a_float32_ttt_model(small_config, code_tokenizer, t
     import jax
     from flax import nnx
 
-    from model.ttt import TTTConfig
-    from model.ttt_lm import TTTLMConfig, TTTTransformerLM
+    from ponder.model.ttt import TTTConfig
+    from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
 
     config = TTTLMConfig(base=small_config, ttt=TTTConfig(width=small_config.n_embd, kind="mlp"), eot_id=0)
     model = TTTTransformerLM(config, rngs=nnx.Rngs(3))

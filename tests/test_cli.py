@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-import ponder_cli
+from ponder import cli as ponder_cli
 
 
 def _ponder(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ponder_cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "ponder", *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

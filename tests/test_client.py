@@ -19,9 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
+from fake_engine import FakeEngine
+from test_http import Server
 
-import ponder_cli
-from clients.python import (
+from ponder import cli as ponder_cli
+from ponder.client import (
     AsyncClient,
     AuthenticationError,
     Client,
@@ -36,16 +39,13 @@ from clients.python import (
     ServerUnavailable,
     Usage,
 )
-from clients.python.cli import parse_position, split_at
-from conftest import free_port
-from fake_engine import FakeEngine
-from model.tokenizer import Tokenizer
-from server.grpc_server import build_grpc_server
-from server.http import build_app
-from server.metrics import ServerMetrics
-from server.service import CompletionService, Limits
-from server.types import ErrorEvent, QueueFull, RequestError, TokenEvent
-from test_http import Server
+from ponder.client.cli import parse_position, split_at
+from ponder.model.tokenizer import Tokenizer
+from ponder.server.grpc_server import build_grpc_server
+from ponder.server.http import build_app
+from ponder.server.metrics import ServerMetrics
+from ponder.server.service import CompletionService, Limits
+from ponder.server.types import ErrorEvent, QueueFull, RequestError, TokenEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-client-key"
@@ -263,7 +263,7 @@ def test_busy_and_unavailable_are_retried_with_backoff(api, stack, tokenizer):
     with pytest.raises(ServerBusy, match="is busy: the queue is full"):
         api(stack, "complete", "x", client={"retries": 2})
     assert stack.engine.submits == 3
-    from server.types import NotReady
+    from ponder.server.types import NotReady
 
     stack.reset().engine.refuse = [NotReady("the engine is warming up")]
     items = api(stack, "stream", "x", max_tokens=2)
@@ -400,7 +400,7 @@ def test_cli_errors_are_one_line(stack, source, capsys):
 
 def _ponder(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "ponder_cli", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "ponder", *args], capture_output=True, text=True, timeout=120,
                           cwd=ROOT, env=env)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.generate import (
+from ponder.model.generate import (
     Completion,
     SamplingParams,
     generate_text,
@@ -14,7 +14,7 @@ from model.generate import (
     stream_text,
     stream_tokens,
 )
-from model.gpt2 import KVCache, forward, init_model
+from ponder.model.gpt2 import KVCache, forward, init_model
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,8 @@ def test_long_prefill_then_decode_equals_full_forward(code_tokenizer):
     """Block-causal prefill into the cache, then cached decoding, against one full forward."""
     import dataclasses
 
-    from model.config import GPTConfig
-    from model.gpt2 import ATTN_BLOCK
+    from ponder.model.config import GPTConfig
+    from ponder.model.gpt2 import ATTN_BLOCK
 
     config = dataclasses.replace(GPTConfig.tiny(vocab_size=len(code_tokenizer)), n_positions=2 * ATTN_BLOCK + 8)
     model = init_model(config, seed=5)

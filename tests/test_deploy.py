@@ -76,10 +76,10 @@ def test_image_copies_what_the_server_needs():
     dockerfile = (ROOT / "Dockerfile").read_text()
     copied = {source for line in re.findall(r"^COPY (?!--)(.+)$", dockerfile, flags=re.M) for source in line.split()[:-1]}
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    folders = {setuptools["package-dir"].get(name, name) for name in (p.split(".")[0] for p in setuptools["packages"])}
-    assert folders == {"model", "train", "server", "clients", "protos", "checkpoints"}
-    needed = (folders - {"protos", "checkpoints"}) | {"ponder_cli.py", "pyproject.toml", "README.md", "protos/ponder",
-                                                      "checkpoints/default"}
+    mapped = setuptools["package-dir"]
+    folders = {mapped.get(name, name.replace(".", "/")).split("/")[0] for name in setuptools["packages"]}
+    assert folders == {"ponder", "model", "train", "server", "clients", "protos", "checkpoints"}
+    needed = (folders - {"protos", "checkpoints"}) | {"pyproject.toml", "README.md", "protos/ponder", "checkpoints"}
     assert needed <= copied, f"the Dockerfile does not copy {sorted(needed - copied)}"
     ignored = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     for path in needed:

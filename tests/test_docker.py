@@ -122,7 +122,7 @@ def test_image_serves_the_bundled_checkpoint_as_non_root_and_stops_cleanly(image
         ).json()
         assert answer["choices"][0]["text"] == expected
 
-        from clients.python import Client
+        from ponder.client import Client
 
         with Client(grpc=f"127.0.0.1:{grpc_port}") as ponder:
             assert ponder.complete(PROMPT, max_tokens=NEW_TOKENS, timeout=60).text == expected

@@ -15,15 +15,15 @@ import time
 import numpy as np
 import pytest
 from flax import nnx
-
-from model.config import GPTConfig
-from model.gating import GateConfig, Schedule
-from model.generate import SamplingParams, stream_ttt_tokens
-from model.ttt import TTTConfig
-from model.ttt_lm import TTTLMConfig, TTTTransformerLM
-from server.engine import Engine, EngineConfig
-from server.types import DoneEvent, Job, QueueFull, Sampling, TokenEvent
 from test_ttt_lm import _trained_looking, _with_random_gate
+
+from ponder.model.config import GPTConfig
+from ponder.model.gating import GateConfig, Schedule
+from ponder.model.generate import SamplingParams, stream_ttt_tokens
+from ponder.model.ttt import TTTConfig
+from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
+from ponder.server.engine import Engine, EngineConfig
+from ponder.server.types import DoneEvent, Job, QueueFull, Sampling, TokenEvent
 
 BASE = dataclasses.replace(GPTConfig.tiny(vocab_size=512), n_positions=512, n_embd=64, n_layer=2, n_head=2)
 CONFIG = TTTLMConfig(base=BASE, ttt=TTTConfig(width=64, n_head=4), gate=GateConfig(chunk=16, threshold=0.3), eot_id=0)

@@ -1,6 +1,5 @@
 """ponder eval: the table's numbers recomputed independently, through the token-by-token decode path."""
 
-import dataclasses
 import math
 
 import jax
@@ -9,14 +8,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.config import GPTConfig
-from model.gating import GateConfig, Schedule
-from model.gpt2 import KVCache
-from model.ttt import TTTConfig
-from model.ttt_lm import TTTLMConfig, TTTTransformerLM
-from train import evaluate
-from train.data import Batch
-from train.stages import TTTStage
+from ponder.model.config import GPTConfig
+from ponder.model.gating import GateConfig, Schedule
+from ponder.model.gpt2 import KVCache
+from ponder.model.ttt import TTTConfig
+from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
+from ponder.train import evaluate
+from ponder.train.data import Batch
+from ponder.train.stages import TTTStage
 
 BASE = GPTConfig(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=2)
 CONFIG = TTTLMConfig(base=BASE, ttt=TTTConfig(width=64, n_head=4), gate=GateConfig(chunk=16))
@@ -124,7 +123,7 @@ def test_markdown_and_plot(fixture, tmp_path):
 
 
 def test_line_completion_targets_and_scores(fixture, code_tokenizer):
-    from train import line_completion as lc
+    from ponder.train import line_completion as lc
 
     model, *_ = fixture
     text = "".join(f"x{i} = {i}\n" for i in range(40))

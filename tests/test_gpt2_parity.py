@@ -10,9 +10,9 @@ import torch
 from flax import nnx
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from model.config import GPTConfig
-from model.gpt2 import ATTN_BLOCK, init_model, next_token_loss
-from model.hf import export_hf, import_hf
+from ponder.model.config import GPTConfig
+from ponder.model.gpt2 import ATTN_BLOCK, init_model, next_token_loss
+from ponder.model.hf import export_hf, import_hf
 
 CONFIGS = {
     "tiny": GPTConfig.tiny(vocab_size=1024),

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import free_port
+from fake_engine import CHUNK, FakeEngine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import free_port
-from fake_engine import CHUNK, FakeEngine
-from model.tokenizer import Tokenizer
-from server.grpc_server import SERVICE_NAME, build_grpc_server
-from server.metrics import ServerMetrics
-from server.protos import completion_pb2 as pb
-from server.protos import completion_pb2_grpc as pb_grpc
-from server.service import CompletionService, Limits
+from ponder.model.tokenizer import Tokenizer
+from ponder.server.grpc_server import SERVICE_NAME, build_grpc_server
+from ponder.server.metrics import ServerMetrics
+from ponder.server.service import CompletionService, Limits
+from ponder.v1 import completion_pb2 as pb
+from ponder.v1 import completion_pb2_grpc as pb_grpc
 
 TOKENIZER = Path(__file__).resolve().parent.parent / "checkpoints" / "default" / "tokenizer.json"
 KEY = "sk-grpc-key"

@@ -17,15 +17,15 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from conftest import free_port
+from fake_engine import CHUNK, FakeEngine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import free_port
-from fake_engine import CHUNK, FakeEngine
-from model.tokenizer import Tokenizer
-from server.http import CompletionBody, InfillBody, build_app
-from server.metrics import ServerMetrics
-from server.service import CompletionService
+from ponder.model.tokenizer import Tokenizer
+from ponder.server.http import CompletionBody, InfillBody, build_app
+from ponder.server.metrics import ServerMetrics
+from ponder.server.service import CompletionService
 
 TOKENIZER = Path(__file__).resolve().parent.parent / "checkpoints" / "default" / "tokenizer.json"
 MAX_BODY = 64 << 10
@@ -254,7 +254,7 @@ def test_infill_n_indent(open_server, tokenizer):
 
 
 def test_indent_cut_rules():
-    from server.service import indent_cut
+    from ponder.server.service import indent_cut
 
     def cut(text: str, n: int) -> str | None:
         at = indent_cut(text, n)
@@ -425,7 +425,7 @@ def test_event_stream_closes_its_source_when_a_send_fails():
     """A disconnect noticed only when writing (ASGI >= 2.4, where Starlette stops listening) still closes the iterator."""
     import asyncio
 
-    from server.http import _EventStream
+    from ponder.server.http import _EventStream
 
     closed = asyncio.Event()
 

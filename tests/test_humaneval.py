@@ -2,8 +2,8 @@
 
 import json
 
-import ponder_cli
-from train import humaneval
+from ponder import cli as ponder_cli
+from ponder.train import humaneval
 
 
 def test_sandbox_passes_good_code_and_contains_bad_code():
@@ -30,12 +30,12 @@ def test_canonical_solutions_pass_and_pass_at_k():
 
 
 def test_cli_does_not_execute_without_the_flag(tmp_path, capsys, monkeypatch):
-    from model.generate import Completion
+    from ponder.model.generate import Completion
 
     calls = []
     monkeypatch.setattr(humaneval, "run_candidate", lambda *a, **k: calls.append(a) or (True, "passed"))
-    monkeypatch.setattr("model.checkpoint.load", lambda path: (None, type("T", (), {"encode_document": lambda s, t: [0]})()))
-    monkeypatch.setattr("model.generate.generate_text", lambda *a, **k: Completion("    return 1\n", [1], "stop"))
+    monkeypatch.setattr("ponder.model.checkpoint.load", lambda path: (None, type("T", (), {"encode_document": lambda s, t: [0]})()))
+    monkeypatch.setattr("ponder.model.generate.generate_text", lambda *a, **k: Completion("    return 1\n", [1], "stop"))
     assert ponder_cli.main(["humaneval", "--out", str(tmp_path), "--max-problems", "2"]) == 0
     assert not calls and "--allow-code-execution" in capsys.readouterr().err
     assert json.loads((tmp_path / "humaneval.json").read_text())["executed"] is False

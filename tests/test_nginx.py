@@ -18,7 +18,6 @@ from pathlib import Path
 
 import grpc
 import httpx
-
 from conftest import LIVE_SLOTS, LiveServer, free_port, require_tool
 
 NGINX_CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf"
@@ -136,7 +135,7 @@ def stream_directly(url: str, session: str, started: threading.Event) -> list[st
 
 def complete_grpc(channel, session: str, prompt: str) -> tuple[str, int]:
     """One streamed gRPC completion through the router: (replica address, cached tokens)."""
-    from server.protos import completion_pb2, completion_pb2_grpc
+    from ponder.v1 import completion_pb2, completion_pb2_grpc
 
     request = completion_pb2.CompleteRequest(prompt=prompt, max_tokens=2, session_id=session)
     stub = completion_pb2_grpc.CompletionStub(channel)

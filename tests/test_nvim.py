@@ -26,7 +26,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import free_port, require_tool
 
 REPO = Path(__file__).resolve().parent.parent

@@ -44,7 +44,7 @@ def test_wheel_serves_its_own_proto_and_default_checkpoint(tmp_path, clean_build
     assert Path(code).is_relative_to(target) and Path(checkpoint) == target / "ponder_checkpoints" / "default"
     assert Path(proto) == target / "ponder_protos" / "ponder" / "v1" / "completion.proto"
     assert message == "ponder.v1.CompleteRequest"
-    generate = subprocess.run([sys.executable, "-m", "ponder_cli", "generate", "--max-tokens", "4", "def f("],
+    generate = subprocess.run([sys.executable, "-m", "ponder", "generate", "--max-tokens", "4", "def f("],
                               capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert generate.returncode == 0, generate.stderr
     assert generate.stdout.startswith("def f(") and "finish_reason=length" in generate.stderr

@@ -11,12 +11,13 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import require_tool
-from server.main import DEFAULT_CHECKPOINT
+
+from ponder.model import ttt_lm
 
 PROMPT = "import os\n\n\ndef read_lines(path):\n    "
 SUFFIX = "\n    return lines\n"
@@ -60,7 +61,7 @@ def test_fill_in_the_middle_and_stop_sequences(live_server, openai_client, offli
 def test_session_reuse_gives_the_cold_start_tokens(live_server, offline):
     """Extending, editing and growing one session past the context window answers exactly what a
     fresh session answers; while the prompt fits the base's window that is also the offline generate."""
-    text = (DEFAULT_CHECKPOINT.parent.parent / "model" / "ttt_lm.py").read_text()[:6000]
+    text = Path(ttt_lm.__file__).read_text()[:6000]
 
     def complete(n: int, session: str) -> str:
         body = {"prompt": text[:n], "max_tokens": 8, "temperature": 0, "session_id": session, "document_id": "ttt_lm.py"}
@@ -76,7 +77,7 @@ def test_session_reuse_gives_the_cold_start_tokens(live_server, offline):
 
 def test_grpc_streaming_equals_offline_generation(live_server, offline):
     grpc = pytest.importorskip("grpc")
-    from server.protos import completion_pb2, completion_pb2_grpc
+    from ponder.v1 import completion_pb2, completion_pb2_grpc
 
     with grpc.insecure_channel(live_server.grpc_target) as channel:
         stub = completion_pb2_grpc.CompletionStub(channel)

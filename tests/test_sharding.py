@@ -7,18 +7,18 @@ import textwrap
 
 import pytest
 
-from train.sharding import make_mesh
+from ponder.train.sharding import make_mesh
 
 SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    from model.config import GPTConfig
-    from model.gpt2 import GPT
-    from train.data import Batch
-    from train.sharding import make_mesh, shard, shard_batch
-    from train.stages import BaseStage
-    from train.trainer import TrainConfig, make_optimizer, make_train_step
+    from ponder.model.config import GPTConfig
+    from ponder.model.gpt2 import GPT
+    from ponder.train.data import Batch
+    from ponder.train.sharding import make_mesh, shard, shard_batch
+    from ponder.train.stages import BaseStage
+    from ponder.train.trainer import TrainConfig, make_optimizer, make_train_step
 
     assert jax.device_count() == 4, jax.devices()
     config = GPTConfig(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4)

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.tokenizer import SPECIAL_TOKENS, Tokenizer
+from ponder.model.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # Any Unicode scalar value (no lone surrogates, which are not UTF-8), plus
 # text built from pieces that stress byte-level BPE.

@@ -14,15 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import ponder_cli
-from model.checkpoint import load_config
-from model.config import GPTConfig
-from model.gating import GateConfig, GatingNetwork
-from model.gpt2 import GPT
-from model.ttt import TTTConfig
-from model.ttt_lm import TTTLMConfig, TTTTransformerLM
-from train import corpus
-from train.data import DataState, FimTokens, Packer
+from ponder import cli as ponder_cli
+from ponder.model.checkpoint import load_config
+from ponder.model.config import GPTConfig
+from ponder.model.gating import GateConfig, GatingNetwork
+from ponder.model.ttt import TTTConfig
+from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
+from ponder.train import corpus
+from ponder.train.data import DataState, FimTokens, Packer
 
 
 def _write_sources(root: Path, n: int = 30, salt: str = "") -> Path:
@@ -126,7 +125,7 @@ def test_fim_examples_move_the_middle_to_the_end(built):
 
 
 def _ponder(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ponder_cli", *args], capture_output=True, text=True, timeout=900, **kwargs)
+    return subprocess.run([sys.executable, "-m", "ponder", *args], capture_output=True, text=True, timeout=900, **kwargs)
 
 
 def test_pulse_run_both_stages_with_a_kill_and_resume(tmp_path, capsys):
@@ -138,7 +137,7 @@ def test_pulse_run_both_stages_with_a_kill_and_resume(tmp_path, capsys):
     base_args = ["train", "base", "--corpus", str(data), "--run-dir", str(base_run), "--steps", "300",
                  "--batch-size", "1", "--seq-len", "64", "--warmup", "1", "--eval-every", "150", "--eval-batches", "1",
                  "--checkpoint-every-s", "0", "--no-progress"]
-    process = subprocess.Popen([sys.executable, "-m", "ponder_cli", *base_args], stdout=subprocess.DEVNULL,
+    process = subprocess.Popen([sys.executable, "-m", "ponder", *base_args], stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     finished = lambda: [p for p in (base_run / "checkpoints").glob("*") if p.name.isdigit()]  # not Orbax's tmp dirs
@@ -183,7 +182,7 @@ def test_pulse_run_both_stages_with_a_kill_and_resume(tmp_path, capsys):
                      "--new-gate", "--gate-only", "--lr", "1e-2", "--warmup", "1", "--eval-every", "2",
                      "--eval-batches", "1", "--no-progress")
     assert result.returncode == 0, result.stderr
-    from model import checkpoint
+    from ponder.model import checkpoint
 
     before, after = (checkpoint.load(run / "final")[0] for run in (longer, gated))
     moved = lambda a, b: jax.tree.map(lambda x, y: bool(np.any(np.asarray(x) != np.asarray(y))), nnx.state(a), nnx.state(b))

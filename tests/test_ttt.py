@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.ttt import TTTConfig, TTTLayer, causal_conv, rope
+from ponder.model.ttt import TTTConfig, TTTLayer, causal_conv, rope
 
 CONFIG = TTTConfig(width=32, n_head=4, mini_batch=16)
 

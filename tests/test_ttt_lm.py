@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.config import GPTConfig
-from model.gating import GateConfig, Schedule
-from model.ttt import TTTConfig
-from model.ttt_lm import TTTLMConfig, TTTTransformerLM
+from ponder.model.config import GPTConfig
+from ponder.model.gating import GateConfig, Schedule
+from ponder.model.ttt import TTTConfig
+from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
 
 BASE = dataclasses.replace(GPTConfig.tiny(vocab_size=512), n_positions=256, n_embd=64, n_layer=2, n_head=2)
 CONFIG = TTTLMConfig(base=BASE, ttt=TTTConfig(width=64, n_head=4), n_ttt_layers=2, gate=GateConfig(chunk=16))
@@ -71,7 +71,7 @@ def _close(got, want, tol=1e-5):
 
 def _decode(model, tokens, positions, schedule, cache=None, state=None):
     """Feeds ``tokens`` [B, T] one step at a time; returns logits [B, T, V], lam seen per token, cache, state."""
-    from model.gpt2 import KVCache
+    from ponder.model.gpt2 import KVCache
 
     B = tokens.shape[0]
     cache = KVCache.init(model.config.base, B) if cache is None else cache
@@ -107,7 +107,7 @@ def test_token_by_token_decoding_equals_full_forward(schedule):
 
 def test_prefill_then_decode_then_prefill_equals_one_forward():
     """A session's path: whole chunks, a few tokens, then whole chunks again from the state."""
-    from model.gpt2 import KVCache
+    from ponder.model.gpt2 import KVCache
 
     model = _with_random_gate(_trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0))))
     tokens, positions = _batch(64)
@@ -238,7 +238,6 @@ def test_learned_gate_under_a_budget():
 
 def test_end_of_document_token_resets_the_decode_state():
     """Document B decodes the same after document A in the same state as on its own."""
-    from model.gpt2 import KVCache
 
     eot = 0
     config = dataclasses.replace(CONFIG, eot_id=eot)
@@ -286,7 +285,6 @@ def test_packed_documents_do_not_see_each_other():
 @pytest.mark.parametrize("schedule", [FIXED, Schedule("learned")])
 def test_extend_equals_token_by_token_decoding(schedule):
     """extend (base in one call, TTT scanned) from mid-chunk offsets, with right-padded rows."""
-    from model.gpt2 import KVCache
 
     model = _with_random_gate(_trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0))))
     tokens, positions = _batch(64)
@@ -302,7 +300,7 @@ def test_extend_equals_token_by_token_decoding(schedule):
 
 @pytest.mark.parametrize("output", ["clip", "sigmoid"])
 def test_gate_output_starts_at_one_and_stays_in_range(output):
-    from model.gating import N_FEATURES, GatingNetwork
+    from ponder.model.gating import N_FEATURES, GatingNetwork
 
     config = GateConfig(output=output)
     gate = GatingNetwork(config, rngs=nnx.Rngs(0))

@@ -1,4 +1,4 @@
-"""The λ viewer (``clients.viewer``, ``ponder inspect``, ``GET /ui``).
+"""The λ viewer (``ponder.server.viewer``, ``ponder inspect``, ``GET /ui``).
 
 The data is checked against an independent forward of the model (λ, updated,
 per-chunk cross-entropy with the schedule and with SKIP), the page in headless
@@ -16,13 +16,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from clients.viewer.data import Inspection, chunk_texts, inspect_tokens, padded_length
-from clients.viewer.page import render_html
 from conftest import require_tool
-from model import checkpoint
-from model.gating import Schedule
-from server.main import DEFAULT_CHECKPOINT
+
+from ponder.checkpoints import DEFAULT_CHECKPOINT
+from ponder.model import checkpoint
+from ponder.model.gating import Schedule
+from ponder.server.viewer.data import (
+    Inspection,
+    chunk_texts,
+    inspect_tokens,
+    padded_length,
+)
+from ponder.server.viewer.page import render_html
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -211,7 +216,7 @@ def test_inspect_command_writes_a_page(tmp_path):
     source = tmp_path / "sample.py"
     source.write_text(SOURCE, encoding="utf-8", newline="")
     out = tmp_path / "page.html"
-    run = subprocess.run([sys.executable, "-m", "ponder_cli", "inspect", str(source), "--out", str(out)],
+    run = subprocess.run([sys.executable, "-m", "ponder", "inspect", str(source), "--out", str(out)],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     page = out.read_text(encoding="utf-8")
@@ -220,7 +225,7 @@ def test_inspect_command_writes_a_page(tmp_path):
 
     binary = tmp_path / "blob.py"
     binary.write_bytes(b"x = '\xff\xfe'\n")
-    run = subprocess.run([sys.executable, "-m", "ponder_cli", "inspect", str(binary)],
+    run = subprocess.run([sys.executable, "-m", "ponder", "inspect", str(binary)],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 2 and f"{binary} is not UTF-8" in run.stderr
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from train.corpus import TokenFile
+from ponder.train.corpus import TokenFile
 
 
 @dataclasses.dataclass(frozen=True)

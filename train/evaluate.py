@@ -52,8 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.gating import Schedule
-from model.ttt_lm import TTTTransformerLM
+from ponder.model.gating import Schedule
+from ponder.model.ttt_lm import TTTTransformerLM
 
 
 @dataclasses.dataclass
@@ -262,7 +262,7 @@ def held_out_documents(corpus_dir, window: int, min_tokens: int, max_tokens: int
 
     Whole windows keep every forward the same shape (one compilation per method).
     """
-    from train.corpus import TokenFile
+    from ponder.train.corpus import TokenFile
 
     data = TokenFile(corpus_dir, split)
     docs = []

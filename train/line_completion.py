@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.gating import Schedule
-from model.gpt2 import KVCache
-from model.tokenizer import Tokenizer
-from model.ttt_lm import TTTTransformerLM
-from train.evaluate import window_forward
+from ponder.model.gating import Schedule
+from ponder.model.gpt2 import KVCache
+from ponder.model.tokenizer import Tokenizer
+from ponder.model.ttt_lm import TTTTransformerLM
+from ponder.train.evaluate import window_forward
 
 
 @dataclasses.dataclass

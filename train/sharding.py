@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from model.gpt2 import LOGICAL_AXES
+from ponder.model.gpt2 import LOGICAL_AXES
 
 # Logical axis -> mesh axis. "heads" and "mlp" split over "model" (Megatron-style
 # column/row sharding); everything else is replicated; batch rows split over "data".

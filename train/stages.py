@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.gating import Schedule
-from train.data import Batch, loss_mask
+from ponder.model.gating import Schedule
+from ponder.train.data import Batch, loss_mask
 
 
 def masked_cross_entropy(logits, batch: Batch):

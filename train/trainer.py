@@ -34,11 +34,11 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from model import checkpoint
-from model.tokenizer import Tokenizer
-from train.corpus import TokenFile
-from train.data import Batch, DataState, FimTokens, Packer
-from train.sharding import make_mesh, shard, shard_batch
+from ponder.model import checkpoint
+from ponder.model.tokenizer import Tokenizer
+from ponder.train.corpus import TokenFile
+from ponder.train.data import Batch, DataState, FimTokens, Packer
+from ponder.train.sharding import make_mesh, shard, shard_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +290,12 @@ class _progress:
     def __init__(self, enabled: bool, total: int, done: int):
         self.bar = None
         if enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(
                 TextColumn("step {task.completed}/{task.total}"), BarColumn(),
@@ -318,7 +323,13 @@ class TrainMetrics:
     """Prometheus metrics of a training run, served on ``port`` (its own registry)."""
 
     def __init__(self, port: int | None = None):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            start_http_server,
+        )
 
         self.registry = CollectorRegistry()
         r = self.registry

@@ -1,6 +1,6 @@
 """ponder's Python client: completions, sessions and health over HTTP or gRPC, sync or asyncio.
 
-    from clients.python import Client
+    from ponder.client import Client
     with Client("http://127.0.0.1:8080") as ponder:          # or Client(grpc="127.0.0.1:50051")
         print(ponder.complete("def read_lines(path):\n    ", session="a.py").text)
 
@@ -9,8 +9,8 @@ exceptions they raise in ``results.py``; the ``ponder complete / ingest /
 sessions / health`` commands in ``cli.py``.
 """
 
-from clients.python.client import AsyncClient, Client
-from clients.python.results import (
+from ponder.client.client import AsyncClient, Client
+from ponder.client.results import (
     AuthenticationError,
     Completion,
     DeadlineExceeded,

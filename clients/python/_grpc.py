@@ -18,8 +18,8 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.python._request import Deadline, Request
-from clients.python.results import (
+from ponder.client._request import Deadline, Request
+from ponder.client.results import (
     AuthenticationError,
     Completion,
     Delta,
@@ -31,8 +31,8 @@ from clients.python.results import (
     ServerUnavailable,
     Usage,
 )
-from server.protos import completion_pb2 as pb
-from server.protos import completion_pb2_grpc as pb_grpc
+from ponder.v1 import completion_pb2 as pb
+from ponder.v1 import completion_pb2_grpc as pb_grpc
 
 FINISH = {pb.STOP: "stop", pb.LENGTH: "length", pb.CANCELLED: "cancelled", pb.DEADLINE: "deadline"}
 

@@ -23,8 +23,8 @@ from urllib.parse import quote
 
 import httpx
 
-from clients.python._request import Deadline, Request
-from clients.python.results import (
+from ponder.client._request import Deadline, Request
+from ponder.client.results import (
     AuthenticationError,
     Completion,
     Delta,

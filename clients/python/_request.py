@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from clients.python.results import DeadlineExceeded
+from ponder.client.results import DeadlineExceeded
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,8 @@ import functools
 import sys
 from pathlib import Path
 
-from clients.python.client import DEFAULT_URL, Client
-from clients.python.results import Completion, PonderError
+from ponder.client.client import DEFAULT_URL, Client
+from ponder.client.results import Completion, PonderError
 
 
 def parse_position(spec: str) -> tuple[Path, int, int | None]:
@@ -175,3 +175,12 @@ def add_commands(commands) -> None:
     health = commands.add_parser("health", help="say whether the server is ready (exit status 1 while it is not)")
     _connection(health)
     health.set_defaults(run=_one_line_errors("health", _health))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``ponder`` command of the client-only install (``ponder-client``): the four commands above."""
+    parser = argparse.ArgumentParser(prog="ponder", description="Talk to a running ponder server.")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.run(args)
+    return 0

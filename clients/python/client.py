@@ -1,7 +1,7 @@
 """``Client`` and ``AsyncClient``: ponder's completions, sessions and health over HTTP or gRPC.
 
 One request model (``Request``), one set of results and errors
-(``clients.python.results``), four transports (HTTP / gRPC, threaded /
+(``ponder.client.results``), four transports (HTTP / gRPC, threaded /
 asyncio) that only move it over the wire. What a call does around the
 transport is written once in ``_Base``: the API key (argument, else
 ``$PONDER_API_KEY``), the deadline (``timeout``: one deadline for the call
@@ -27,8 +27,14 @@ from collections.abc import AsyncIterator, Iterator
 
 import tenacity
 
-from clients.python._request import Deadline, Request
-from clients.python.results import Completion, Delta, Health, Ingestion, ServerUnavailable
+from ponder.client._request import Deadline, Request
+from ponder.client.results import (
+    Completion,
+    Delta,
+    Health,
+    Ingestion,
+    ServerUnavailable,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -105,11 +111,11 @@ class Client(_Base):
     def __init__(self, url: str | None = None, **options):
         super().__init__(url, **options)
         if self.url is not None:
-            from clients.python._http import HttpTransport
+            from ponder.client._http import HttpTransport
 
             self._transport = HttpTransport(self.url, self.api_key)
         else:
-            from clients.python._grpc import GrpcTransport
+            from ponder.client._grpc import GrpcTransport
 
             self._transport = GrpcTransport(self.grpc_target, self.api_key)
 
@@ -228,11 +234,11 @@ class AsyncClient(_Base):
     def __init__(self, url: str | None = None, **options):
         super().__init__(url, **options)
         if self.url is not None:
-            from clients.python._http import AsyncHttpTransport
+            from ponder.client._http import AsyncHttpTransport
 
             self._transport = AsyncHttpTransport(self.url, self.api_key)
         else:
-            from clients.python._grpc import AsyncGrpcTransport
+            from ponder.client._grpc import AsyncGrpcTransport
 
             self._transport = AsyncGrpcTransport(self.grpc_target, self.api_key)
 

@@ -14,7 +14,7 @@ import math
 
 import jinja2
 
-from clients.viewer.data import Inspection
+from ponder.server.viewer.data import Inspection
 
 SKIPPED_COLOUR = "#e3e7ec"
 
@@ -37,7 +37,7 @@ def _flops(value: float) -> str:
 
 
 _environment = jinja2.Environment(
-    loader=jinja2.PackageLoader("clients.viewer", "templates"),
+    loader=jinja2.PackageLoader("ponder.server.viewer", "templates"),
     autoescape=True,
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,
@@ -51,7 +51,7 @@ def render_html(inspection: Inspection, note: str = "") -> str:
     """The page for ``inspection``.
 
     Args:
-      inspection: from ``clients.viewer.data.inspect_tokens`` (or ``inspect_file``).
+      inspection: from ``ponder.server.viewer.data.inspect_tokens`` (or ``inspect_file``).
       note: a line shown under the title (where the numbers come from).
 
     Returns:

