@@ -1,6 +1,6 @@
 """One decode step of the server's engine, by rows and keys read.
 
-Times ``server.engine._decode`` (one token per row, attention over the
+Times ``server.runner._decode`` (one token per row, attention over the
 first ``keys`` cache slots) on the bundled checkpoint with every row busy, as
 the engine calls it between requests' tokens: on all the slots' state, or on
 slot 0's state alone (1 row, a lone stream). The step the 8-stream
@@ -37,7 +37,9 @@ import jax.numpy as jnp
 from timing import interleaved_medians, streaming_read
 
 from ponder.model.checkpoint import load
-from ponder.server.engine import Engine, EngineConfig, _decode, _first_row
+from ponder.server.engine import EngineConfig
+from ponder.server.metrics import ServerMetrics
+from ponder.server.runner import ModelRunner, _decode, _first_row
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "checkpoints", "default")
 
@@ -53,7 +55,8 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
 
-    engine = Engine(load(args.checkpoint)[0], EngineConfig(slots=args.slots))  # not started: this script steps it
+    config = EngineConfig(slots=args.slots)
+    runner = ModelRunner(load(args.checkpoint)[0], config.slots, config.max_new_tokens, config.schedule, ServerMetrics.create())
     keys = [int(k) for k in args.keys.split(",")]
     rows = [int(r) for r in args.rows.split(",")]
     if set(rows) - {1, args.slots}:
@@ -64,7 +67,7 @@ def main() -> None:
     busy_at = lambda k, r: jnp.full((r,), k - 1 - args.burst, jnp.int32)  # a fresh array each time: the step donates its input
 
     def busy(k: int, r: int):
-        state = engine._empty_slots() if r == args.slots else _first_row(engine._empty_slots())
+        state = runner.empty_slots() if r == args.slots else _first_row(runner.empty_slots())
         return dataclasses.replace(state, active=jnp.ones((r,), bool), position=busy_at(k, r))
 
     slots = {(k, r): busy(k, r) for k in keys for r in rows}
@@ -74,7 +77,7 @@ def main() -> None:
         def run():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for _ in range(args.burst):
-                slots[k, r], tokens, *_ = _decode(engine.static, engine.config.schedule, engine.eot_id, k, engine.params, slots[k, r])
+                slots[k, r], tokens, *_ = _decode(runner.static, runner.schedule, runner.eot_id, k, runner.params, slots[k, r])
             tokens.block_until_ready()
             faults[k, r].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
             slots[k, r] = dataclasses.replace(slots[k, r], position=busy_at(k, r))  # every turn reads the same keys
@@ -85,8 +88,8 @@ def main() -> None:
     del read  # its 512 MiB
     turns = interleaved_medians({(k, r): step(k, r) for k in keys for r in rows}, args.runs)
     medians = {pair: t / args.burst for pair, t in turns.items()}
-    c = engine.base_config
-    param_bytes = sum(a.nbytes for a in engine.params)
+    c = runner.base_config
+    param_bytes = sum(a.nbytes for a in runner.params)
     kv_bytes = lambda k, r: r * c.n_layer * 2 * c.n_head * k * c.head_dim * jnp.dtype(c.compute_dtype).itemsize
     floor = lambda k, r: (kv_bytes(k, r) + param_bytes) / bandwidth
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")

@@ -1,4 +1,4 @@
-"""Gating: how strongly (lam) the TTT layer learns on each chunk (DESIGN.md §3).
+"""Gating: how strongly (lam) the TTT layer learns on each chunk (docs/design.md, "Gating").
 
 The document is cut into chunks of C tokens (a multiple of the mini-batch
 size K). The gate scale ``lam_c`` of chunk c multiplies the learning rates of
@@ -116,24 +116,6 @@ class Schedule:
             raise ValueError(f"schedule rate must be in [0, 1], got {self.rate!r}")
         if self.steps < 1:
             raise ValueError(f"schedule steps must be >= 1, got {self.steps!r}")
-
-
-def add_schedule_arguments(parser) -> None:
-    """``--schedule`` and its parameters, for the commands that run a TTT model (``schedule_from_arguments``)."""
-    parser.add_argument("--schedule", default="learned", choices=SCHEDULES, help="where λ comes from (default: the learned gate)")
-    parser.add_argument("--schedule-value", type=float, default=1.0, help="λ of --schedule fixed")
-    parser.add_argument("--schedule-rate", type=float, default=0.5,
-                        help="update rate of random / random_learned, target rate of threshold / learned_budget")
-    parser.add_argument("--schedule-steps", type=int, default=1, help="k of UPDATE_k (--schedule update)")
-    parser.add_argument("--schedule-threshold", type=float, default=1.0,
-                        help="starting threshold of threshold (reconstruction loss) / learned_budget (λ); "
-                             "ponder eval --rate reports one for learned_budget")
-    parser.add_argument("--schedule-gain", type=float, default=0.5, help="step of the threshold / learned_budget controller")
-
-
-def schedule_from_arguments(args) -> Schedule:
-    return Schedule(args.schedule, value=args.schedule_value, rate=args.schedule_rate, steps=args.schedule_steps,
-                    initial_threshold=args.schedule_threshold, gain=args.schedule_gain)
 
 
 class GatingNetwork(nnx.Module):

@@ -10,9 +10,10 @@ Generation has two compiled functions and a thin Python driver:
   or until every row has produced end-of-document. Many tokens run per call
   with no Python round trip; streaming simply asks for fewer steps per call.
 
-The driver (``generate_text`` / ``stream_text``) turns token blocks into text:
-it holds back an incomplete UTF-8 sequence and any text that might be the
-start of a stop sequence, and it cuts the output at the first stop sequence.
+The driver (``generate_text`` / ``stream_text``) turns token blocks into text
+with ``detokenize.TextStream``, as the server does: it holds back an incomplete
+UTF-8 sequence and any text that might be the start of a stop sequence, and it
+cuts the output at the first stop sequence.
 Sampling parameters are traced values, so changing them never recompiles.
 
 A TTT model (``stream_ttt_tokens``) prefills the prompt's whole chunks in one
@@ -25,7 +26,6 @@ seed gives the same text whatever the block size or batch composition.
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import functools
 from collections.abc import Iterator
@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ponder.model.detokenize import TextStream
 from ponder.model.gating import Schedule
 from ponder.model.gpt2 import GPT, KVCache
 from ponder.model.tokenizer import Tokenizer
@@ -120,6 +121,7 @@ def sample(logits, keys, temperature, top_k, top_p):
     return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
     """Everything the decode loop carries between calls (one row per sequence)."""
@@ -129,11 +131,6 @@ class DecodeState:
     position: jax.Array  # [B] position that ``token`` will take
     done: jax.Array  # [B] bool: row produced end-of-document
     key: jax.Array  # [B] sampling key of each row
-
-
-jax.tree_util.register_dataclass(
-    DecodeState, data_fields=["cache", "token", "position", "done", "key"], meta_fields=[]
-)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("fresh",), donate_argnames=("cache",))
@@ -304,26 +301,12 @@ def stream_ttt_tokens(
         logits, doc, cache = ttt_step(graphdef, state, token, positions[:, position], doc, cache, schedule)
 
 
-def _stop_cut(text: str, stops: tuple[str, ...]) -> tuple[int | None, int]:
-    """(index of the first complete stop sequence or None, length safe to emit)."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    if hits:
-        return min(hits), min(hits)
-    safe = len(text)
-    for s in stops:  # hold back a tail that could still grow into a stop sequence
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                safe = min(safe, len(text) - k)
-                break
-    return None, safe
-
-
 def stream_text(
     model: GPT | TTTTransformerLM, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams, block: int = DECODE_BLOCK
 ) -> Iterator[str | Completion]:
     """Yields text deltas as they become final, then one ``Completion``."""
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    text, emitted, generated, reason = "", 0, [], "length"
+    stream = TextStream(tokenizer, params.stop)
+    emitted, generated, reason = 0, [], "length"
     if isinstance(model, TTTTransformerLM):
         pieces = stream_ttt_tokens(model, prompt, params, tokenizer.eot_id)
     else:
@@ -331,22 +314,23 @@ def stream_text(
     for new in pieces:
         ended = new[-1] == tokenizer.eot_id
         generated += new[:-1] if ended else new
-        text += utf8.decode(tokenizer.decode_bytes(new[:-1] if ended else new))
-        stop_at, safe = _stop_cut(text, params.stop)
+        stream.add(new[:-1] if ended else new)
+        stop_at, safe = stream.stop_cut()
         if stop_at is not None:
-            text, reason = text[:stop_at], "stop"
+            stream.text, reason = stream.text[:stop_at], "stop"
             break
         if ended:
             reason = "stop"
             break
         if safe > emitted:
-            yield text[emitted:safe]
+            yield stream.text[emitted:safe]
             emitted = safe
     else:
-        text += utf8.decode(b"", final=True)
-        stop_at, _ = _stop_cut(text, params.stop)
+        stream.close()
+        stop_at, _ = stream.stop_cut()
         if stop_at is not None:
-            text, reason = text[:stop_at], "stop"
+            stream.text, reason = stream.text[:stop_at], "stop"
+    text = stream.text
     if len(text) > emitted:
         yield text[emitted:]
     yield Completion(text=text, tokens=generated, finish_reason=reason)

@@ -107,8 +107,14 @@ class Tokenizer:
         """Text of ``ids``; bytes that are not valid UTF-8 become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def fim_prompt(self, prefix: list[int], suffix: list[int]) -> list[int]:
-        """Prefix-suffix-middle prompt: the model continues with the middle."""
+    def fim_prompt(self, prefix: Iterable[int], suffix: Iterable[int]) -> list[int]:
+        """The fill-in-the-middle layout, prefix-suffix-middle: the model continues with the middle.
+
+        ``<fim_prefix> prefix <fim_suffix> suffix <fim_middle>``. This is the one
+        definition of the layout: training's packer builds its examples as this
+        prompt followed by the middle, and the server builds its prompts with it,
+        so the two cannot drift apart.
+        """
         return [self.fim_prefix_id, *prefix, self.fim_suffix_id, *suffix, self.fim_middle_id]
 
     # Persistence ---------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The test-time-training layer (TTT-Linear and TTT-MLP), in dual and primal form.
 
 A TTT layer holds *fast weights* per head that take a gradient step on a
-self-supervised reconstruction loss as the sequence streams in (DESIGN.md
-§2). Per head, with mini-batches of K tokens:
+self-supervised reconstruction loss as the sequence streams in (docs/design.md,
+"TTT layer"). Per head, with mini-batches of K tokens:
 
 * ``xqk = x Wq`` (one shared projection); ``XQ = convQ(xqk)``,
   ``XK = convK(xqk)`` are depthwise causal convolutions of width 4 (output i
@@ -101,6 +101,7 @@ class TTTConfig:
         return [(d, d)] if self.kind == "linear" else [(d, self.mlp_ratio * d), (self.mlp_ratio * d, d)]
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TTTState:
     """Fast-weight state of one TTT layer for B sequences: a cache like the KV cache.
@@ -122,11 +123,6 @@ class TTTState:
     conv_history: jax.Array
     count: jax.Array
     refused: jax.Array
-
-
-jax.tree_util.register_dataclass(
-    TTTState, data_fields=["W", "b", "sum_W", "sum_b", "conv_history", "count", "refused"], meta_fields=[]
-)
 
 
 def settle(W0, b0, W1, b1, max_norm):

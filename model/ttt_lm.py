@@ -1,4 +1,4 @@
-"""The TTT language model: TTT layers on top of a frozen GPT-2 (DESIGN.md §2-§4).
+"""The TTT language model: TTT layers on top of a frozen GPT-2 (docs/design.md, "TTT layer" to "Sessions").
 
 ``h = base(x)`` (after ``ln_f``, gradient stopped), then for each TTT layer
 ``h = h + TTT(LN(h))``, then ``logits = h . wte^T`` with the base's tied head.
@@ -99,6 +99,7 @@ class TTTLMConfig:
         return build(cls, {**data, **nested, "base": base}, "ttt")
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class GateHistory:
     """What the gate knows of a document before its next chunk (per row).
@@ -116,6 +117,7 @@ class GateHistory:
     rate: jax.Array
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DocState:
     """One document's state per row: TTT layers, gating history, and the open chunk.
@@ -146,6 +148,7 @@ class DocState:
         return self.ttt[0].count
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LMOutput:
     """What a TTT forward returns.
@@ -171,14 +174,6 @@ class LMOutput:
     ttt_loss: jax.Array
     state: DocState
     cache: KVCache | None
-
-
-for _cls, _fields in (
-    (GateHistory, ["features", "difficulty", "threshold", "rate"]),
-    (DocState, ["ttt", "history", "lam", "hidden", "tokens", "start"]),
-    (LMOutput, ["logits", "chunk_lambda", "chunk_updated", "ttt_flops", "ttt_loss", "state", "cache"]),
-):
-    jax.tree_util.register_dataclass(_cls, data_fields=_fields, meta_fields=[])
 
 
 def _rows(rows, new, old):

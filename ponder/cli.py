@@ -85,12 +85,15 @@ def _train_corpus(args: argparse.Namespace) -> None:
     print(json.dumps(report.to_json(), indent=2))
 
 
+# TrainConfig's fields that are flags of `ponder train base|ttt` (min_lr_ratio is not).
+_TRAIN_FLAGS = ("steps", "batch_size", "seq_len", "lr", "warmup", "weight_decay", "clip", "seed", "fim_rate",
+                "eval_every", "eval_batches", "checkpoint_every_s", "keep")
+
+
 def _train_config(args: argparse.Namespace):
     from ponder.train.trainer import TrainConfig
 
-    fields = ("steps", "batch_size", "seq_len", "lr", "warmup", "weight_decay", "clip", "seed", "fim_rate",
-              "eval_every", "eval_batches", "checkpoint_every_s", "keep")
-    return TrainConfig(**{name: getattr(args, name) for name in fields})
+    return TrainConfig(**{name: getattr(args, name) for name in _TRAIN_FLAGS})
 
 
 def _train_run(args: argparse.Namespace, stage, model, tokenizer) -> None:
@@ -129,7 +132,7 @@ def _train_ttt(args: argparse.Namespace) -> None:
     from flax import nnx
 
     from ponder.model import checkpoint
-    from ponder.model.gating import GateConfig, GatingNetwork, schedule_from_arguments
+    from ponder.model.gating import GateConfig, GatingNetwork
     from ponder.model.ttt import TTTConfig
     from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
     from ponder.train.stages import TTTStage
@@ -141,7 +144,7 @@ def _train_ttt(args: argparse.Namespace) -> None:
         raise ValueError("--new-gate goes with --init-from (a new TTT layer from --base has a new gate anyway)")
     if args.gate_only and args.init_from is None:
         raise ValueError("--gate-only goes with --init-from (it trains a gate for a TTT layer that is already trained)")
-    schedule = schedule_from_arguments(args)
+    schedule = _schedule(args)
     if args.gate_only and not schedule.uses_gate:
         raise ValueError(f"--gate-only trains the gate, which --schedule {args.schedule} does not use "
                          "(use learned, random_learned or learned_budget)")
@@ -244,15 +247,38 @@ def _humaneval(args: argparse.Namespace) -> None:
               "model-written code (sandboxed subprocesses) and score pass@k", file=sys.stderr)
 
 
+def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--schedule`` and its parameters, for the commands that run a TTT model; defaults are ``Schedule``'s."""
+    from ponder.model.gating import SCHEDULES, Schedule
+
+    parser.add_argument("--schedule", default=Schedule.kind, choices=SCHEDULES,
+                        help="where λ comes from (default: the learned gate)")
+    parser.add_argument("--schedule-value", type=float, default=Schedule.value, help="λ of --schedule fixed")
+    parser.add_argument("--schedule-rate", type=float, default=Schedule.rate,
+                        help="update rate of random / random_learned, target rate of threshold / learned_budget")
+    parser.add_argument("--schedule-steps", type=int, default=Schedule.steps, help="k of UPDATE_k (--schedule update)")
+    parser.add_argument("--schedule-threshold", type=float, default=Schedule.initial_threshold,
+                        help="starting threshold of threshold (reconstruction loss) / learned_budget (λ); "
+                             "ponder eval --rate reports one for learned_budget")
+    parser.add_argument("--schedule-gain", type=float, default=Schedule.gain,
+                        help="step of the threshold / learned_budget controller")
+
+
+def _schedule(args: argparse.Namespace):
+    from ponder.model.gating import Schedule
+
+    return Schedule(args.schedule, value=args.schedule_value, rate=args.schedule_rate, steps=args.schedule_steps,
+                    initial_threshold=args.schedule_threshold, gain=args.schedule_gain)
+
+
 def _inspect(args: argparse.Namespace) -> None:
     from ponder.model import checkpoint
-    from ponder.model.gating import schedule_from_arguments
     from ponder.server.viewer.data import inspect_tokens, read_text
     from ponder.server.viewer.page import render_html
 
     text = read_text(args.file)  # a file that cannot be shown fails before the model loads
     model, tokenizer = checkpoint.load(args.checkpoint)
-    inspection = inspect_tokens(model, tokenizer, tokenizer.encode_document(text), schedule_from_arguments(args),
+    inspection = inspect_tokens(model, tokenizer, tokenizer.encode_document(text), _schedule(args),
                                 str(args.file))
     out = args.out if args.out is not None else Path(args.file.name + ".lambda.html")
     out.write_text(render_html(inspection, note=f"Checkpoint {args.checkpoint}."), encoding="utf-8")
@@ -261,13 +287,11 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _add_inspect_command(commands) -> None:
-    from ponder.model.gating import add_schedule_arguments
-
     p = commands.add_parser("inspect", help="render a file's per-chunk λ and loss (with / without updates) as an HTML page")
     p.add_argument("file", type=Path, help="a UTF-8 text file, read as one document")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="a TTT checkpoint (default: the bundled one)")
     p.add_argument("--out", type=Path, help="the page to write (default: FILE's name + .lambda.html, here)")
-    add_schedule_arguments(p)
+    _add_schedule_arguments(p)
     p.set_defaults(run=_inspect)
 
 
@@ -319,7 +343,11 @@ def _add_eval_command(commands) -> None:
 
 
 def _add_train_commands(commands) -> None:
-    from ponder.model.gating import add_schedule_arguments
+    from ponder.model.gating import GateConfig
+    from ponder.model.ttt import TTTConfig
+    from ponder.model.ttt_lm import TTTLMConfig
+    from ponder.train.stages import TTTStage
+    from ponder.train.trainer import TrainConfig
 
     train = commands.add_parser("train", help="build a corpus, train the base model or the TTT layer, plot a run")
     stages = train.add_subparsers(dest="stage", required=True)
@@ -334,36 +362,27 @@ def _add_train_commands(commands) -> None:
     corpus.add_argument("--max-mb", type=int, help="stop after this many MiB of kept source")
     corpus.set_defaults(run=_train_corpus)
 
-    def common(p, seq_len, lr, batch):
+    def common(p, defaults: TrainConfig):
         p.add_argument("--corpus", type=Path, required=True, help="a directory made by `ponder train corpus`")
         p.add_argument("--run-dir", type=Path, required=True)
         p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-        p.add_argument("--steps", type=int, default=1000)
-        p.add_argument("--batch-size", type=int, default=batch)
-        p.add_argument("--seq-len", type=int, default=seq_len)
-        p.add_argument("--lr", type=float, default=lr)
-        p.add_argument("--warmup", type=int, default=100)
-        p.add_argument("--weight-decay", type=float, default=0.1)
-        p.add_argument("--clip", type=float, default=1.0)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--fim-rate", type=float, default=0.1)
-        p.add_argument("--eval-every", type=int, default=200)
-        p.add_argument("--eval-batches", type=int, default=8)
-        p.add_argument("--checkpoint-every-s", type=float, default=300.0)
-        p.add_argument("--keep", type=int, default=3, help="checkpoints kept (the newest)")
+        help = {"keep": "checkpoints kept (the newest)"}
+        for name in _TRAIN_FLAGS:  # the defaults are the stage's TrainConfig preset's
+            value = getattr(defaults, name)
+            p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=help.get(name))
         p.add_argument("--metrics-port", type=int, help="serve Prometheus training metrics on this port")
         p.add_argument("--no-progress", action="store_true")
         p.add_argument("--mesh", default="data=1", help="device mesh, e.g. data=4 or data=2,model=2 (default: one device)")
         p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: leave early, as a crash would
 
     base = stages.add_parser("base", help="stage 1: train the base GPT-2")
-    common(base, seq_len=256, lr=1e-3, batch=8)
+    common(base, TrainConfig.base())
     base.add_argument("--preset", default="tiny", choices=["tiny", "gpt2", "gpt2-medium"])
     base.add_argument("--init-from", type=Path, help="continue from this checkpoint (e.g. imported GPT-2 weights)")
     base.set_defaults(run=_train_base)
 
     ttt = stages.add_parser("ttt", help="stage 2: freeze the base, train the TTT layer and the gate")
-    common(ttt, seq_len=512, lr=3e-3, batch=4)
+    common(ttt, TrainConfig.ttt())
     ttt.add_argument("--base", type=Path, help="the stage-1 checkpoint (or a TTT checkpoint, whose base is taken)")
     ttt.add_argument("--init-from", type=Path,
                      help="continue this TTT checkpoint instead (its layer sizes win over --ttt-*, --chunk, ...; "
@@ -376,18 +395,18 @@ def _add_train_commands(commands) -> None:
     ttt.add_argument("--window", type=int,
                      help="base attention window in tokens (a multiple of --chunk): rows longer than the context "
                           "run window by window while the fast weights carry across (default: the whole row)")
-    ttt.add_argument("--ttt-kind", default="linear", choices=["linear", "mlp"])
-    ttt.add_argument("--ttt-heads", type=int, default=4)
-    ttt.add_argument("--ttt-layers", type=int, default=1)
-    ttt.add_argument("--mini-batch", type=int, default=16)
+    ttt.add_argument("--ttt-kind", default=TTTConfig.kind, choices=["linear", "mlp"])
+    ttt.add_argument("--ttt-heads", type=int, default=TTTConfig.n_head)
+    ttt.add_argument("--ttt-layers", type=int, default=TTTLMConfig.n_ttt_layers)
+    ttt.add_argument("--mini-batch", type=int, default=TTTConfig.mini_batch)
     ttt.add_argument("--ttt-base-lr", type=float,
                      help="base learning rate of the fast weights (eta = base_lr * lam * tau * sigma / head dim; "
                           "default 1, or the --init-from checkpoint's)")
-    ttt.add_argument("--chunk", type=int, default=64)
-    ttt.add_argument("--max-update-norm", type=float, default=None)
-    add_schedule_arguments(ttt)
-    ttt.add_argument("--beta", type=float, default=0.1, help="weight of the TTT reconstruction loss")
-    ttt.add_argument("--gamma", type=float, default=0.1, help="weight of mean(lam), the compute penalty")
+    ttt.add_argument("--chunk", type=int, default=GateConfig.chunk)
+    ttt.add_argument("--max-update-norm", type=float, default=TTTConfig.max_update_norm)
+    _add_schedule_arguments(ttt)
+    ttt.add_argument("--beta", type=float, default=TTTStage.beta, help="weight of the TTT reconstruction loss")
+    ttt.add_argument("--gamma", type=float, default=TTTStage.gamma, help="weight of mean(lam), the compute penalty")
     ttt.set_defaults(run=_train_ttt)
 
     plot = stages.add_parser("plot", help="draw a run's loss and lambda curves to a PNG")
@@ -399,7 +418,7 @@ def _add_train_commands(commands) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from ponder.server.main import run
 
-    run(args)
+    run(args, _schedule(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -408,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve completions over HTTP and gRPC (the bundled checkpoint by default)")
     serve_arguments(serve)
+    _add_schedule_arguments(serve)
     serve.set_defaults(run=_serve)
 
     gen = commands.add_parser("generate", help="complete a prompt with a checkpoint")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces checkpoints/default on a 2-core CPU: corpus, stage 1, stage 2,
 # evaluation, export. The figures in checkpoints/README.md come from this run.
-# Usage: bash scripts/make_default_checkpoint.sh [RUNS_DIR]   (after scripts/run.sh or test.sh made .venv)
+# Usage: bash scripts/make_default_checkpoint.sh [RUNS_DIR]   (after scripts/test.sh made .venv: training needs the [train] extra)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-runs}

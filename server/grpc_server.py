@@ -14,7 +14,6 @@ the services.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import threading
 from concurrent import futures
@@ -23,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ponder.server.auth import Unauthenticated, authenticate
 from ponder.server.metrics import RequestRecord, ServerMetrics, finish_outcome
 from ponder.server.service import CompletionRequest, CompletionService, Final
 from ponder.server.types import NotReady, QueueFull, RequestError
@@ -50,17 +50,10 @@ class CompletionServicer(pb_grpc.CompletionServicer):
 
     def _api_key(self, context) -> str:
         """The caller's key ("" without auth); aborts with UNAUTHENTICATED otherwise."""
-        if not self.api_keys:
-            return ""
-        header = dict(context.invocation_metadata()).get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        matched = ""
-        for key in self.api_keys:  # every key is compared: the time taken says nothing about which matched
-            if hmac.compare_digest(token.encode(), key.encode()):
-                matched = key
-        if not matched:
+        try:
+            return authenticate(dict(context.invocation_metadata()).get("authorization", ""), self.api_keys)
+        except Unauthenticated:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key: send metadata 'authorization: Bearer KEY'")
-        return matched
 
     def _request(self, context, **fields) -> CompletionRequest:
         remaining = context.time_remaining()
@@ -157,7 +150,7 @@ def build_grpc_server(
     def watch_readiness():  # SERVING once warm; NOT_SERVING again while draining; ends with the server
         serving = None
         while True:
-            now = engine.ready and not getattr(engine, "draining", False)
+            now = engine.ready and not engine.draining
             if now != serving:
                 status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
                 for name in ("", SERVICE_NAME):

@@ -15,13 +15,18 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ponder.checkpoints import DEFAULT_CHECKPOINT
+from ponder.server.auth import parse_api_keys
+from ponder.server.http.config import HttpConfig
+
+if TYPE_CHECKING:
+    from ponder.model.gating import Schedule
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ponder.model.gating import add_schedule_arguments
-
+    """The server's flags (``ponder serve`` adds the ``--schedule`` family beside them)."""
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory (default: the bundled one)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8080, help="HTTP port")
@@ -31,24 +36,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-memory", type=float, default=1024, help="MiB that sessions may hold (LRU eviction)")
     p.add_argument("--max-prompt-tokens", type=int, default=16384, help="longest prompt, in tokens")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens one request may generate")
-    p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest HTTP request body")
+    p.add_argument("--max-body-bytes", type=int, default=HttpConfig.max_body_bytes, help="largest HTTP request body")
     p.add_argument(
         "--api-key", action="append", default=None,
         help="require this bearer token (repeat for several; default: $PONDER_API_KEY, comma-separated; none: no auth)",
     )
-    add_schedule_arguments(p)
     p.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "ponder" / "jax"), help="persistent XLA cache ('' to disable)")
     p.add_argument("--drain-s", type=float, default=30.0, help="how long SIGTERM waits for running requests")
     p.add_argument("--log-level", default="info")
 
 
-def api_keys(args) -> tuple[str, ...]:
-    keys = args.api_key if args.api_key else os.environ.get("PONDER_API_KEY", "").split(",")
-    return tuple(k.strip() for k in keys if k.strip())
+def run(args, schedule: Schedule) -> None:
+    """Loads the checkpoint, starts the engine, serves until SIGTERM / Ctrl-C.
 
-
-def run(args) -> None:
-    """Loads the checkpoint, starts the engine, serves until SIGTERM / Ctrl-C."""
+    Args:
+      args: the flags of ``add_arguments``.
+      schedule: where λ comes from.
+    """
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("ponder.serve")
     import jax
@@ -59,7 +63,6 @@ def run(args) -> None:
     import uvicorn
 
     from ponder.model import checkpoint
-    from ponder.model.gating import schedule_from_arguments
     from ponder.server.engine import Engine, EngineConfig
     from ponder.server.grpc_server import build_grpc_server
     from ponder.server.http import build_app
@@ -70,11 +73,11 @@ def run(args) -> None:
     metrics = ServerMetrics.create()
     config = EngineConfig(
         slots=args.slots, max_new_tokens=args.max_tokens, queue_size=args.queue_size,
-        session_memory_mb=args.session_memory, schedule=schedule_from_arguments(args),
+        session_memory_mb=args.session_memory, schedule=schedule,
     )
     engine = Engine(model, config, metrics)
     service = CompletionService(engine, tokenizer, Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens))
-    keys = api_keys(args)
+    keys = parse_api_keys(args.api_key, os.environ.get("PONDER_API_KEY", ""))
     name = Path(args.checkpoint).name
     app = build_app(service, engine, metrics, api_keys=keys, max_body_bytes=args.max_body_bytes, model_name=name)
     grpc_server = None

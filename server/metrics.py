@@ -1,4 +1,4 @@
-"""Prometheus metrics of the server (DESIGN.md §5), prefix ``ponder_``.
+"""Prometheus metrics of the server (docs/design.md, "Server"), prefix ``ponder_``.
 
 One ``ServerMetrics`` per server, on its own registry, so tests can run
 several servers in one process. The engine records the model-side figures

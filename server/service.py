@@ -4,8 +4,8 @@ HTTP and gRPC parse their wire formats into a ``CompletionRequest`` and
 stream what ``CompletionService.stream`` yields back out. The service owns
 what the engine must not know about: text. It tokenizes the request (a
 document opens with the end-of-document token; fill-in-the-middle uses the
-PSM layout the model was trained on: ``<eot> <fim_prefix> prefix
-<fim_suffix> suffix <fim_middle>``), checks the limits, detokenizes the
+PSM layout the model was trained on, ``Tokenizer.fim_prompt``: ``<eot>
+<fim_prefix> prefix <fim_suffix> suffix <fim_middle>``), checks the limits, detokenizes the
 engine's token events (holding back incomplete UTF-8), applies stop
 sequences and cancels the job when one is hit.
 
@@ -18,14 +18,13 @@ session away.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import dataclasses
 import queue
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
 
-from ponder.model.generate import _stop_cut
+from ponder.model.detokenize import TextStream
 from ponder.model.tokenizer import Tokenizer
 from ponder.server.engine import Engine
 from ponder.server.types import (
@@ -154,8 +153,9 @@ class CompletionService:
             after = request.suffix or ""
             for name, text in request.extra:
                 after += f"\n\n# {name}\n{text}" if name else f"\n\n{text}"
-            tokens = [tok.eot_id, tok.fim_prefix_id, *prefix, tok.fim_suffix_id, *tok.encode(after), tok.fim_middle_id]
-            commit_limit = 2 + len(prefix)  # the document is the prefix; the suffix and extras are scratch
+            tokens = [tok.eot_id, *tok.fim_prompt(prefix, tok.encode(after))]
+            # The document is what precedes <fim_suffix> (text never encodes to it); the suffix and extras are scratch.
+            commit_limit = tokens.index(tok.fim_suffix_id)
         if len(tokens) > limits.max_prompt_tokens:
             raise RequestError(
                 request.name("prompt"),
@@ -251,8 +251,8 @@ class _TextFolder:
 
     def __init__(self, tokenizer: Tokenizer, request: CompletionRequest, job: Job):
         self.tokenizer, self.request, self.job = tokenizer, request, job
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text, self.emitted, self.ids, self.lam = "", 0, [], []
+        self.stream = TextStream(tokenizer, request.stop)
+        self.emitted, self.ids, self.lam = 0, [], []
         self.pending_ids, self.pending_lam = [], []
         self.ended: str | None = None  # the finish reason of a cut made here
         self.stop_sequence = ""
@@ -260,25 +260,25 @@ class _TextFolder:
     def _delta(self, upto: int) -> list[TextDelta]:
         if upto <= self.emitted and not self.pending_ids and not self.pending_lam:
             return []
-        delta = TextDelta(self.text[self.emitted:max(upto, self.emitted)], self.pending_ids, self.pending_lam)
+        delta = TextDelta(self.stream.text[self.emitted:max(upto, self.emitted)], self.pending_ids, self.pending_lam)
         self.emitted, self.pending_ids, self.pending_lam = max(upto, self.emitted), [], []
         return [delta]
 
     def _cut(self, final: bool) -> int:
         """Applies the stop sequences and ``n_indent`` to the text; returns how much is safe to emit."""
-        stops = self.request.stop
-        stop_at, safe = _stop_cut(self.text, stops)
-        indent_at = indent_cut(self.text, self.request.n_indent)
+        stream = self.stream
+        stop_at, safe = stream.stop_cut()
+        indent_at = indent_cut(stream.text, self.request.n_indent)
         if indent_at is not None and (stop_at is None or indent_at < stop_at):
-            self.text, self.ended = self.text[:indent_at], "length"
+            stream.text, self.ended = stream.text[:indent_at], "length"
         elif stop_at is not None:
-            self.stop_sequence = next(s for s in stops if self.text.startswith(s, stop_at))
-            self.text, self.ended = self.text[:stop_at], "stop"
+            self.stop_sequence = stream.stop_at(stop_at)
+            stream.text, self.ended = stream.text[:stop_at], "stop"
         else:
-            return len(self.text) if final else safe
+            return len(stream.text) if final else safe
         if not final:
             self.job.cancel("stop")
-        return len(self.text)
+        return len(stream.text)
 
     def feed_all(self, events: list) -> Iterator[TextDelta | Final]:
         """``feed`` for several events at once, their deltas joined into one: a stream whose reader
@@ -315,19 +315,19 @@ class _TextFolder:
             new = [t for t in event.token_ids if t != self.tokenizer.eot_id]
             self.ids += new
             self.pending_ids += new
-            self.text += self.utf8.decode(self.tokenizer.decode_bytes(new))
+            self.stream.add(new)
             return self._delta(self._cut(final=False))
         assert isinstance(event, DoneEvent), event
         reason = event.finish_reason
         if not self.ended:
-            self.text += self.utf8.decode(b"", final=True)
+            self.stream.close()
             self._cut(final=True)
         if self.ended:
             reason = self.ended
         elif reason == "deadline" and self.job.budget_only:
             reason = "length"  # a time budget ends generation the way max_tokens does
-        out = self._delta(len(self.text))
-        out.append(Final(self.text, self.ids, reason, event.usage, event.session_id, self.lam, self.stop_sequence))
+        out = self._delta(len(self.stream.text))
+        out.append(Final(self.stream.text, self.ids, reason, event.usage, event.session_id, self.lam, self.stop_sequence))
         return out
 
 

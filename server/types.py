@@ -4,7 +4,7 @@ The engine speaks token ids only; the service (``server/service.py``) turns
 text requests into ``Job``s and token events back into text. Events leave
 the engine thread through ``Job.put``; a front end reads them with
 ``Job.next_event`` (blocking, gRPC) or ``await Job.anext_event()`` (asyncio,
-HTTP).
+HTTP). What front ends may call on the engine is ``ServingEngine``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ import dataclasses
 import queue
 import threading
 import time
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ponder.model.ttt_lm import TTTTransformerLM
+    from ponder.server.engine import EngineConfig
 
 
 class RequestError(ValueError):
@@ -153,3 +158,37 @@ class Job:
                 events.append(self._async_events.get_nowait() if self._loop is not None else self._events.get_nowait())
         except (asyncio.QueueEmpty, queue.Empty):
             return events
+
+
+class ServingEngine(Protocol):
+    """What front ends (the service, HTTP, gRPC) may use of the engine (``server.engine.Engine``).
+
+    Attributes:
+      ready: warm-up is over; ``submit`` takes jobs.
+      draining: a graceful shutdown has begun; ``submit`` refuses new jobs (health reports it).
+      model: the TTT model served (the λ viewer re-runs it on a session's tokens).
+      config: the engine's limits and λ schedule.
+    """
+
+    ready: bool
+    draining: bool
+    model: TTTTransformerLM | None
+    config: EngineConfig
+
+    def submit(self, job: Job) -> None:
+        """Queues ``job`` (its events arrive through ``Job``).
+
+        Raises:
+          NotReady: before warm-up ends or while draining.
+          QueueFull: the waiting queue is at its limit.
+          RequestError: the job cannot fit the limits.
+        """
+
+    def reset_session(self, api_key: str, session_id: str) -> bool:
+        """Forgets a session. Returns True if it existed."""
+
+    def committed_tokens(self, api_key: str, session_id: str) -> list[int] | None:
+        """A copy of the session's committed tokens, or None if there is no such session."""
+
+    def session_count(self) -> int:
+        """Sessions held in memory."""

@@ -45,3 +45,17 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     # A schedule the server cannot decode with is refused with the reason.
     assert ponder_cli.main(["serve", "--schedule", "update", "--schedule-steps", "2"]) == 2
     assert "one gradient step per mini-batch" in capsys.readouterr().err
+
+
+def test_unset_flags_are_the_config_dataclasses_defaults():
+    """One source for each default: what a command runs with when no flag is given is the config's."""
+    from ponder.model.gating import Schedule
+    from ponder.train.trainer import TrainConfig
+
+    parser = ponder_cli.build_parser()
+    for stage, preset in (("base", TrainConfig.base()), ("ttt", TrainConfig.ttt())):
+        args = parser.parse_args(["train", stage, "--corpus", "c", "--run-dir", "r"])
+        assert ponder_cli._train_config(args) == preset
+        assert preset.seq_len == (256 if stage == "base" else 512)  # the stages differ, as before
+    for command in (["serve"], ["inspect", "f.py"], ["train", "ttt", "--corpus", "c", "--run-dir", "r"]):
+        assert ponder_cli._schedule(parser.parse_args(command)) == Schedule()

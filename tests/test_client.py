@@ -2,10 +2,10 @@
 
 Fast tests run every client method over both transports (HTTP, gRPC) and
 both flavours (``Client``, ``AsyncClient``) against real in-process servers
-(uvicorn and ``grpc.server``) over the hand-computable test engine
-(``tests/fake_engine.py``: the tokens of "hello world\\n" cycled, λ = 0.5
-every 4 tokens), so results, streams, errors, retries and deadlines are
-checked exactly. Then the real model behind ``ponder serve``: the client and
+(uvicorn and ``grpc.server``) over the real engine on the hand-computable
+test runner (``tests/fake_runner.py``: the tokens of "hello world\\n" cycled,
+λ = 0.5 for every 4 tokens of the document), so results, streams, errors,
+retries and deadlines are checked exactly. Then the real model behind ``ponder serve``: the client and
 the command line must give the offline greedy generation.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from fake_engine import FakeEngine
+from fake_runner import CHUNK, FLOPS, LAMBDA, RecordingEngine, chunks_closed, lambdas_riding
 from test_http import Server
 
 from ponder import cli as ponder_cli
@@ -51,12 +51,15 @@ ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-client-key"
 
 
-class ScriptedEngine(FakeEngine):
-    """The test engine, plus refusals on demand: ``refuse`` holds exceptions the next submits raise
-    (one each), ``fail_after`` makes a job fail after that many tokens; ``submits`` counts every submit."""
+REPLY = "hello world\n"
 
-    def __init__(self, tokenizer):
-        super().__init__(tokenizer)
+
+class ScriptedEngine(RecordingEngine):
+    """The engine on the fake runner, plus refusals on demand: ``refuse`` holds exceptions the next submits
+    raise (one each), ``fail_after`` makes a job fail after that many tokens; ``submits`` counts every submit."""
+
+    def __init__(self, tokenizer, metrics):
+        super().__init__(tokenizer.encode(REPLY), metrics=metrics)
         self.refuse: list[Exception] = []
         self.fail_after: int | None = None
         self.submits = 0
@@ -68,7 +71,7 @@ class ScriptedEngine(FakeEngine):
         if self.fail_after is not None:
             self.jobs.append(job)
             for i in range(self.fail_after):
-                job.put(TokenEvent([self.reply[i % len(self.reply)]], []))
+                job.put(TokenEvent([self.runner.reply[i % len(self.runner.reply)]], []))
             job.put(ErrorEvent(QueueFull("the engine dropped the job")))
             return
         super().submit(job)
@@ -78,7 +81,8 @@ class Stack:
     """HTTP and gRPC servers in this process over one engine and service."""
 
     def __init__(self, tokenizer, api_keys=()):
-        self.engine, metrics = ScriptedEngine(tokenizer), ServerMetrics.create()
+        metrics = ServerMetrics.create()
+        self.engine = ScriptedEngine(tokenizer, metrics)
         service = CompletionService(self.engine, tokenizer, Limits(max_new_tokens=64))
         self.http = Server(build_app(service, self.engine, metrics, api_keys=api_keys))
         self.url = self.http.url
@@ -87,9 +91,8 @@ class Stack:
         self.grpc.start()
 
     def reset(self) -> "Stack":
-        e = self.engine
-        e.ready, e.full, e.delay_s, e.refuse, e.fail_after, e.submits = True, False, 0.0, [], None, 0
-        e.jobs.clear()
+        e = self.engine.fresh()
+        e.refuse, e.fail_after, e.submits = [], None, 0
         return self
 
     def address(self, transport: str) -> dict:
@@ -98,6 +101,7 @@ class Stack:
     def close(self) -> None:
         self.http.stop()
         self.grpc.stop(grace=None)
+        self.engine.stop(drain_s=1)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +128,7 @@ def keyed(stacks):
 
 
 def reply_ids(tokenizer, n: int) -> tuple[int, ...]:
-    ids = tokenizer.encode("hello world\n")
+    ids = tokenizer.encode(REPLY)
     return tuple(ids[i % len(ids)] for i in range(n))
 
 
@@ -172,10 +176,12 @@ def api(request) -> Api:
 def test_complete(api, stack, tokenizer):
     done = api(stack, "complete", "def f():", session="s1", document="a.py", max_tokens=9)
     job = stack.engine.jobs[-1]
+    prompt_tokens = 1 + len(tokenizer.encode("def f():"))
+    closed = chunks_closed(prompt_tokens, 9)
     assert done == Completion(
         text=reply(tokenizer, 9), finish_reason="length", session_id="s1",
-        usage=Usage(prompt_tokens=1 + len(tokenizer.encode("def f():")), cached_tokens=0, generated_tokens=9),
-        chunks_updated=2, chunks_skipped=0, ttt_flops=0.0, chunk_lambda=(0.5, 0.5),
+        usage=Usage(prompt_tokens=prompt_tokens, cached_tokens=0, generated_tokens=9),
+        chunks_updated=closed, chunks_skipped=0, ttt_flops=FLOPS * closed, chunk_lambda=(LAMBDA,) * closed,
         token_ids=reply_ids(tokenizer, 9) if api.grpc else (),
     )
     assert (job.session_id, job.document_id, job.max_new_tokens, job.sampling.temperature) == ("s1", "a.py", 9, 0.0)
@@ -196,29 +202,34 @@ def test_fill_in_the_middle_stop_and_sampling(api, stack, tokenizer):
 def test_stream(api, stack, tokenizer):
     items = api(stack, "stream", "def f():", session="s2", max_tokens=9)
     *deltas, done = items
+    prompt_tokens = 1 + len(tokenizer.encode("def f():"))
+    closed = chunks_closed(prompt_tokens, 9)
     assert all(isinstance(d, Delta) for d in deltas) and isinstance(done, Completion)
     assert "".join(d.text for d in deltas) == done.text == reply(tokenizer, 9)
-    assert [lam for d in deltas for lam in d.chunk_lambda] == [0.5, 0.5] and done.chunk_lambda == (0.5, 0.5)
+    assert [lam for d in deltas for lam in d.chunk_lambda] == [LAMBDA] * closed and done.chunk_lambda == (LAMBDA,) * closed
     assert [i for d in deltas for i in d.token_ids] == (list(reply_ids(tokenizer, 9)) if api.grpc else [])
     assert sum(d.tokens for d in deltas) == 9
-    if api.grpc:  # λ rides with the token that closed its chunk (the 4th, the 8th), however tokens are grouped
+    if api.grpc:  # λ rides with the token after the one that closed its chunk, however tokens are grouped
         seen = 0
         for d in deltas:
-            assert len(d.chunk_lambda) == sum(1 for k in range(seen + 1, seen + len(d.token_ids) + 1) if k % 4 == 0)
+            assert len(d.chunk_lambda) == sum(lambdas_riding(prompt_tokens, k) for k in range(seen + 1, seen + len(d.token_ids) + 1))
             seen += len(d.token_ids)
-    assert (done.finish_reason, done.session_id, done.usage.generated_tokens, done.chunks_updated) == ("length", "s2", 9, 2)
+    assert (done.finish_reason, done.session_id, done.usage.generated_tokens, done.chunks_updated) == ("length", "s2", 9, closed)
 
 
 def test_ingest_reset_and_health(api, stack, tokenizer):
     ingested = api(stack, "ingest", "import os\n", session="/home/me/a.py", document="/home/me/a.py")
     job = stack.engine.jobs[-1]
+    prompt_tokens = 1 + len(tokenizer.encode("import os\n"))
+    closed = chunks_closed(prompt_tokens, 0)
     assert ingested == Ingestion(
-        session_id="/home/me/a.py", usage=Usage(1 + len(tokenizer.encode("import os\n")), 0, 0),
-        chunks_updated=0, chunks_skipped=0, ttt_flops=0.0, chunk_lambda=(),
+        session_id="/home/me/a.py", usage=Usage(prompt_tokens, 0, 0),
+        chunks_updated=closed, chunks_skipped=0, ttt_flops=FLOPS * closed, chunk_lambda=(LAMBDA,) * closed,
     )
     assert (job.max_new_tokens, job.document_id) == (0, "/home/me/a.py")
+    assert stack.engine.committed_tokens("", "/home/me/a.py") == job.tokens[: closed * CHUNK]
     assert api(stack, "reset", "/home/me/a.py") is True  # a path as the session id: slashes survive HTTP
-    assert stack.engine.resets[-1] == ("", "/home/me/a.py")
+    assert stack.engine.committed_tokens("", "/home/me/a.py") is None
     for ready, status in ((True, "ok"), (False, "loading")):
         stack.engine.ready = ready
         deadline = time.monotonic() + 5  # gRPC health follows readiness within 0.1 s
@@ -298,13 +309,13 @@ def test_a_started_stream_is_never_retried(api, stack, tokenizer):
 
 
 def test_deadline(api, stack, tokenizer):
-    stack.engine.delay_s = 0.2  # 20 tokens take 4 s
+    stack.engine.runner.delay_s = 0.2  # 20 tokens take 4 s
     for method in ("complete", "stream"):
         start = time.monotonic()
         with pytest.raises(DeadlineExceeded, match="the 0.5 s timeout passed"):
             api(stack, method, "x", max_tokens=20, timeout=0.5)
         assert time.monotonic() - start < 1.5, method
-    stack.engine.delay_s = 0.0
+    stack.engine.runner.delay_s = 0.0
     assert api(stack, "complete", "x", max_tokens=4, timeout=5).text == reply(tokenizer, 4)
 
 
@@ -375,8 +386,9 @@ def test_cli_complete_ingest_reset_health(stack, tokenizer, source, capsys, tran
     assert ponder_cli.main(["ingest", str(source), *where]) == 0
     assert stack.engine.jobs[-1].tokens == [tokenizer.eot_id, *tokenizer.encode(source.read_text())]
     assert capsys.readouterr().out.startswith(f"ingested {source} into session {session}: ")
+    assert stack.engine.committed_tokens("", session) is not None
     assert ponder_cli.main(["sessions", "reset", session, *where]) == 0
-    assert stack.engine.resets[-1] == ("", session) and capsys.readouterr().out == f"reset session {session}\n"
+    assert stack.engine.committed_tokens("", session) is None and capsys.readouterr().out == f"reset session {session}\n"
     assert ponder_cli.main(["health", *where]) == 0
     assert capsys.readouterr().out.startswith("ok (")
 
@@ -460,7 +472,7 @@ def test_cli_against_the_server(live_server, offline, tmp_path):
 
 def test_requests_name_their_session_for_a_router(tokenizer):
     """Every session request carries X-Session-Id (percent-encoded), the key deploy/nginx.conf hashes on."""
-    engine, seen = FakeEngine(tokenizer), []
+    engine, seen = RecordingEngine(tokenizer.encode(REPLY)), []
     app = build_app(CompletionService(engine, tokenizer), engine, ServerMetrics.create())
 
     async def recorder(scope, receive, send):
@@ -478,4 +490,5 @@ def test_requests_name_their_session_for_a_router(tokenizer):
             ponder.complete("x = ", max_tokens=2)
     finally:
         server.stop()
+        engine.stop(drain_s=1)
     assert [header for _, header in seen] == [b"/src/a%20b.py", b"/src/a%20b.py", b"s1", b"/src/a%20b.py", None]

@@ -93,10 +93,10 @@ def test_ingest_then_complete_equals_cold_and_generated_tokens_are_not_committed
     doc = _doc(200, seed=2)
     _, _, done = _run(engine, doc, session="ingest", max_new=0)
     assert done.usage.generated_tokens == 0
-    session = engine._sessions[("", "ingest")]
+    session = engine.sessions.get("", "ingest")
     assert session.tokens == doc[: 200 // 16 * 16]
     warm, _, _ = _run(engine, doc, session="ingest", max_new=10)
-    assert engine._sessions[("", "ingest")].tokens == doc[: len(session.tokens)]  # nothing generated was committed
+    assert engine.sessions.get("", "ingest").tokens == doc[: len(session.tokens)]  # nothing generated was committed
     cold, _, _ = _run(engine, doc, session="ingest-cold", max_new=10)
     assert warm == cold
 
@@ -105,7 +105,7 @@ def test_fill_in_the_middle_suffix_is_scratch(engine):
     prefix, suffix = _doc(70, seed=3), _doc(50, seed=4)[1:]
     prompt = prefix + [5] + suffix + [6]
     warm, _, _ = _run(engine, prompt, session="fim", commit_limit=len(prefix))
-    assert engine._sessions[("", "fim")].tokens == prefix[:64]
+    assert engine.sessions.get("", "fim").tokens == prefix[:64]
     cold, _, _ = _run(engine, prompt, session="fim-cold", commit_limit=len(prefix))
     assert warm == cold
 
@@ -165,12 +165,12 @@ def test_eviction_rebuilds_transparently(model):
         doc = _doc(120, seed=20)
         first = _run(engine, doc, session="e1")[0]
         _run(engine, _doc(120, seed=21), session="e2")  # over the cap: e1 goes
-        assert ("", "e1") not in engine._sessions
+        assert engine.sessions.get("", "e1") is None
         assert engine.metrics.sessions_evicted._value.get() >= 1
         again, _, done = _run(engine, doc, session="e1")
         assert again == first and done.usage.cached_tokens == 0
         _run(engine, doc + _doc(40, seed=22)[1:], session="e1")  # extends it
-        kept = sum(s.nbytes() for s in engine._sessions.values())  # the running count matches the sessions kept
+        kept = sum(engine.sessions.measure(s) for s in engine.sessions)  # the running count matches the sessions kept
         assert engine.metrics.session_bytes._value.get() == kept > 0
     finally:
         engine.stop(drain_s=1)

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from ponder.model.config import GPTConfig
+from ponder.model.document import run_document
 from ponder.model.gating import GateConfig, Schedule
 from ponder.model.gpt2 import KVCache
 from ponder.model.ttt import TTTConfig
@@ -158,8 +159,8 @@ def test_windowed_training_rows_equal_evaluation_window_by_window(fixture, metho
     logp = np.asarray(jax.nn.log_softmax(out.logits[0], axis=-1))
     for d, doc in enumerate(docs):
         trained = -logp[64 * d + np.arange(63), doc[1:]]
-        evaluated = evaluate.run_document(model, doc, schedule, WINDOW).nll
+        evaluated = run_document(model, doc, schedule, WINDOW).nll
         np.testing.assert_allclose(trained, evaluated, atol=2e-4)
     _, metrics = stage.loss(model, batch)
-    both = np.concatenate([evaluate.run_document(model, doc, schedule, WINDOW).nll for doc in docs])
+    both = np.concatenate([run_document(model, doc, schedule, WINDOW).nll for doc in docs])
     assert float(metrics["ce"]) == pytest.approx(both.mean(), abs=1e-5)

@@ -1,9 +1,10 @@
 """The gRPC front end on a real ``grpc.server``, driven by the generated client stubs.
 
-Behind it, as in ``test_http.py``: the real ``CompletionService`` and
-tokenizer and the hand-computable test engine (``tests/fake_engine.py``), so
-the stream's text, token ids, λ, usage, finish reasons and status codes are
-checked exactly. The real model behind gRPC is tested in ``test_server.py``.
+Behind it, as in ``test_http.py``: the real ``CompletionService``,
+tokenizer and engine, on the hand-computable test runner
+(``tests/fake_runner.py``), so the stream's text, token ids, λ, usage, finish
+reasons and status codes are checked exactly. The real model behind gRPC is
+tested in ``test_server.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import free_port
-from fake_engine import CHUNK, FakeEngine
+from fake_runner import LAMBDA, RecordingEngine, chunks_closed, full_queue
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -36,10 +37,11 @@ def tokenizer() -> Tokenizer:
 
 
 class Stack:
-    """A gRPC server over the fake engine, and a channel to it."""
+    """A gRPC server over the engine on the fake runner, and a channel to it."""
 
     def __init__(self, tokenizer, api_keys=()):
-        self.engine, self.metrics = FakeEngine(tokenizer), ServerMetrics.create()
+        self.metrics = ServerMetrics.create()
+        self.engine = RecordingEngine(tokenizer.encode("hello world\n"), metrics=self.metrics)
         service = CompletionService(self.engine, tokenizer, Limits(max_new_tokens=64))
         address = f"127.0.0.1:{free_port()}"
         self.server = build_grpc_server(service, self.engine, self.metrics, api_keys, address, max_workers=4)
@@ -53,6 +55,7 @@ class Stack:
     def close(self) -> None:
         self.channel.close()
         self.server.stop(grace=None)
+        self.engine.stop(drain_s=1)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +67,7 @@ def stack(tokenizer):
 
 @pytest.fixture
 def grpc_stack(stack):
-    stack.engine.ready, stack.engine.full, stack.engine.delay_s = True, False, 0.0
-    stack.engine.jobs.clear()
+    stack.engine.fresh()
     return stack
 
 
@@ -79,9 +81,10 @@ def test_complete_streams_text_ids_lambda_and_usage(grpc_stack, tokenizer):
     *deltas, final = messages
     assert [t for m in deltas for t in m.token_ids] == reply(tokenizer, 9)
     assert "".join(m.text for m in deltas) == tokenizer.decode(reply(tokenizer, 9))
-    assert [x for m in deltas for x in m.chunk_lambda] == [0.5] * (9 // CHUNK)
+    closed = chunks_closed(len(grpc_stack.engine.jobs[-1].tokens), 9)
+    assert [x for m in deltas for x in m.chunk_lambda] == [LAMBDA] * closed and closed > 0
     assert final.finish_reason == pb.LENGTH and final.session_id == "s1" and not final.text
-    assert final.usage.generated_tokens == 9 and final.usage.chunks_updated == 9 // CHUNK
+    assert final.usage.generated_tokens == 9 and final.usage.chunks_updated == closed
     assert final.usage.prompt_tokens == len(grpc_stack.engine.jobs[-1].tokens)
     assert grpc_stack.engine.jobs[-1].tokens == [tokenizer.eot_id, *tokenizer.encode("def f():")]
     assert grpc_stack.count("grpc.Complete", "ok") >= 1
@@ -100,8 +103,10 @@ def test_ingest_and_reset(grpc_stack):
     got = grpc_stack.stub.Ingest(pb.IngestRequest(text="import os\n", session_id="doc", document_id="a.py"), timeout=10)
     assert got.session_id == "doc" and got.usage.generated_tokens == 0
     assert grpc_stack.engine.jobs[-1].max_new_tokens == 0 and grpc_stack.engine.jobs[-1].document_id == "a.py"
+    assert grpc_stack.engine.committed_tokens("", "doc") is not None
     assert grpc_stack.stub.ResetSession(pb.ResetSessionRequest(session_id="doc"), timeout=10).existed
-    assert grpc_stack.engine.resets[-1] == ("", "doc")
+    assert grpc_stack.engine.committed_tokens("", "doc") is None
+    assert not grpc_stack.stub.ResetSession(pb.ResetSessionRequest(session_id="doc"), timeout=10).existed
 
 
 @pytest.mark.parametrize(
@@ -125,11 +130,10 @@ def test_bad_fields_are_invalid_argument_naming_the_field(grpc_stack, request_, 
 
 
 def test_full_queue_and_warm_up_are_retryable_statuses(grpc_stack):
-    grpc_stack.engine.full = True
-    with pytest.raises(grpc.RpcError) as err:
+    with full_queue(grpc_stack.engine), pytest.raises(grpc.RpcError) as err:
         list(grpc_stack.stub.Complete(pb.CompleteRequest(prompt="x", max_tokens=2), timeout=10))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue" in err.value.details()
-    grpc_stack.engine.full, grpc_stack.engine.ready = False, False
+    grpc_stack.engine.ready = False
     with pytest.raises(grpc.RpcError) as err:
         grpc_stack.stub.Ingest(pb.IngestRequest(text="x"), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "warming up" in err.value.details()
@@ -137,7 +141,7 @@ def test_full_queue_and_warm_up_are_retryable_statuses(grpc_stack):
 
 
 def test_client_cancel_cancels_the_job(grpc_stack):
-    grpc_stack.engine.delay_s = 0.01
+    grpc_stack.engine.runner.delay_s = 0.01
     before = grpc_stack.count("grpc.Complete", "cancelled")
     call = grpc_stack.stub.Complete(pb.CompleteRequest(prompt="x", max_tokens=64), timeout=10)
     next(call)
@@ -150,14 +154,14 @@ def test_client_cancel_cancels_the_job(grpc_stack):
 
 
 def test_deadline_is_deadline_exceeded(grpc_stack):
-    grpc_stack.engine.delay_s = 0.05
+    grpc_stack.engine.runner.delay_s = 0.05
     with pytest.raises(grpc.RpcError) as err:
         list(grpc_stack.stub.Complete(pb.CompleteRequest(prompt="x", max_tokens=64), timeout=0.5))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def test_time_budget_ends_with_length(grpc_stack):
-    grpc_stack.engine.delay_s = 0.02
+    grpc_stack.engine.runner.delay_s = 0.02
     *deltas, final = grpc_stack.stub.Complete(pb.CompleteRequest(prompt="x", max_tokens=64, time_budget_ms=200), timeout=10)
     assert final.finish_reason == pb.LENGTH and 0 < final.usage.generated_tokens < 64
 
@@ -171,8 +175,10 @@ def test_auth(tokenizer):
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in err.value.details()
         ok = list(s.stub.Complete(pb.CompleteRequest(prompt="x", max_tokens=2), metadata=(("authorization", f"Bearer {KEY}"),)))
         assert ok[-1].usage.generated_tokens == 2 and s.engine.jobs[-1].api_key == KEY
+        s.stub.Ingest(pb.IngestRequest(text="x = 1\n", session_id="d"), metadata=(("authorization", f"Bearer {KEY}"),))
+        assert s.engine.committed_tokens(KEY, "d") is not None
         s.stub.ResetSession(pb.ResetSessionRequest(session_id="d"), metadata=(("authorization", f"Bearer {KEY}"),))
-        assert s.engine.resets[-1] == (KEY, "d")
+        assert s.engine.committed_tokens(KEY, "d") is None
         health = health_pb2_grpc.HealthStub(s.channel)  # health needs no key
         status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status
         assert status in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)

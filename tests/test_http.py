@@ -1,9 +1,10 @@
 """The HTTP front end on a real uvicorn server, driven by real clients (httpx, the official ``openai`` package).
 
-Behind it: the real ``CompletionService`` and tokenizer, and the test engine
-(``tests/fake_engine.py``) whose answers can be worked out by hand: the
-tokens of "hello world\\n" cycled, λ = 0.5 every 4 tokens. So wire formats,
-errors, streaming, disconnects and auth are checked exactly, without a model.
+Behind it: the real ``CompletionService``, tokenizer and engine, on the test
+runner (``tests/fake_runner.py``) whose answers can be worked out by hand:
+the tokens of "hello world\\n" cycled, λ = 0.5 for every 4 tokens of the
+document. So wire formats, errors, streaming, disconnects and auth are
+checked exactly, without a model.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import httpx
 import pytest
 import uvicorn
 from conftest import free_port
-from fake_engine import CHUNK, FakeEngine
+from fake_runner import LAMBDA, RecordingEngine, chunks_closed, full_queue
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -60,31 +61,35 @@ def tokenizer() -> Tokenizer:
 @pytest.fixture(scope="module")
 def stack(tokenizer):
     """(url, engine, metrics) of an open server; each test finds the engine in its default state."""
-    engine, metrics = FakeEngine(tokenizer), ServerMetrics.create()
+    metrics = ServerMetrics.create()
+    engine = RecordingEngine(tokenizer.encode(REPLY), metrics=metrics)
     server = Server(build_app(CompletionService(engine, tokenizer), engine, metrics, max_body_bytes=MAX_BODY, model_name="tiny"))
     yield server.url, engine, metrics
     server.stop()
+    engine.stop(drain_s=1)
 
 
 @pytest.fixture
 def open_server(stack):
     url, engine, metrics = stack
-    engine.ready, engine.full, engine.delay_s = True, False, 0.0
-    engine.jobs.clear()
-    return url, engine, metrics
+    return url, engine.fresh(), metrics
 
 
 @pytest.fixture(scope="module")
 def keyed_server(tokenizer):
-    engine = FakeEngine(tokenizer)
+    engine = RecordingEngine(tokenizer.encode(REPLY))
     server = Server(build_app(CompletionService(engine, tokenizer), engine, ServerMetrics.create(), api_keys=("other-key", KEY)))
     yield server.url, engine
     server.stop()
+    engine.stop(drain_s=1)
+
+
+REPLY = "hello world\n"
 
 
 def reply(tokenizer, n: int) -> str:
-    """What the fake engine says in ``n`` tokens."""
-    ids = tokenizer.encode("hello world\n")
+    """What the engine on the fake runner says in ``n`` tokens."""
+    ids = tokenizer.encode(REPLY)
     return tokenizer.decode([ids[i % len(ids)] for i in range(n)])
 
 
@@ -120,7 +125,8 @@ def test_completion_json_shape(open_server, tokenizer):
     prompt_tokens = len(engine.jobs[-1].tokens)
     assert got["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 9, "total_tokens": prompt_tokens + 9}
     ponder = got["ponder"]
-    assert ponder["chunk_lambda"] == [0.5] * (9 // CHUNK) and ponder["chunks_updated"] == 9 // CHUNK
+    closed = chunks_closed(prompt_tokens, 9)
+    assert ponder["chunk_lambda"] == [LAMBDA] * closed and ponder["chunks_updated"] == closed > 0
     assert ponder["finish_reason"] == "length" and ponder["session_id"] == "anonymous-1"
     assert engine.jobs[-1].tokens == [tokenizer.eot_id, *tokenizer.encode("def f():")]
 
@@ -136,7 +142,7 @@ def test_completion_defaults_list_prompt_echo_and_session(open_server, tokenizer
 
 
 def test_completion_stream_frames_and_include_usage(open_server, tokenizer):
-    url, _, _ = open_server
+    url, engine, _ = open_server
     body = {"prompt": "a", "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}}
     r = httpx.post(url + "/v1/completions", json=body)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -148,9 +154,10 @@ def test_completion_stream_frames_and_include_usage(open_server, tokenizer):
     assert text == reply(tokenizer, 6)
     *deltas, finish, usage = chunks
     assert all(c["choices"][0]["finish_reason"] is None for c in deltas)
-    assert finish["choices"][0]["finish_reason"] == "length" and finish["ponder"]["chunks_updated"] == 1
+    closed = chunks_closed(len(engine.jobs[-1].tokens), 6)
+    assert finish["choices"][0]["finish_reason"] == "length" and finish["ponder"]["chunks_updated"] == closed > 0
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 6
-    assert sum(len(c["ponder"]["chunk_lambda"]) for c in deltas) == 6 // CHUNK
+    assert sum(len(c["ponder"]["chunk_lambda"]) for c in deltas) == closed
     assert sum(c["ponder"]["tokens"] for c in deltas) == 6
 
 
@@ -197,8 +204,11 @@ def test_models(open_server):
 
 def test_session_reset(open_server):
     url, engine, _ = open_server
+    httpx.post(url + "/v1/completions", json={"prompt": "x = 1\n" * 4, "max_tokens": 1, "session_id": "doc-7"})
+    assert engine.committed_tokens("", "doc-7")
     got = httpx.post(url + "/v1/sessions/doc-7/reset").json()
-    assert got == {"session_id": "doc-7", "existed": True} and engine.resets[-1] == ("", "doc-7")
+    assert got == {"session_id": "doc-7", "existed": True} and engine.committed_tokens("", "doc-7") is None
+    assert httpx.post(url + "/v1/sessions/doc-7/reset").json() == {"session_id": "doc-7", "existed": False}
 
 
 # --- llama.cpp /infill.
@@ -280,7 +290,7 @@ def test_infill_stop_words_and_response_fields(open_server):
 
 def test_infill_time_budget(open_server):
     url, engine, _ = open_server
-    engine.delay_s = 0.02
+    engine.runner.delay_s = 0.02
     start = time.monotonic()
     got = httpx.post(url + "/infill", json={"n_predict": 200, "t_max_predict_ms": 150}).json()
     assert time.monotonic() - start < 2
@@ -363,10 +373,11 @@ def test_oversized_body_is_413_naming_the_limit(open_server):
 
 def test_queue_full_is_429_and_warming_up_is_503(open_server):
     url, engine, _ = open_server
-    engine.full = True
-    assert_error(httpx.post(url + "/v1/completions", json={"prompt": "x"}), 429, "queue")
-    assert_error(httpx.post(url + "/infill", json={"input_prefix": "x", "stream": True}), 429)
-    engine.full, engine.ready = False, False
+    with full_queue(engine):
+        assert_error(httpx.post(url + "/v1/completions", json={"prompt": "x"}), 429, "queue")
+        assert_error(httpx.post(url + "/infill", json={"input_prefix": "x", "stream": True}), 429)
+    assert not engine.jobs  # refused, never queued
+    engine.ready = False
     r = httpx.get(url + "/health")
     assert (r.status_code, r.json()) == (503, {"status": "loading"})
     assert_error(httpx.post(url + "/v1/completions", json={"prompt": "x"}), 503, "warming up")
@@ -385,8 +396,8 @@ def test_metrics_record_outcomes_and_latency(open_server):
     url, engine, _ = open_server
     httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
     httpx.post(url + "/v1/completions", json={"prompt": "x", "bogus": 1})
-    engine.full = True
-    httpx.post(url + "/infill", json={})
+    with full_queue(engine):
+        httpx.post(url + "/infill", json={})
     r = httpx.get(url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in r.text.splitlines() if line and line[0] != "#"}
@@ -414,7 +425,7 @@ def wait_for(predicate, timeout: float = 3.0) -> bool:
 )
 def test_client_disconnect_mid_stream_cancels_the_job(open_server, path, endpoint, body):
     url, engine, metrics = open_server
-    engine.delay_s = 0.05
+    engine.runner.delay_s = 0.05
     with httpx.stream("POST", url + path, json={**body, "stream": True}) as r:
         assert next(r.iter_lines()).startswith("data: ")
     assert wait_for(lambda: engine.jobs and engine.jobs[-1].cancelled.is_set())
@@ -450,7 +461,7 @@ def test_event_stream_closes_its_source_when_a_send_fails():
 
 def test_client_disconnect_while_waiting_for_a_json_answer_cancels_the_job(open_server):
     url, engine, _ = open_server
-    engine.delay_s = 0.05
+    engine.runner.delay_s = 0.05
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 200}, timeout=0.3)
     assert wait_for(lambda: engine.jobs and engine.jobs[-1].cancelled.is_set())
@@ -472,7 +483,7 @@ def test_a_client_gone_while_sending_its_body_is_a_cancellation(open_server, cap
 
 def test_a_stream_in_flight_completes_when_the_server_shuts_down(tokenizer):
     """Graceful shutdown is not a disconnect: the stream runs to ``[DONE]``."""
-    engine = FakeEngine(tokenizer, delay_s=0.01)
+    engine = RecordingEngine(tokenizer.encode(REPLY), delay_s=0.01)
     server = Server(build_app(CompletionService(engine, tokenizer), engine, ServerMetrics.create()))
     with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 40, "stream": True}) as r:
         lines = r.iter_lines()
@@ -480,6 +491,7 @@ def test_a_stream_in_flight_completes_when_the_server_shuts_down(tokenizer):
         server.server.should_exit = True  # what SIGTERM does
         data += [line for line in lines if line]
     server.stop()
+    engine.stop(drain_s=1)
     assert data[-1] == "data: [DONE]"
     chunks = [json.loads(line[len("data: "):]) for line in data[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == reply(tokenizer, 40)
@@ -501,8 +513,10 @@ def test_auth(keyed_server, tokenizer):
     r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == reply(tokenizer, 2)
     assert engine.jobs[-1].api_key == KEY
+    httpx.post(url + "/v1/completions", json={**body, "session_id": "s"}, headers={"Authorization": f"Bearer {KEY}"})
+    assert engine.committed_tokens(KEY, "s") is not None
     httpx.post(url + "/v1/sessions/s/reset", headers={"Authorization": f"Bearer {KEY}"})
-    assert engine.resets[-1] == (KEY, "s")
+    assert engine.committed_tokens(KEY, "s") is None
     for public in ("/health", "/metrics", "/openapi.json"):
         assert httpx.get(url + public).status_code == 200
 

@@ -1,6 +1,6 @@
 """deploy/nginx.conf in front of two real ``ponder serve`` replicas.
 
-The router's contract (DESIGN.md §7): every request of a session reaches the
+The router's contract (docs/design.md, "Scaling out"): every request of a session reaches the
 replica that holds the session, sessions spread over the replicas, and when a
 replica goes away (drains on SIGTERM, then exits) its sessions continue, cold,
 on another one, with no error to the client. The test runs the deployment's

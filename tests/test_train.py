@@ -18,10 +18,11 @@ from ponder import cli as ponder_cli
 from ponder.model.checkpoint import load_config
 from ponder.model.config import GPTConfig
 from ponder.model.gating import GateConfig, GatingNetwork
+from ponder.model.tokenizer import Tokenizer
 from ponder.model.ttt import TTTConfig
 from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
 from ponder.train import corpus
-from ponder.train.data import DataState, FimTokens, Packer
+from ponder.train.data import DataState, Packer
 
 
 def _write_sources(root: Path, n: int = 30, salt: str = "") -> Path:
@@ -110,18 +111,20 @@ def test_packed_rows_reach_the_model_document_by_document(built):
 
 def test_fim_examples_move_the_middle_to_the_end(built):
     data = corpus.TokenFile(built, "train")
-    fim = FimTokens(prefix=1001, suffix=1002, middle=1003)
-    packer = Packer(data, batch_size=1, seq_len=4096, seed=0, fim_rate=1.0, fim=fim)
+    fim = Tokenizer.load(built / "tokenizer.json")
+    packer = Packer(data, batch_size=1, seq_len=4096, seed=0, fim_rate=1.0, fim_prompt=fim.fim_prompt)
     batch, _ = packer.next(DataState())
     order = np.random.default_rng([0, 0]).permutation(len(packer.pieces))
     first = batch.tokens[0, batch.segment_ids[0] == 0]
     start, end = packer.pieces[order[0]]
     original = np.asarray(data.tokens[start:end])
     assert packer.opens_document[order[0]]  # documents here fit one piece
-    assert first[0] == original[0] and list(first[1:2]) == [fim.prefix]  # <eot> <fim_prefix> ...
-    i, j = int(np.flatnonzero(first == fim.suffix)[0]), int(np.flatnonzero(first == fim.middle)[0])
+    assert first[0] == original[0] and list(first[1:2]) == [fim.fim_prefix_id]  # <eot> <fim_prefix> ...
+    i, j = int(np.flatnonzero(first == fim.fim_suffix_id)[0]), int(np.flatnonzero(first == fim.fim_middle_id)[0])
     prefix, suffix, middle = first[2:i], first[i + 1 : j], first[j + 1 :]
     assert np.array_equal(np.concatenate([original[:1], prefix, middle, suffix]), original)
+    # The example up to the middle is the tokenizer's FIM prompt, the layout the server's infill prompts use.
+    assert first[: j + 1].tolist() == [int(original[0]), *fim.fim_prompt(prefix.tolist(), suffix.tolist())]
 
 
 def _ponder(*args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ per epoch: one long file (a generated table, a big test module) would
 otherwise fill hundreds of consecutive batches, and the model would drift
 toward it. Rows are filled with pieces back to back; each piece gets its own
 segment id and positions that restart at 0, so base attention and fast
-weights never cross a boundary (DESIGN.md §4).
+weights never cross a boundary (docs/design.md, "Sessions").
 
 * ``align=1`` (stage 1) packs pieces densely; a piece longer than the room
   left in a row continues in the next row (again as a new piece).
@@ -20,12 +20,15 @@ stores the ``DataState`` resumes on exactly the next batch.
 Fill-in-the-middle: with probability ``fim_rate`` a document
 ``<eot> body`` becomes ``<eot> <fim_prefix> A <fim_suffix> C <fim_middle> B``
 for ``body = A B C`` cut at two random token positions, so the model learns
-to write B from A and C (editors' infill requests).
+to write B from A and C (editors' infill requests). The layout is the
+tokenizer's ``fim_prompt(A, C)`` followed by B, the same call the server
+makes for an infill prompt.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -49,13 +52,6 @@ class Batch(NamedTuple):
     real: np.ndarray  # [B, T] bool, False on alignment padding
 
 
-@dataclasses.dataclass(frozen=True)
-class FimTokens:
-    prefix: int
-    suffix: int
-    middle: int
-
-
 class Packer:
     """Deterministic packed batches from a ``TokenFile``."""
 
@@ -68,17 +64,17 @@ class Packer:
         align: int = 1,
         seed: int = 0,
         fim_rate: float = 0.0,
-        fim: FimTokens | None = None,
+        fim_prompt: Callable[[Sequence[int], Sequence[int]], list[int]] | None = None,
         pad_id: int = 0,
     ):
         if seq_len % align:
             raise ValueError(f"seq_len ({seq_len}) must be a multiple of align ({align})")
         if len(data) == 0:
             raise ValueError("the corpus split has no documents")
-        if fim_rate and fim is None:
-            raise ValueError("fim_rate > 0 needs the FIM token ids")
+        if fim_rate and fim_prompt is None:
+            raise ValueError("fim_rate > 0 needs the tokenizer's FIM layout (fim_prompt=tokenizer.fim_prompt)")
         self.data, self.batch_size, self.seq_len, self.align = data, batch_size, seq_len, align
-        self.seed, self.fim_rate, self.fim, self.pad_id = seed, fim_rate, fim, pad_id
+        self.seed, self.fim_rate, self.fim_prompt, self.pad_id = seed, fim_rate, fim_prompt, pad_id
         # Pieces of at most seq_len tokens (FIM adds 3, so leave room for them): [n_pieces, 2] start, end.
         size = seq_len - 3 if fim_rate else seq_len
         starts, ends = data.offsets[:-1], data.offsets[1:]
@@ -96,8 +92,7 @@ class Packer:
             lead = 1 if self.opens_document[int(piece)] else 0  # a document's <eot> stays in front
             head, body = tokens[:lead], tokens[lead:]
             i, j = sorted(rng.integers(0, len(body) + 1, size=2))
-            f = self.fim
-            tokens = np.concatenate([head, [f.prefix], body[:i], [f.suffix], body[j:], [f.middle], body[i:j]])
+            tokens = np.concatenate([head, self.fim_prompt(body[:i].tolist(), body[j:].tolist()), body[i:j]])
         return tokens.astype(np.int32)
 
     def next(self, state: DataState) -> tuple[Batch, DataState]:

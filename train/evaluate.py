@@ -41,63 +41,15 @@ ORACLE's CE gain over SKIP that it recovers.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import math
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from ponder.model.document import DocumentRun, run_document
 from ponder.model.gating import Schedule
 from ponder.model.ttt_lm import TTTTransformerLM
-
-
-@dataclasses.dataclass
-class DocumentRun:
-    nll: np.ndarray  # [T - 1] loss of tokens 1..T-1
-    chunk_lambda: np.ndarray  # [n_chunks]
-    chunk_updated: np.ndarray  # [n_chunks] bool
-    ttt_flops: float
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def window_forward(graphdef, params, tokens, schedule, state, chunk_lambda):
-    """One window [1, T] from ``state``: log-probabilities [T, V], lam, updated, FLOPs, the state after."""
-    model = nnx.merge(graphdef, params)
-    positions = jnp.arange(tokens.shape[1])[None]
-    out = model(tokens, positions, schedule, state=state, chunk_lambda=chunk_lambda)
-    logp = jax.nn.log_softmax(out.logits[0], axis=-1)  # [T, V]
-    return logp, out.chunk_lambda[0], out.chunk_updated[0], out.ttt_flops[0], out.state
-
-
-def run_document(model: TTTTransformerLM, tokens: np.ndarray, schedule: Schedule, window: int, chunk_lambda=None):
-    """Runs one document (its length a multiple of the chunk size) window by window.
-
-    Args:
-      tokens: [T] the document; window: tokens per window (a multiple of the chunk size).
-      chunk_lambda: [T / C] lam per chunk overriding the schedule (ORACLE), or None.
-    """
-    C = model.config.gate.chunk
-    graphdef, params = nnx.split(model)
-    state, nll, lams, updated, flops = model.init_state(1, schedule), [], [], [], 0.0
-    previous = None  # log-probabilities at the last position of the previous window
-    for start in range(0, len(tokens), window):
-        piece = jnp.asarray(tokens[None, start : start + window], jnp.int32)
-        given = None if chunk_lambda is None else jnp.asarray(chunk_lambda[None, start // C : (start + piece.shape[1]) // C])
-        logp, lam, upd, fl, state = window_forward(graphdef, params, piece, schedule, state, given)
-        logp = np.asarray(logp)
-        if previous is not None:
-            nll.append(-previous[tokens[start]][None])
-        nll.append(-logp[np.arange(piece.shape[1] - 1), tokens[start + 1 : start + piece.shape[1]]])
-        previous = logp[-1]
-        lams.append(np.asarray(lam))
-        updated.append(np.asarray(upd))
-        flops += float(fl)
-    return DocumentRun(np.concatenate(nll), np.concatenate(lams), np.concatenate(updated), flops)
 
 
 def cross_entropy(runs: list[DocumentRun]) -> float:

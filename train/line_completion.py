@@ -26,7 +26,7 @@ from ponder.model.gating import Schedule
 from ponder.model.gpt2 import KVCache
 from ponder.model.tokenizer import Tokenizer
 from ponder.model.ttt_lm import TTTTransformerLM
-from ponder.train.evaluate import window_forward
+from ponder.model.document import window_forward
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Data-parallel and sharded training on a JAX device mesh (DESIGN.md §7).
+"""Data-parallel and sharded training on a JAX device mesh (docs/design.md, "Scaling out").
 
 Sharding is data: parameters carry logical axis names
 (``model.gpt2.LOGICAL_AXES``, matched on the end of each parameter's path),

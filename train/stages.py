@@ -4,7 +4,7 @@
   over packed rows (attention stays inside each document piece).
 * ``TTTStage`` (stage 2): the base is frozen; the TTT layers, their
   LayerNorms and the gating network train on
-  ``L = CE + beta * L_TTT + gamma * mean(lam)`` (DESIGN.md §3) over rows whose
+  ``L = CE + beta * L_TTT + gamma * mean(lam)`` (docs/design.md, "Gating") over rows whose
   documents start on chunk boundaries, fast weights reset at each. A fixed
   schedule (SKIP, UPDATE_k, FIXED_lam, ...) trains the same way for comparison.
   With ``window`` set, base attention sees windows of that many tokens from

@@ -37,7 +37,7 @@ from flax import nnx
 from ponder.model import checkpoint
 from ponder.model.tokenizer import Tokenizer
 from ponder.train.corpus import TokenFile
-from ponder.train.data import Batch, DataState, FimTokens, Packer
+from ponder.train.data import Batch, DataState, Packer
 from ponder.train.sharding import make_mesh, shard, shard_batch
 
 
@@ -67,6 +67,17 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every_s: float = 300.0
     keep: int = 3
+
+    @classmethod
+    def base(cls, **changes) -> "TrainConfig":
+        """Stage 1's defaults (the base LM)."""
+        return cls(**changes)
+
+    @classmethod
+    def ttt(cls, **changes) -> "TrainConfig":
+        """Stage 2's defaults: longer rows (the fast weights need chunks to learn on), fewer of them,
+        and a higher learning rate for the small TTT layer and gate."""
+        return cls(**{"seq_len": 512, "batch_size": 4, "lr": 3e-3, **changes})
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "keep"):
@@ -191,10 +202,9 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path.write_text(json.dumps(record, indent=2) + "\n")
 
-    fim = FimTokens(tokenizer.fim_prefix_id, tokenizer.fim_suffix_id, tokenizer.fim_middle_id)
     packer = Packer(
         TokenFile(corpus_dir, "train"), config.batch_size, config.seq_len, align=stage.align,
-        seed=config.seed, fim_rate=config.fim_rate, fim=fim, pad_id=tokenizer.eot_id,
+        seed=config.seed, fim_rate=config.fim_rate, fim_prompt=tokenizer.fim_prompt, pad_id=tokenizer.eot_id,
     )
     val_packer = Packer(
         TokenFile(corpus_dir, "val"), config.batch_size, config.seq_len, align=stage.align,

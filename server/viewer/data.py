@@ -1,6 +1,6 @@
 """What the λ viewer shows: one document's chunks, their λ, and the loss with and without updates.
 
-The numbers come from ``train.evaluate.run_document``, the same window-by-window
+The numbers come from ``ponder.model.document.run_document``, the same window-by-window
 forward ``ponder eval`` runs: once under the schedule being inspected (λ, updated
 or skipped, loss per token) and once under SKIP (the TTT layer present, never
 learning), so each chunk's cross-entropy can be compared with what it would be
@@ -150,7 +150,7 @@ def inspect_tokens(
     Returns:
       An ``Inspection``.
     """
-    from ponder.train.evaluate import run_document
+    from ponder.model.document import run_document
 
     if not isinstance(model, TTTTransformerLM):
         raise ValueError("the λ viewer needs a TTT checkpoint (train one with `ponder train ttt`); this one is base-only")

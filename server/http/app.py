@@ -1,0 +1,179 @@
+"""The Starlette app: routes from the endpoint table, auth, failures to answers, and the small endpoints.
+
+Each route authenticates (unless public), runs its handler with a metrics
+record, and maps what the handler raises to an answer in the reference
+APIs' error shape: ``ApiError`` as it says, the service's ``RequestError``
+to a 400 naming the front end's field, a full queue to 429, a server still
+warming up or draining to 503, a client that left to 499. Only an
+unexpected exception is a 500, and it is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ponder.server.auth import Unauthenticated, authenticate
+from ponder.server.http.config import HttpConfig
+from ponder.server.http.errors import ApiError, ClientGone
+from ponder.server.http.llama import LlamaServing
+from ponder.server.http.openai import OpenAIServing
+from ponder.server.http.openapi import OPERATIONS, Operation, openapi_document
+from ponder.server.http.wire import Health, ModelCard, ModelList, SessionReset, json_response
+from ponder.server.metrics import RequestRecord, ServerMetrics
+from ponder.server.service import CompletionService
+from ponder.server.types import NotReady, QueueFull, RequestError
+
+log = logging.getLogger("ponder.http")
+
+Handler = Callable[[Request, str, RequestRecord], Awaitable[Response]]  # (request, api_key, call) -> answer
+
+
+def build_app(
+    service: CompletionService,
+    engine,
+    metrics: ServerMetrics,
+    api_keys: tuple[str, ...] = (),
+    max_body_bytes: int = HttpConfig.max_body_bytes,
+    model_name: str = HttpConfig.model_name,
+) -> Starlette:
+    """The HTTP front end of ``service``.
+
+    Args:
+      service: the completion service every endpoint runs through.
+      engine: read for readiness (``ready``, ``draining``: ``/health``) and by ``/ui``
+        (a session's committed tokens, the model and its schedule).
+      metrics: requests by endpoint and outcome, TTFT and latency are recorded here; ``/metrics`` renders it.
+      api_keys: bearer tokens, any of which authenticates (empty: no auth). ``/health``,
+        ``/metrics`` and ``/openapi.json`` are always public. The matched key scopes the sessions.
+      max_body_bytes: larger request bodies are refused with 413.
+      model_name: the name ``/v1/models`` and the answers report.
+
+    Returns:
+      A Starlette app to serve with uvicorn.
+    """
+    config = HttpConfig(tuple(api_keys), max_body_bytes, model_name)
+    endpoints = _Endpoints(service, engine, metrics, config)
+    handlers: dict[str, Handler] = {
+        "completions": OpenAIServing(service, config).completions,
+        "infill": LlamaServing(service, config).infill,
+        "models": endpoints.models,
+        "reset_session": endpoints.reset_session,
+        "ui": endpoints.ui,
+        "health": endpoints.health,
+        "prometheus": endpoints.prometheus,
+        "openapi": endpoints.openapi,
+    }
+    routes = [_route(op, handlers[op.handler], metrics, config.api_keys) for op in OPERATIONS]
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+
+
+def _route(op: Operation, handler: Handler, metrics: ServerMetrics, api_keys: Sequence[str]) -> Route:
+    """``op``'s route: auth, then ``handler``, every failure answered as the reference APIs do."""
+
+    async def endpoint(request: Request) -> Response:
+        call = RequestRecord(metrics, op.handler)
+        try:
+            key = "" if op.public else _api_key(request, api_keys)
+            return await handler(request, key, call)
+        except ApiError as err:
+            call.done("client_error")
+            return err.response()
+        except RequestError as err:
+            call.done("client_error")
+            return ApiError(err.status, f"{err.field}: {err.message}", err.field).response()
+        except QueueFull as err:
+            call.done("rejected")
+            return ApiError(429, f"{err}; retry shortly", kind="rate_limit_error").response()
+        except NotReady as err:
+            call.done("rejected")
+            return ApiError(503, str(err), kind="unavailable_error").response()
+        except (ClientGone, ClientDisconnect):  # before the answer, or while its body was arriving
+            call.done("cancelled")
+            return Response(status_code=499)  # nobody is listening
+        except Exception as err:
+            log.exception("%s %s failed", request.method, request.url.path)
+            call.done("error")
+            return ApiError(500, f"internal error ({type(err).__name__}: {err})", kind="server_error").response()
+
+    # A session id may hold slashes (editors use the file's path): it matches them, %2F-encoded or not.
+    path = op.path.replace("{session_id}", "{session_id:path}")
+    return Route(path, endpoint, methods=[op.method], name=op.handler)
+
+
+def _api_key(request: Request, api_keys: Sequence[str]) -> str:
+    """The caller's key ("" without auth); else 401."""
+    try:
+        return authenticate(request.headers.get("authorization", ""), api_keys)
+    except Unauthenticated:
+        message = "missing or wrong API key: send the header 'Authorization: Bearer KEY'"
+        raise ApiError(401, message, kind="authentication_error") from None
+
+
+async def _http_error(request: Request, err: HTTPException) -> Response:
+    """Starlette's own 404 / 405, in the same JSON shape as every other error."""
+    kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    return ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}", kind=kind).response()
+
+
+class _Endpoints:
+    """The endpoints besides the two completion APIs: model, sessions, λ viewer, health, metrics, this document."""
+
+    def __init__(self, service: CompletionService, engine, metrics: ServerMetrics, config: HttpConfig):
+        self.service, self.engine, self.metrics, self.config = service, engine, metrics, config
+        self.started = int(time.time())
+        self.document = openapi_document(config.model_name)
+
+    async def models(self, request: Request, api_key: str, call: RequestRecord) -> Response:
+        call.done("ok")
+        return json_response(ModelList(data=[ModelCard(id=self.config.model_name, created=self.started)]))
+
+    async def reset_session(self, request: Request, api_key: str, call: RequestRecord) -> Response:
+        session_id = request.path_params["session_id"]
+        existed = self.service.reset(api_key, session_id)
+        call.done("ok")
+        return json_response(SessionReset(session_id=session_id, existed=existed))
+
+    async def ui(self, request: Request, api_key: str, call: RequestRecord) -> Response:
+        session_id = request.query_params.get("session_id", "")
+        if not session_id:
+            raise ApiError(400, "session_id: required query parameter naming the session to show (GET /ui?session_id=ID)",
+                           "session_id")
+        tokens = self.engine.committed_tokens(api_key, session_id)
+        if tokens is None:
+            raise ApiError(404, f"session_id: no session {session_id!r} for this API key (a completion with that "
+                           "session_id creates it)", "session_id", kind="not_found_error")
+        from ponder.server.viewer.data import inspect_tokens
+        from ponder.server.viewer.page import render_html
+
+        def page() -> str:  # a fresh run over the tokens, off the event loop (the engine thread is untouched)
+            inspection = inspect_tokens(self.engine.model, self.service.tokenizer, tokens, self.engine.config.schedule,
+                                        source=f"session {session_id}")
+            return render_html(inspection, note="Recomputed for this page from the session's committed tokens.")
+
+        html = await anyio.to_thread.run_sync(page)
+        call.done("ok")
+        return Response(html, media_type="text/html")
+
+    async def health(self, request: Request, api_key: str, call: RequestRecord) -> Response:
+        if self.engine.draining:
+            return json_response(Health(status="draining"), 503)
+        if not self.engine.ready:
+            return json_response(Health(status="loading"), 503)
+        return json_response(Health(status="ok"))
+
+    async def prometheus(self, request: Request, api_key: str, call: RequestRecord) -> Response:
+        text, content_type = self.metrics.render()
+        return Response(text, headers={"Content-Type": content_type})
+
+    async def openapi(self, request: Request, api_key: str, call: RequestRecord) -> Response:
+        return json_response(self.document)
+

@@ -1,0 +1,25 @@
+"""What the HTTP front end is told at start-up.
+
+Kept apart from the app, and light to import: ``ponder serve``'s argument
+parser reads its defaults from here without loading the server (and JAX).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpConfig:
+    """The front end's settings (``ponder serve``'s ``--api-key``, ``--max-body-bytes`` and checkpoint name).
+
+    Attributes:
+      api_keys: bearer tokens, any of which authenticates (empty: no auth).
+      max_body_bytes: larger request bodies are refused with 413. 4 MiB holds a long
+        file plus its ``input_extra`` snippets with room to spare.
+      model_name: the name ``/v1/models`` and the answers report.
+    """
+
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 4 << 20
+    model_name: str = "ponder"

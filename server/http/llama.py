@@ -1,0 +1,129 @@
+"""``POST /infill``: llama.cpp's fill-in-the-middle API as an adapter onto the completion service.
+
+The body becomes a ``CompletionRequest`` with llama.cpp's readings of its
+values (``n_predict`` -1 or past the server's limit is the limit, a negative
+temperature is greedy, ``top_k <= 0`` keeps every token); the answer is
+llama.cpp's (``content`` / ``stop`` / ``stop_type`` / ``timings``), filtered
+by ``response_fields``. With ``stream``, ``data:`` events with ``stop: false``
+precede the final answer, whose ``content`` is then empty.
+"""
+
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ponder.server.http import streaming
+from ponder.server.http.streaming import CompletionEndpoint, sse_event
+from ponder.server.http.wire import (
+    Infill,
+    InfillBody,
+    InfillChunk,
+    InfillTimings,
+    PonderDelta,
+    PonderFinal,
+    json_response,
+    stop_sequences,
+)
+from ponder.server.metrics import RequestRecord
+from ponder.server.service import CompletionRequest, Final, TextDelta
+
+
+class LlamaServing(CompletionEndpoint):
+    """The llama.cpp-compatible endpoint."""
+
+    async def infill(self, request: Request, api_key: str, call: RequestRecord) -> Response:
+        """``POST /infill`` (an ``InfillBody``): the ``Infill`` answer as JSON, or with ``stream``
+        ``InfillChunk`` events and then it; ``call``'s times give its ``timings``."""
+        body = await self.read_body(request, InfillBody)
+        limit = self.service.limits.max_new_tokens
+        n_predict = limit if body.n_predict < 0 or body.n_predict > limit else body.n_predict  # llama.cpp clamps to the server's
+        budget = body.t_max_predict_ms
+        completion = CompletionRequest(
+            prompt=body.input_prefix + body.prompt,
+            suffix=body.input_suffix,
+            extra=tuple((chunk.filename or "", chunk.text) for chunk in body.input_extra),
+            max_tokens=n_predict,
+            temperature=0.0 if body.temperature < 0 else body.temperature,  # llama.cpp: negative is greedy
+            top_p=body.top_p,
+            top_k=max(body.top_k, 0),  # llama.cpp: <= 0 keeps every token
+            seed=body.seed,
+            stop=stop_sequences(body.stop),
+            n_indent=max(body.n_indent, 0),
+            session_id=body.session_id or None,
+            document_id=body.document_id or None,
+            # A budget for generation: an ingestion (n_predict 0) has none, as in llama.cpp.
+            time_budget_s=budget / 1000 if budget > 0 and n_predict > 0 else None,
+            api_key=api_key,
+            field_names=(("prompt", "input_prefix"), ("suffix", "input_suffix"), ("max_tokens", "n_predict")),
+        )
+        items = await self.start(request, completion, call)
+        if not body.stream:
+            final = await streaming.final(request, items)
+            return json_response(self._answer(body, final, call, final.text))
+        predicted = 0
+
+        def render(item: TextDelta | Final) -> list[bytes]:
+            nonlocal predicted
+            if isinstance(item, Final):
+                return [sse_event(self._answer(body, item, call, ""))]
+            predicted += len(item.token_ids)
+            tokens = item.token_ids if body.return_tokens else []
+            chunk = InfillChunk(content=item.text, tokens=tokens, tokens_predicted=predicted, ponder=PonderDelta.of(item))
+            return [sse_event(chunk)]
+
+        return streaming.event_stream(items, call, render)
+
+    def _answer(self, body: InfillBody, final: Final, call: RequestRecord, content: str) -> dict:
+        """llama.cpp's final answer, filtered by ``response_fields``."""
+        u = final.usage
+        word = final.stop_sequence
+        stop_type = ("word" if word else "eos") if final.finish_reason == "stop" else "limit"
+        answer = Infill(
+            content=content, tokens=final.token_ids if body.return_tokens else [], model=self.config.model_name,
+            stop_type=stop_type, stopping_word=word, tokens_predicted=u.generated_tokens, tokens_evaluated=u.prompt_tokens,
+            tokens_cached=u.cached_tokens, has_new_line="\n" in final.text, timings=_timings(final, call),
+            ponder=PonderFinal.of(final),
+        ).model_dump(mode="json")
+        return answer if body.response_fields is None else _pick_fields(answer, body.response_fields)
+
+
+def _timings(final: Final, call: RequestRecord) -> InfillTimings:
+    """llama.cpp's ``timings``: the prompt phase runs from arrival to the first token, prediction from there on."""
+    u = final.usage
+    end = call.end or time.monotonic()
+    first = call.first_token or end
+    prompt_n, prompt_ms = u.prompt_tokens - u.cached_tokens, (first - call.start) * 1000
+    predicted_n, predicted_ms = u.generated_tokens, (end - first) * 1000
+    return InfillTimings(
+        cache_n=u.cached_tokens,
+        prompt_n=prompt_n, prompt_ms=prompt_ms,
+        prompt_per_token_ms=_ratio(prompt_ms, prompt_n), prompt_per_second=_ratio(1000 * prompt_n, prompt_ms),
+        predicted_n=predicted_n, predicted_ms=predicted_ms,
+        predicted_per_token_ms=_ratio(predicted_ms, predicted_n),
+        predicted_per_second=_ratio(1000 * predicted_n, predicted_ms),
+    )
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def _pick_fields(answer: dict, paths: list[str]) -> dict:
+    """llama.cpp's ``response_fields``: only the listed fields, a nested one named by its ``a/b`` path
+    (and keyed by that path in the result); paths that name nothing are left out."""
+    picked = {}
+    for path in paths:
+        value, found = answer, True
+        for key in path.split("/"):
+            if isinstance(value, dict) and key in value:
+                value = value[key]
+            else:
+                found = False
+                break
+        if found:
+            picked[path] = value
+    return picked
+

@@ -1,0 +1,429 @@
+"""The model runner: every compiled call of the engine, and the decode slots' state.
+
+The only part of the server that touches JAX. The engine (``server/engine.py``)
+decides what runs when; this module runs it: dual-form ``prefill`` of whole
+chunks, ``extend`` of an open chunk with the first sampled token, the window
+re-encode, ``insert`` of a prepared row into a decode slot, and ``decode``
+of one token for every busy slot. ``tests/fake_runner.py`` implements the
+same methods without a model, so the engine's policy is tested on its own.
+
+Document states (``DocState``) and KV caches pass through the engine as
+opaque values: it stores them in sessions and hands them back.
+
+Long documents. Positions are learned up to the context window W, so the
+base attends within a window: tokens in block k (``BLOCK`` tokens each) are
+encoded with the window starting at ``window_start(k * BLOCK)``, which
+leaves at least ``max_new_tokens`` positions free for generation. Moving to
+the next block re-encodes the window's earlier tokens with the base (a
+prefill, no TTT). The fast weights see the whole document.
+
+Compiled shapes: dual-form prefill of 1, 2 or 4 chunks; ``extend`` of 16,
+32 or 64 tokens; the window re-encode at two lengths; ``insert``; the decode
+step over every slot, or over slot 0 alone on its own one-row state (a lone
+stream), reading 128, 256 or all cache keys. ``warmup`` compiles them all
+before the engine reports ready; the compile counter (every XLA compilation
+of the process) stays flat afterwards.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import functools
+import logging
+import threading
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ponder.model.gating import Schedule
+from ponder.model.generate import sample
+from ponder.model.gpt2 import GPT, KVCache
+from ponder.model.ttt import TTTConfig
+from ponder.model.ttt_lm import DocState, TTTLMConfig, TTTTransformerLM
+from ponder.server.metrics import ServerMetrics
+from ponder.server.types import Job
+
+log = logging.getLogger("ponder.engine")
+
+BLOCK = 256  # tokens per window block (a multiple of the gate chunk)
+PREFILL_CHUNKS = (4, 2, 1)  # dual-form prefill calls, in chunks (largest first)
+EXTEND_LENGTHS = (16, 32, 64)  # extend buckets, in tokens
+
+
+def as_ttt_model(model: GPT | TTTTransformerLM) -> TTTTransformerLM:
+    """A base-only checkpoint served through the TTT path: a fresh TTT layer
+    (zero output projection) on top predicts exactly what the base does."""
+    if isinstance(model, TTTTransformerLM):
+        return model
+    c = model.config
+    config = TTTLMConfig(base=c, ttt=TTTConfig(width=c.n_embd, n_head=c.n_head))
+    return TTTTransformerLM(config, rngs=nnx.Rngs(0), base=model)
+
+
+# --- Compiled functions (the graph is static, parameters are arguments).
+
+
+@dataclasses.dataclass
+class Slots:
+    """Every decode slot's state, one row per slot."""
+
+    cache: KVCache
+    doc: DocState
+    token: jax.Array  # [S] last sampled token, fed next
+    position: jax.Array  # [S] window position ``token`` takes
+    doc_position: jax.Array  # [S] document position ``token`` takes (sampling keys)
+    key: jax.Array  # [S] sampling key
+    temperature: jax.Array  # [S]
+    top_k: jax.Array  # [S]
+    top_p: jax.Array  # [S]
+    active: jax.Array  # [S] bool: the slot holds a job (idle slots feed end-of-document at position 0)
+
+
+jax.tree_util.register_dataclass(
+    Slots,
+    data_fields=["cache", "doc", "token", "position", "doc_position", "key", "temperature", "top_k", "top_p", "active"],
+    meta_fields=[],
+)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Model:
+    """The model's static half for the compiled functions below, with its parameters' tree structure.
+
+    Hashed by identity, and the parameters travel as a flat list: a graphdef's
+    own hash and an ``nnx.State``'s flattening walk the whole module tree,
+    which measured 2.4 ms of Python per decode step.
+    """
+
+    graphdef: nnx.GraphDef
+    treedef: jax.tree_util.PyTreeDef
+
+    def merge(self, leaves: list) -> TTTTransformerLM:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
+def _prefill_chunks(model: _Model, schedule, params, tokens, positions, doc, cache):
+    """Whole chunks [1, T] in dual form: ``(doc, cache, chunk_lambda [n], chunk_updated [n], ttt_flops)``."""
+    out = model.merge(params)(tokens, positions, schedule, state=doc, cache=cache)
+    return out.state, out.cache, out.chunk_lambda[0], out.chunk_updated[0], out.ttt_flops[0]
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+def _base_fill(model: _Model, params, tokens, positions, cache):
+    """The base alone on [1, T] tokens from window position 0 into the KV cache (a window move)."""
+    _, _, cache = model.merge(params).base(tokens, positions, cache, compute_logits=False, attend_keys=0)
+    return cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
+def _extend(model: _Model, schedule, params, tokens, positions, length, doc, cache, key, doc_position, sampling):
+    """An open chunk's tokens [1, T] (``length`` real) and the first sampled token: ``(token [1], doc, cache)``."""
+    logits, cache, doc = model.merge(params).extend(tokens, positions, length, cache, doc, schedule)
+    keys = jax.vmap(jax.random.fold_in)(key, doc_position)
+    return sample(logits, keys, *sampling), doc, cache
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def _insert(slots: Slots, row: Slots, index):
+    """Writes a one-row ``Slots`` into row ``index`` of ``slots``."""
+    put = lambda a, b: jax.lax.dynamic_update_slice(a, b.astype(a.dtype), (index,) + (0,) * (a.ndim - 1))
+    return jax.tree.map(put, slots, row)
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def _release(slots: Slots, index):
+    """Marks slot ``index`` idle."""
+    return dataclasses.replace(slots, active=slots.active.at[index].set(False))
+
+
+@jax.jit
+def _first_row(slots: Slots) -> Slots:
+    """Slot 0's state as a one-row ``Slots`` (a copy)."""
+    return jax.tree.map(lambda x: x[:1], slots)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("slots",))
+def _decode(model: _Model, schedule, eot_id, attend_keys, params, slots: Slots):
+    """One token for every row of ``slots``: ``(slots, tokens [S], lam [S], count [S])``.
+
+    Attention reads the first ``attend_keys`` cache slots only (a bucket
+    above every live row's position): on this CPU, reading all of every
+    slot's cache cost more than the weights.
+    """
+    model = model.merge(params)
+    fed = jnp.where(slots.active, slots.token, eot_id)
+    position = jnp.where(slots.active, slots.position, 0)
+    logits, cache, doc = model.step(fed, position, slots.cache, slots.doc, schedule, attend_keys)
+    keys = jax.vmap(jax.random.fold_in)(slots.key, slots.doc_position + 1)
+    token = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p)
+    slots = dataclasses.replace(
+        slots, cache=cache, doc=doc, token=token, position=position + 1, doc_position=slots.doc_position + 1
+    )
+    return slots, token, doc.lam, doc.count
+
+
+# --- The runner.
+
+
+def _row(tokens: list[int], first_position: int, pad_to: int | None = None):
+    """``tokens`` as ids [1, n] (zero-padded to ``pad_to``) with their positions [1, n]."""
+    n = len(tokens) if pad_to is None else pad_to
+    ids = np.zeros((1, n), np.int32)
+    ids[0, : len(tokens)] = tokens
+    return ids, (first_position + np.arange(n, dtype=np.int32))[None]
+
+
+class ModelRunner:
+    """Runs the model for the engine: the compiled calls and the decode slots' state.
+
+    Called from the engine thread only (``warmup`` before it starts). A
+    document state (``doc``) or KV cache (``cache``) handed in is consumed:
+    use the one returned. Tokens, λ and counts come back as arrays that are
+    still being computed; ``np.asarray`` waits for them.
+
+    Attributes:
+      model: the TTT model served (a base-only checkpoint gets a fresh TTT layer).
+      chunk: tokens per TTT chunk (C): prompts are committed in whole chunks.
+      eot_id: the end-of-document token.
+      chunk_flops: update FLOPs of one chunk closed while decoding.
+      compilations: XLA compilations of the process since this runner was made.
+      serving_thread: compilations on this thread are logged as missed warm-up shapes.
+    """
+
+    def __init__(self, model: GPT | TTTTransformerLM, slots: int, max_new_tokens: int, schedule: Schedule,
+                 metrics: ServerMetrics):
+        model = as_ttt_model(model)
+        self.model, self.slots, self.max_new_tokens, self.schedule = model, slots, max_new_tokens, schedule
+        self.metrics = metrics
+        graphdef, params = nnx.split(model)
+        # One plain device placement for every array: a checkpoint's parameters carry
+        # mesh shardings whose propagation into outputs would make a state fed back
+        # into a compiled function look like a new input type (a recompilation).
+        device = jax.devices()[0]
+        self._place = lambda tree: jax.tree.map(lambda a: jax.device_put(a, device), tree)
+        leaves, treedef = jax.tree.flatten(self._place(params))
+        self.static, self.params = _Model(graphdef, treedef), leaves
+        self.base_config = model.config.base
+        self.chunk = model.config.gate.chunk
+        self.W = self.base_config.n_positions
+        if BLOCK % self.chunk or self.W - max_new_tokens - BLOCK < 0:
+            raise ValueError(
+                f"max_new_tokens {max_new_tokens} leaves no room for a {BLOCK}-token block in a {self.W}-token window"
+            )
+        self.eot_id = model.config.eot_id if model.config.eot_id is not None else 0
+        self.chunk_flops = float(sum(layer.update_flops(self.chunk) for layer in model.ttt))
+        self.compilations = 0
+        self.serving_thread: threading.Thread | None = None
+        self._fresh_doc: DocState | None = None
+        self._slots: Slots | None = None
+        # While slot 0 is the only busy slot, its state lives here as one row and steps alone:
+        # a step on one row sliced out of all the slots' state (and written back) took 2.6 ms,
+        # one on a one-row state 1.4 ms (bench/engine_step.py). Row 0 of ``_slots`` is stale then.
+        self._lone: Slots | None = None
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    # --- Set-up.
+
+    def start(self) -> None:
+        """Allocates the empty document state and the decode slots (before ``warmup``)."""
+        self._fresh_doc = self._place(self.model.init_state(1, self.schedule))
+        self._slots = self.empty_slots()
+
+    def empty_doc(self) -> DocState:
+        """The state of an empty document (shared; never changed in place)."""
+        return self._fresh_doc
+
+    def state_bytes(self, tree) -> int:
+        """Bytes held by the arrays of ``tree`` (states, caches, lists of them; None counts 0)."""
+        return sum(a.nbytes for a in jax.tree.leaves(tree))
+
+    def _on_event(self, event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.compilations += 1
+            self.metrics.compilations.inc()
+            if threading.current_thread() is self.serving_thread:  # a shape warm-up missed: say where
+                where = "".join(traceback.format_stack(limit=8)[:-1])
+                log.warning("XLA compilation after warm-up (%.2f s); add its shape to warmup():\n%s", duration, where)
+
+    def warmup(self) -> None:
+        """Compiles every shape the runner uses, on throwaway inputs."""
+        t0 = time.perf_counter()
+        C, W = self.chunk, self.W
+        for n in PREFILL_CHUNKS:
+            self.prefill(self._fresh_doc, self._new_cache(), [self.eot_id] * (n * C), 0, 0)
+        for length in sorted({self._fill_bucket(W - self.max_new_tokens - BLOCK + r) for r in range(0, BLOCK, C)}):
+            _base_fill(self.static, self.params, *_row([self.eot_id] * length, 0), self._new_cache())
+        for length in EXTEND_LENGTHS:
+            job = Job("", None, None, [self.eot_id] * length, 1)
+            token, _, doc, cache = self.extend(job, self._fresh_doc, self._new_cache(), 0, 0, length)
+        self.insert(0, job, doc, cache, token, 0, length)
+        self._lone = _first_row(self._slots)
+        for keys in self._key_buckets():
+            self._slots, *_ = self._decode(keys, self._slots)
+            self._lone, *_ = self._decode(keys, self._lone)
+        self._merge_lone()
+        self._slots = _release(self._slots, 0)
+        jax.block_until_ready(self._slots)
+        self._slots = self.empty_slots()
+        log.info("warm-up: %d compilations in %.1f s", self.compilations, time.perf_counter() - t0)
+
+    # --- Shapes and windows.
+
+    def _new_cache(self) -> KVCache:
+        return self._place(KVCache.init(self.base_config, 1, self.W))
+
+    def empty_slots(self) -> Slots:
+        """Every slot idle (a fresh allocation)."""
+        S = self.slots
+        return self._place(Slots(
+            cache=KVCache.init(self.base_config, S, self.W),
+            doc=self.model.init_state(S, self.schedule),
+            token=jnp.full((S,), self.eot_id, jnp.int32),
+            position=jnp.zeros((S,), jnp.int32),
+            doc_position=jnp.zeros((S,), jnp.int32),
+            key=jax.random.split(jax.random.key(0), S),
+            temperature=jnp.zeros((S,), jnp.float32),
+            top_k=jnp.zeros((S,), jnp.int32),
+            top_p=jnp.ones((S,), jnp.float32),
+            active=jnp.zeros((S,), bool),
+        ))
+
+    @staticmethod
+    def _fill_bucket(n: int) -> int:
+        return -(-n // BLOCK) * BLOCK
+
+    def _key_buckets(self) -> list[int]:
+        # 128 and 256 keys, else the whole window: XLA copies a sliced cache before reading it, so an
+        # 8-row step reading 512 or 768 keys (5.4, 6.7 ms) costs more than reading all 1,024 (4.5 ms;
+        # bench/engine_step.py).
+        return sorted({min(self.W, 128), min(self.W, 256), self.W})
+
+    def window_start(self, position: int) -> int:
+        """Document position of the window that encodes the block holding ``position``."""
+        block_end = (position // BLOCK + 1) * BLOCK
+        return max(0, block_end + self.max_new_tokens - self.W)
+
+    def prefill_size(self, position: int, end: int) -> int:
+        """Tokens the next prefill call from ``position`` takes toward ``end`` (whole chunks, ``end - position`` at least one).
+
+        The largest compiled call that fits and does not cross a window block.
+        """
+        room = min(end, (position // BLOCK + 1) * BLOCK) - position
+        return next(k for k in PREFILL_CHUNKS if k * self.chunk <= room) * self.chunk
+
+    # --- Prefill.
+
+    def encode_window(self, cache: KVCache | None, tokens: list[int]) -> KVCache:
+        """A cache (``cache`` reused, or a new one) holding the base's keys and values of ``tokens`` from window position 0.
+
+        A window move: the window's tokens before the block are re-encoded
+        with the base alone (the fast weights already saw them).
+        """
+        cache = self._new_cache() if cache is None else cache
+        if not tokens:
+            return cache
+        ids, positions = _row(tokens, 0, self._fill_bucket(len(tokens)))
+        return _base_fill(self.static, self.params, ids, positions, cache)
+
+    def prefill(self, doc: DocState, cache: KVCache, tokens: list[int], doc_start: int, window: int):
+        """Whole chunks ``tokens`` (one compiled size) in dual form, from document position ``doc_start``.
+
+        Args:
+          doc: the state after the document's first ``doc_start`` tokens.
+          cache: the base's cache of the window starting at document position ``window``.
+        Returns:
+          ``(doc, cache, chunk_lambda [n], chunk_updated [n], ttt_flops)``: the state and cache after
+          the tokens, then λ and whether the fast weights moved for each of the n chunks (NumPy), and
+          the FLOPs their updates cost.
+        """
+        ids, positions = _row(tokens, doc_start - window)
+        doc, cache, lam, updated, flops = _prefill_chunks(self.static, self.schedule, self.params, ids, positions, doc, cache)
+        return doc, cache, np.asarray(lam), np.asarray(updated), float(flops)
+
+    def extend(self, job: Job, doc: DocState, cache: KVCache, doc_start: int, window: int, length: int):
+        """The open chunk ``job.tokens[doc_start : doc_start + length]`` token by token, and the first new token.
+
+        Sampled with the job's sampling parameters, keyed by document position.
+
+        Returns:
+          ``(token [1], lam [1], doc, cache)``: the first generated token, λ of the state after the
+          tokens (the chunk's, if they closed one), the state and the cache.
+        """
+        tokens = job.tokens[doc_start : doc_start + length]
+        T = next(n for n in EXTEND_LENGTHS if n >= len(tokens))
+        ids, positions = _row(tokens, doc_start - window, T)
+        s = job.sampling
+        sampling = (
+            np.full((1,), s.temperature, np.float32), np.full((1,), s.top_k, np.int32), np.full((1,), s.top_p, np.float32)
+        )
+        key = jax.random.key(s.seed)[None]
+        doc_position = np.full((1,), doc_start + len(tokens), np.int32)
+        token, doc, cache = _extend(
+            self.static, self.schedule, self.params, ids, positions, np.full((1,), len(tokens), np.int32),
+            doc, cache, key, doc_position, sampling,
+        )
+        return token, doc.lam, doc, cache
+
+    # --- Decode slots.
+
+    def insert(self, slot: int, job: Job, doc: DocState, cache: KVCache, token, window: int, doc_end: int) -> None:
+        """Puts a job into decode slot ``slot``: ``token`` [1] (from ``extend``) is fed next, at document position ``doc_end``."""
+        self._merge_lone()  # the new job joins the others: slot 0 steps with them
+        s = job.sampling
+        row = Slots(
+            cache=cache,
+            doc=doc,
+            token=token,
+            position=np.full((1,), doc_end - window, np.int32),
+            doc_position=np.full((1,), doc_end, np.int32),
+            key=jax.random.key(s.seed)[None],
+            temperature=np.full((1,), s.temperature, np.float32),
+            top_k=np.full((1,), s.top_k, np.int32),
+            top_p=np.full((1,), s.top_p, np.float32),
+            active=np.ones((1,), bool),
+        )
+        self._slots = _insert(self._slots, row, slot)
+
+    def release(self, slot: int) -> None:
+        """Marks ``slot`` idle."""
+        if slot == 0:
+            self._lone = None  # row 0 of ``_slots`` is stale, and idle from here on
+        self._slots = _release(self._slots, slot)
+
+    def reset(self) -> None:
+        """Every slot idle, on fresh arrays (after a failed step)."""
+        self._slots, self._lone = self.empty_slots(), None
+
+    def _decode(self, attend_keys: int, slots: Slots):
+        return _decode(self.static, self.schedule, self.eot_id, attend_keys, self.params, slots)
+
+    def _merge_lone(self) -> None:
+        """Writes slot 0's lone state back into row 0 of ``_slots``."""
+        if self._lone is not None:
+            self._slots, self._lone = _insert(self._slots, self._lone, 0), None
+
+    def decode(self, busy: collections.abc.Collection[int], window_end: int):
+        """Starts one decode step: every busy slot feeds its last token and samples the next.
+
+        Args:
+          busy: the slots that hold a job.
+          window_end: the highest busy slot's window position after this step (the keys attention reads).
+        Returns:
+          ``(tokens, lam, count)``, indexed by slot: the new tokens, and λ and the document's token
+          count of each state after the token fed (a count that is a multiple of ``chunk`` closed one).
+        """
+        attend_keys = next(k for k in self._key_buckets() if k >= window_end)
+        if max(busy) == 0:  # slot 0 alone (jobs take the lowest free slot)
+            if self._lone is None:
+                self._lone = _first_row(self._slots)
+            self._lone, tokens, lam, count = self._decode(attend_keys, self._lone)
+        else:
+            self._merge_lone()
+            self._slots, tokens, lam, count = self._decode(attend_keys, self._slots)
+        return tokens, lam, count

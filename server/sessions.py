@@ -1,0 +1,236 @@
+"""Sessions: each document's committed state, kept in memory under a cap.
+
+A session is ``(api_key, session_id)`` and holds a document's committed
+tokens (always whole chunks), the TTT state after them, the base's KV cache,
+and snapshots of the state at earlier chunk boundaries (docs/design.md,
+"Sessions"). A job's prompt is compared with the committed tokens: the
+session rolls back to the last snapshot at or before the first difference
+(nothing, when the prompt extends the history), and the engine computes
+the rest. ``plan_prompt`` says which part of a prompt may be committed.
+
+The store knows nothing of arrays: states and caches are opaque values it
+measures with the ``state_bytes`` function it is given (the runner's), so it
+is tested without a model. It is not thread-safe: the engine calls it under
+its lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+from ponder.server.metrics import ServerMetrics
+from ponder.server.types import Job
+
+
+@dataclasses.dataclass(eq=False)
+class Session:
+    """One document's committed state (see the module docstring)."""
+
+    api_key: str
+    session_id: str
+    document_id: str | None
+    tokens: list[int]  # committed tokens (whole chunks)
+    doc: Any  # state after ``tokens``
+    cache: Any | None  # base keys/values of the window ``window`` (None: not built)
+    window: int  # document position of cache slot 0
+    snapshots: list[tuple[int, Any]]  # (boundary, state), ascending
+    counted: int = 0  # its bytes in ``SessionStore.bytes``, as last measured
+
+    def commit(self, tokens: list[int], doc, keep: int) -> None:
+        """Commits ``tokens`` (the whole history, ending on a chunk boundary) with the state after them.
+
+        A snapshot of the state is taken at the boundary; the ``keep`` latest are kept.
+        """
+        self.tokens = tokens
+        self.doc = doc
+        self.snapshots.append((len(tokens), doc))
+        del self.snapshots[:-keep]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptPlan:
+    """Which part of a job's prompt is committed to its session and which is scratch.
+
+    Attributes:
+      tokens: the prompt from its last end-of-document token (a document starts there).
+      commit_end: tokens ``[:commit_end]`` (whole chunks) enter the session.
+      scratch_end: tokens ``[commit_end:scratch_end]`` (whole chunks) run on a scratch copy; the rest
+        (at least the last token) is the open chunk for ``extend``. Equal to ``commit_end`` for an
+        ingestion, which ends there.
+    """
+
+    tokens: list[int]
+    commit_end: int
+    scratch_end: int
+
+
+def plan_prompt(job: Job, chunk: int, eot_id: int) -> PromptPlan:
+    """Splits ``job``'s prompt into committed whole chunks, scratch chunks and the open chunk.
+
+    A completion keeps at least its last token for ``extend`` (which samples
+    the first new token); a ``commit_limit`` (a fill-in-the-middle suffix
+    after it) stops the committed part earlier.
+    """
+    tokens = job.tokens
+    eot_at = max(i for i, t in enumerate(tokens) if t == eot_id) if eot_id in tokens else 0
+    tokens = tokens[eot_at:] if eot_at else tokens
+    L = len(tokens)
+    limit = L if job.commit_limit is None else max(0, min(L, job.commit_limit - eot_at))
+    last = L if job.max_new_tokens == 0 else L - 1
+    commit_end = min(last, limit) // chunk * chunk
+    scratch_end = commit_end if job.max_new_tokens == 0 else (L - 1) // chunk * chunk
+    return PromptPlan(tokens, commit_end, scratch_end)
+
+
+class SessionStore:
+    """Sessions by ``(api_key, session_id)``, least recently used first, with their bytes counted.
+
+    Args:
+      chunk: tokens per chunk: an anonymous job joins a session sharing at least one chunk with it.
+      eot_id: the end-of-document token: inside a prompt, it starts a new document.
+      memory_bytes: cap on the bytes sessions hold (``evict`` drops the least recently used).
+      snapshots: chunk-boundary snapshots kept per session.
+      empty_doc: the state of an empty document (a session's start, or a rollback past every snapshot).
+      state_bytes: the bytes of a state, a cache, or a list of them.
+      metrics: session counters and gauges.
+    """
+
+    def __init__(self, chunk: int, eot_id: int, memory_bytes: float, snapshots: int, empty_doc: Callable[[], Any],
+                 state_bytes: Callable[[Any], int], metrics: ServerMetrics):
+        self.chunk, self.eot_id, self.memory_bytes, self.snapshots = chunk, eot_id, memory_bytes, snapshots
+        self.empty_doc, self.state_bytes, self.metrics = empty_doc, state_bytes, metrics
+        self._sessions: collections.OrderedDict[tuple[str, str], Session] = collections.OrderedDict()
+        self.bytes = 0  # the sessions' bytes as last measured (``count``)
+        self._anonymous = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self):
+        """The sessions, least recently used first."""
+        return iter(list(self._sessions.values()))
+
+    def get(self, api_key: str, session_id: str) -> Session | None:
+        return self._sessions.get((api_key, session_id))
+
+    def committed(self, job: Job) -> int:
+        """Tokens of ``job``'s prompt its session may already hold: what a job need not compute (an estimate).
+
+        0 for a session that is new, or that the job resets or moves to another document.
+        """
+        session = self.get(job.api_key, job.session_id) if job.session_id is not None else None
+        fresh = session is None or job.reset or job.document_id not in (None, session.document_id)
+        return 0 if fresh else len(session.tokens)
+
+    def session_for(self, job: Job) -> Session:
+        """The job's session, created or reset as the job asks, and now the most recently used.
+
+        Without a session id (llama.cpp's habit), the key's session sharing the
+        longest prefix with the prompt (a chunk at least), or a new
+        ``anonymous-N``. A reset, a new document id, or an end-of-document
+        token inside the prompt starts the session afresh.
+        """
+        session_id = job.session_id
+        if session_id is None:
+            best, best_len = None, self.chunk - 1
+            for (key, _), s in self._sessions.items():
+                if key == job.api_key:
+                    n = common_prefix(s.tokens, job.tokens)
+                    if n > best_len:
+                        best, best_len = s, n
+            session_id = best.session_id if best is not None else f"anonymous-{next(self._anonymous)}"
+        session = self.get(job.api_key, session_id)
+        reason = None
+        if session is not None and job.reset:
+            reason = "explicit"
+        elif session is not None and job.document_id is not None and session.document_id not in (None, job.document_id):
+            reason = "document"
+        elif session is not None and self.eot_id in job.tokens[1:]:
+            reason = "end_of_document"
+        if reason is not None:
+            self.metrics.sessions_reset.labels(reason).inc()
+            self._drop(session)
+            session = None
+        self.metrics.session_lookups.labels("miss" if session is None else "hit").inc()
+        if session is None:
+            session = Session(job.api_key, session_id, job.document_id, [], self.empty_doc(), None, 0, [])
+            self._sessions[(job.api_key, session_id)] = session
+        if job.document_id is not None:
+            session.document_id = job.document_id
+        self._sessions.move_to_end((job.api_key, session_id))
+        return session
+
+    def reset(self, api_key: str, session_id: str) -> bool:
+        """Forgets a session (an explicit reset). True if it existed."""
+        session = self.get(api_key, session_id)
+        if session is not None:
+            self._drop(session)
+            self.metrics.sessions_reset.labels("explicit").inc()
+            self._update_gauges()
+        return session is not None
+
+    def _drop(self, session: Session) -> None:
+        if self._sessions.pop((session.api_key, session.session_id), None) is not None:
+            self.bytes -= session.counted
+
+    def measure(self, session: Session) -> int:
+        """Bytes ``session`` holds: its cache, snapshots and state, and 8 per committed token."""
+        return self.state_bytes((session.cache, [s for _, s in session.snapshots], session.doc)) + 8 * len(session.tokens)
+
+    def count(self, session: Session) -> None:
+        """Brings ``bytes`` up to date with ``session``, which a prefill has just changed.
+
+        Only a prefill changes a session, and each is counted when its prefill
+        ends: summing every session's arrays on every request instead took
+        ~10 ms with a hundred sessions kept.
+        """
+        if self.get(session.api_key, session.session_id) is session:  # not dropped meanwhile
+            size = self.measure(session)
+            self.bytes += size - session.counted
+            session.counted = size
+
+    def evict(self, keep: Session, busy: list[Session]) -> None:
+        """Drops least recently used sessions until the cap holds (never ``keep`` or one in ``busy``)."""
+        for key in list(self._sessions):
+            if self.bytes <= self.memory_bytes:
+                break
+            session = self._sessions[key]
+            if session is keep or session in busy:  # sessions compare by identity
+                continue
+            self._drop(session)
+            self.metrics.sessions_evicted.inc()
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.metrics.sessions_active.set(len(self._sessions))
+        self.metrics.session_bytes.set(self.bytes)
+
+    def rollback(self, session: Session, tokens: list[int]) -> int:
+        """Rolls ``session`` back to its last snapshot at or before where ``tokens`` leaves its history.
+
+        Returns:
+          How many committed tokens remain (the prompt's tokens already computed).
+        """
+        shared = common_prefix(session.tokens, tokens)
+        if shared >= len(session.tokens):
+            return len(session.tokens)
+        keep = [(b, s) for b, s in session.snapshots if b <= shared]
+        session.snapshots = keep
+        if keep:
+            session.tokens, session.doc = session.tokens[: keep[-1][0]], keep[-1][1]
+        else:
+            session.tokens, session.doc = [], self.empty_doc()
+        return len(session.tokens)

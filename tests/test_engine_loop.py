@@ -1,0 +1,178 @@
+"""The real engine (its loop, scheduler and session store) on the hand-computable fake runner.
+
+No model and nothing compiled: the tokens of every job are ``REPLY`` cycled,
+each chunk of the document closes with λ = ``LAMBDA``, and the fake runner
+fails any call handed a state that is not the one for where it starts, so
+session reuse, rollback and slot handling are checked exactly and fast.
+``test_engine.py`` runs the same engine on a real model.
+"""
+
+import threading
+
+import pytest
+from fake_runner import CHUNK, FLOPS, LAMBDA, RecordingEngine, chunks_closed, full_queue, lambdas_riding
+
+from ponder.server.types import DoneEvent, Job, NotReady, QueueFull, RequestError, TokenEvent
+
+REPLY = [11, 12, 13]
+
+
+@pytest.fixture
+def engine():
+    engine = RecordingEngine(REPLY, slots=3, queue_size=4, max_new_tokens=32)
+    yield engine
+    engine.stop(drain_s=1)
+
+
+def doc(n: int, start: int = 100) -> list[int]:
+    return [0, *range(start, start + n - 1)]
+
+
+def run(engine, tokens, session="s", max_new=6, **kw):
+    """Submits a job and collects ``(events, done)``."""
+    job = Job(kw.pop("key", ""), session, kw.pop("document_id", None), list(tokens), max_new, **kw)
+    engine.submit(job)
+    events = []
+    while not isinstance(event := job.next_event(timeout=10), DoneEvent):
+        assert isinstance(event, TokenEvent), event
+        events.append(event)
+    return events, event
+
+
+def reply(n: int) -> list[int]:
+    return [REPLY[i % len(REPLY)] for i in range(n)]
+
+
+@pytest.mark.parametrize("prompt_tokens", [1, 3, 4, 10, 12])
+def test_a_fresh_session_gets_the_reply_and_every_chunks_lambda(engine, prompt_tokens):
+    events, done = run(engine, doc(prompt_tokens), max_new=7)
+    assert [t for e in events for t in e.token_ids] == reply(7)
+    assert [len(e.chunk_lambda) for e in events] == [lambdas_riding(prompt_tokens, k) for k in range(1, 8)]
+    closed = chunks_closed(prompt_tokens, 7)
+    assert [lam for e in events for lam in e.chunk_lambda] == [LAMBDA] * closed
+    u = done.usage
+    assert (done.finish_reason, u.prompt_tokens, u.cached_tokens, u.generated_tokens) == ("length", prompt_tokens, 0, 7)
+    assert (u.chunks_updated, u.chunks_skipped, u.ttt_flops) == (closed, 0, FLOPS * closed)
+
+
+def test_a_warm_session_computes_only_what_changed(engine):
+    text = doc(30)
+    run(engine, text[:18])
+    assert engine.committed_tokens("", "s") == text[:16]  # whole chunks, the last token kept open
+    events, done = run(engine, text[:27])  # extends the history: only the new tokens run
+    assert done.usage.cached_tokens == 16 and [t for e in events for t in e.token_ids] == reply(6)
+    assert len(events[0].chunk_lambda) == 27 // CHUNK - 16 // CHUNK
+    # Snapshots are taken where prefill calls end (calls of up to 4 chunks): at 16, then 24.
+    edited = text[:20] + [7] + text[21:27]
+    _, done = run(engine, edited)  # an edit at 20: back to the snapshot at 16
+    assert done.usage.cached_tokens == 16 and engine.committed_tokens("", "s") == edited[:24]
+    _, done = run(engine, text[:10] + [7] + text[11:27])  # an edit at 10: before every snapshot
+    assert done.usage.cached_tokens == 0
+    _, done = run(engine, text[:27], session="s", reset=True)
+    assert done.usage.cached_tokens == 0
+
+
+def test_ingest_commits_whole_chunks_and_generated_tokens_are_never_committed(engine):
+    events, done = run(engine, doc(14), max_new=0)
+    assert [e.token_ids for e in events] == [[]] and len(events[0].chunk_lambda) == 3
+    assert (done.finish_reason, done.usage.generated_tokens) == ("length", 0)
+    assert engine.committed_tokens("", "s") == doc(14)[:12]
+    run(engine, doc(14), max_new=9)
+    assert engine.committed_tokens("", "s") == doc(14)[:12]
+
+
+def test_fill_in_the_middle_suffix_is_scratch(engine):
+    prompt = doc(9) + [5, 6, 7, 8, 9, 10]
+    events, _ = run(engine, prompt, commit_limit=9)
+    assert engine.committed_tokens("", "s") == prompt[:8]
+    assert [t for e in events for t in e.token_ids] == reply(6)
+
+
+def test_anonymous_jobs_share_the_session_of_their_prefix(engine):
+    _, first = run(engine, doc(12), session=None)
+    _, second = run(engine, doc(14), session=None)
+    _, other = run(engine, doc(14, start=300), session=None)
+    assert first.session_id == second.session_id == "anonymous-1" and other.session_id == "anonymous-2"
+    assert second.usage.cached_tokens == 8 and engine.session_count() == 2
+
+
+def test_jobs_in_every_slot_decode_together_exactly(engine):
+    engine.runner.delay_s = 0.002  # they overlap
+    results = {}
+
+    def go(i):
+        results[i] = run(engine, doc(5 + 7 * i, start=100 * i), session=f"c{i}", max_new=10 + i)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(5)]  # 5 jobs, 3 slots: two wait
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (events, done) in results.items():
+        assert [t for e in events for t in e.token_ids] == reply(10 + i)
+        assert done.usage.chunks_updated == chunks_closed(5 + 7 * i, 10 + i)
+
+
+def test_a_long_prompt_is_prefilled_in_slices_and_equals_a_cold_start(engine):
+    events, done = run(engine, doc(1000), session="long")
+    assert [t for e in events for t in e.token_ids] == reply(6) and len(events[0].chunk_lambda) == 1000 // CHUNK
+    assert done.usage.chunks_updated == chunks_closed(1000, 6)
+
+
+def test_a_newer_job_of_the_session_supersedes_the_older(engine):
+    engine.runner.delay_s = 0.01
+    old = Job("", "typing", None, doc(10), 32)
+    engine.submit(old)
+    assert isinstance(old.next_event(timeout=10), TokenEvent)
+    _, done = run(engine, doc(11), session="typing")
+    while not isinstance(event := old.next_event(timeout=10), DoneEvent):
+        pass
+    assert event.finish_reason == "cancelled" and old.cancel_reason == "superseded"
+    assert done.finish_reason == "length" and done.usage.cached_tokens == 8
+
+
+def test_cancel_and_deadline_free_the_slot(engine):
+    import time
+
+    engine.runner.delay_s = 0.01
+    job = Job("", "c", None, doc(10), 32)
+    engine.submit(job)
+    assert isinstance(job.next_event(timeout=10), TokenEvent)
+    job.cancel()
+    seen = 0
+    while not isinstance(event := job.next_event(timeout=10), DoneEvent):
+        seen += len(event.token_ids)
+    assert event.finish_reason == "cancelled" and seen <= 1  # at most the step already under way
+    _, done = run(engine, doc(10), session="d", max_new=32, deadline=time.monotonic() + 0.1)
+    assert done.finish_reason == "deadline" and 0 < done.usage.generated_tokens < 32
+    engine.wait_idle()
+    assert engine.metrics.running._value.get() == 0
+
+
+def test_refusals(engine):
+    with pytest.raises(RequestError, match="max_tokens"):
+        engine.submit(Job("", "s", None, doc(3), 33))
+    with pytest.raises(RequestError, match="prompt"):
+        engine.submit(Job("", "s", None, [], 3))
+    with full_queue(engine), pytest.raises(QueueFull, match="limit 4"):
+        engine.submit(Job("", "s", None, doc(3), 3))
+    engine.ready = False
+    with pytest.raises(NotReady, match="warming up"):
+        engine.submit(Job("", "s", None, doc(3), 3))
+    engine.ready, engine.draining = True, True
+    with pytest.raises(NotReady, match="shutting down"):
+        engine.submit(Job("", "s", None, doc(3), 3))
+
+
+def test_eviction_under_the_memory_cap_rebuilds_transparently():
+    per_session = 8 + 8 + 8 + 8 * 8  # cache, 1 snapshot (one call of 2 chunks), state, 8 committed tokens
+    engine = RecordingEngine(REPLY, slots=2, session_memory_mb=1.5 * per_session / 2**20)
+    try:
+        first, _ = run(engine, doc(10), session="e1")
+        run(engine, doc(10, start=300), session="e2")  # over the cap: e1 goes
+        assert engine.committed_tokens("", "e1") is None and engine.metrics.sessions_evicted._value.get() == 1
+        again, done = run(engine, doc(10), session="e1")
+        assert again == first and done.usage.cached_tokens == 0
+        assert engine.metrics.session_bytes._value.get() == per_session == engine.sessions.bytes
+    finally:
+        engine.stop(drain_s=1)

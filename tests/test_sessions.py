@@ -1,0 +1,162 @@
+"""The session store on its own: LRU order, byte accounting, eviction, rollback, prompt plans.
+
+States are plain ints here (the number of tokens a state has read) and
+measure 8 bytes each, so every byte count is worked out by hand.
+"""
+
+import pytest
+
+from ponder.server.metrics import ServerMetrics
+from ponder.server.sessions import SessionStore, common_prefix, plan_prompt
+from ponder.server.types import Job
+
+C = 4  # tokens per chunk
+EOT = 0
+
+
+def state_bytes(tree) -> int:
+    if tree is None:
+        return 0
+    if isinstance(tree, (list, tuple)):
+        return sum(state_bytes(t) for t in tree)
+    return 8
+
+
+def store(memory_bytes: float = 1e9, snapshots: int = 3) -> SessionStore:
+    return SessionStore(C, EOT, memory_bytes, snapshots, lambda: 0, state_bytes, ServerMetrics.create())
+
+
+def job(tokens, session="s", key="", **kw) -> Job:
+    return Job(key, session, kw.pop("document_id", None), list(tokens), kw.pop("max_new_tokens", 4), **kw)
+
+
+def committed(s: SessionStore, session, tokens: list[int]) -> None:
+    """Commits ``tokens`` a chunk at a time, as the engine's prefill does, and counts the session."""
+    for end in range(len(session.tokens) + C, len(tokens) + 1, C):
+        session.commit(tokens[:end], end, s.snapshots)
+    s.count(session)
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2 and common_prefix([], [1]) == 0
+
+
+def test_sessions_are_created_found_and_kept_in_lru_order():
+    s = store()
+    a = s.session_for(job([EOT, 1, 2], "a"))
+    b = s.session_for(job([EOT, 1, 2], "b"))
+    assert (a.tokens, a.doc, a.cache) == ([], 0, None) and len(s) == 2
+    assert s.session_for(job([EOT, 1, 2, 3], "a")) is a  # found, and now the most recently used
+    assert list(s) == [b, a]
+    assert s.get("", "a") is a and s.get("other-key", "a") is None
+    assert s.metrics.session_lookups.labels("hit")._value.get() == 1
+    assert s.metrics.session_lookups.labels("miss")._value.get() == 2
+
+
+def test_reset_document_change_and_end_of_document_start_afresh():
+    s = store()
+    a = s.session_for(job([EOT, 1, 2], "a", document_id="a.py"))
+    assert s.session_for(job([EOT, 1], "a")) is a  # no document id: the same document
+    assert s.session_for(job([EOT, 1], "a", document_id="b.py")) is not a
+    b = s.get("", "a")
+    c = s.session_for(job([EOT, 1, EOT, 5], "a"))
+    assert b.document_id == "b.py" and c is not b and s.get("", "a") is c
+    assert s.session_for(job([EOT, 1], "a", reset=True)) is not c
+    reasons = s.metrics.sessions_reset
+    assert [reasons.labels(r)._value.get() for r in ("document", "end_of_document", "explicit")] == [1, 1, 1]
+    assert s.reset("", "a") and not s.reset("", "a") and len(s) == 0
+
+
+def test_an_anonymous_job_joins_the_session_sharing_a_chunk_with_it():
+    s = store()
+    first = s.session_for(job([EOT, 1, 2, 3, 4, 5], None))
+    assert first.session_id == "anonymous-1"
+    committed(s, first, [EOT, 1, 2, 3, 4, 5, 6, 7])
+    assert s.session_for(job([EOT, 1, 2, 3, 9, 9], None)) is first  # shares 4 tokens: a chunk
+    assert s.session_for(job([EOT, 1, 2, 9], None)).session_id == "anonymous-2"  # 3: not enough
+    assert s.session_for(job([EOT, 1, 2, 3, 4], None, key="k")).session_id == "anonymous-3"  # another key's
+
+
+def test_bytes_are_counted_when_a_prefill_ends():
+    s = store(snapshots=2)
+    a = s.session_for(job([EOT, *range(1, 8)], "a"))
+    a.cache = 8  # one cache (8 bytes here)
+    committed(s, a, [EOT, *range(1, 8)])  # 8 tokens: 2 chunks, 2 snapshots
+    assert s.measure(a) == 8 + 2 * 8 + 8 + 8 * 8  # cache, snapshots, state, tokens
+    assert s.bytes == a.counted == s.measure(a)
+    committed(s, a, [EOT, *range(1, 12)])  # 12 tokens: 3 snapshots, 2 kept
+    assert [b for b, _ in a.snapshots] == [8, 12]
+    assert s.bytes == 8 + 2 * 8 + 8 + 12 * 8
+    s.reset("", "a")
+    assert s.bytes == 0 and s.metrics.session_bytes._value.get() == 0
+
+
+def test_eviction_drops_least_recently_used_but_never_the_kept_or_busy():
+    per_session = 8 + 8 + 8 + 4 * 8  # cache, one snapshot, state, 4 tokens
+    s = store(memory_bytes=3 * per_session)
+    sessions = []
+    for name in "abcd":
+        session = s.session_for(job([EOT, 1, 2, 3, 4], name))
+        session.cache = 8
+        committed(s, session, [EOT, 1, 2, 3])
+        sessions.append(session)
+    a, b, c, d = sessions
+    assert s.bytes == 4 * per_session
+    s.evict(keep=a, busy=[b])  # a and b stay though least recently used; c goes, then the cap holds
+    assert list(s) == [a, b, d] and s.bytes == 3 * per_session
+    s.memory_bytes = 2 * per_session
+    s.evict(keep=d, busy=[])  # a is no longer busy or kept: the least recently used goes
+    assert list(s) == [b, d] and s.bytes == 2 * per_session
+    assert s.metrics.sessions_evicted._value.get() == 2 and s.metrics.sessions_active._value.get() == 2
+    s.count(c)  # an evicted session's late count changes nothing
+    assert s.bytes == 2 * per_session
+
+
+@pytest.mark.parametrize(
+    "prompt_end, edit_at, kept",
+    [
+        (16, None, 16),  # the prompt extends the history: nothing rolls back
+        (12, None, 12),  # a shorter prompt: back to the snapshot at its end
+        (16, 13, 12),  # an edit inside the last chunk: back to the snapshot before it
+        (16, 6, 4),  # an edit inside the second chunk
+        (16, 2, 0),  # before every snapshot kept: the empty state
+    ],
+)
+def test_rollback_to_the_last_snapshot_before_the_difference(prompt_end, edit_at, kept):
+    s = store(snapshots=4)
+    tokens = [EOT, *range(1, 16)]
+    session = s.session_for(job(tokens, "a"))
+    committed(s, session, tokens)
+    prompt = tokens[:prompt_end]
+    if edit_at is not None:
+        prompt[edit_at] = 99
+    assert s.rollback(session, prompt) == kept
+    assert session.tokens == tokens[:kept] and session.doc == kept  # the state after exactly those tokens
+    assert [b for b, _ in session.snapshots] == [b for b in (4, 8, 12, 16) if b <= kept]
+
+
+def test_rollback_past_the_snapshots_kept_starts_from_the_empty_state():
+    s = store(snapshots=2)
+    tokens = [EOT, *range(1, 16)]
+    session = s.session_for(job(tokens, "a"))
+    committed(s, session, tokens)
+    assert [b for b, _ in session.snapshots] == [12, 16]
+    prompt = tokens[:10] + [99]
+    assert s.rollback(session, prompt) == 0 and (session.tokens, session.doc, session.snapshots) == ([], 0, [])
+
+
+@pytest.mark.parametrize(
+    "tokens, max_new, commit_limit, want",
+    [
+        ([EOT, *range(1, 10)], 4, None, (10, 8, 8)),  # the last token stays open for extend
+        ([EOT, *range(1, 8)], 4, None, (8, 4, 4)),  # a whole last chunk still keeps its last token
+        ([EOT, *range(1, 8)], 0, None, (8, 8, 8)),  # an ingestion commits every whole chunk
+        ([EOT, *range(1, 14)], 4, 6, (14, 4, 12)),  # a fill-in-the-middle suffix after 6 is scratch
+        ([EOT, 1, 2, EOT, *range(3, 12)], 4, 7, (10, 4, 8)),  # a new document starts at the last EOT
+    ],
+)
+def test_prompt_plans(tokens, max_new, commit_limit, want):
+    plan = plan_prompt(job(tokens, max_new_tokens=max_new, commit_limit=commit_limit), C, EOT)
+    assert (len(plan.tokens), plan.commit_end, plan.scratch_end) == want
+    assert plan.tokens == tokens[len(tokens) - want[0]:]
