@@ -26,16 +26,24 @@ if TYPE_CHECKING:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The server's flags (``ponder serve`` adds the ``--schedule`` family beside them)."""
+    """The server's flags (``ponder serve`` adds the ``--schedule`` family beside them).
+
+    Unset flags are the config dataclasses' defaults: ``EngineConfig`` (slots, queue,
+    session memory, tokens per request), ``Limits`` (prompt length), ``HttpConfig`` (body size).
+    """
+    from ponder.server.engine import EngineConfig
+    from ponder.server.service import Limits
+
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory (default: the bundled one)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8080, help="HTTP port")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: no gRPC)")
-    p.add_argument("--slots", type=int, default=8, help="decode slots (requests generating at once)")
-    p.add_argument("--queue-size", type=int, default=64, help="requests waiting for a slot before 429")
-    p.add_argument("--session-memory", type=float, default=1024, help="MiB that sessions may hold (LRU eviction)")
-    p.add_argument("--max-prompt-tokens", type=int, default=16384, help="longest prompt, in tokens")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens one request may generate")
+    p.add_argument("--slots", type=int, default=EngineConfig.slots, help="decode slots (requests generating at once)")
+    p.add_argument("--queue-size", type=int, default=EngineConfig.queue_size, help="requests waiting for a slot before 429")
+    p.add_argument("--session-memory", type=float, default=EngineConfig.session_memory_mb,
+                   help="MiB that sessions may hold (LRU eviction)")
+    p.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens, help="longest prompt, in tokens")
+    p.add_argument("--max-tokens", type=int, default=EngineConfig.max_new_tokens, help="most tokens one request may generate")
     p.add_argument("--max-body-bytes", type=int, default=HttpConfig.max_body_bytes, help="largest HTTP request body")
     p.add_argument(
         "--api-key", action="append", default=None,
@@ -65,7 +73,7 @@ def run(args, schedule: Schedule) -> None:
     from ponder.model import checkpoint
     from ponder.server.engine import Engine, EngineConfig
     from ponder.server.grpc_server import build_grpc_server
-    from ponder.server.http import build_app
+    from ponder.server.http.app import build_app
     from ponder.server.metrics import ServerMetrics
     from ponder.server.service import CompletionService, Limits
 
@@ -76,7 +84,7 @@ def run(args, schedule: Schedule) -> None:
         session_memory_mb=args.session_memory, schedule=schedule,
     )
     engine = Engine(model, config, metrics)
-    service = CompletionService(engine, tokenizer, Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens))
+    service = CompletionService(engine, tokenizer, Limits(max_prompt_tokens=args.max_prompt_tokens))
     keys = parse_api_keys(args.api_key, os.environ.get("PONDER_API_KEY", ""))
     name = Path(args.checkpoint).name
     app = build_app(service, engine, metrics, api_keys=keys, max_body_bytes=args.max_body_bytes, model_name=name)

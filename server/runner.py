@@ -68,6 +68,7 @@ def as_ttt_model(model: GPT | TTTTransformerLM) -> TTTTransformerLM:
 # --- Compiled functions (the graph is static, parameters are arguments).
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Slots:
     """Every decode slot's state, one row per slot."""
@@ -82,13 +83,6 @@ class Slots:
     top_k: jax.Array  # [S]
     top_p: jax.Array  # [S]
     active: jax.Array  # [S] bool: the slot holds a job (idle slots feed end-of-document at position 0)
-
-
-jax.tree_util.register_dataclass(
-    Slots,
-    data_fields=["cache", "doc", "token", "position", "doc_position", "key", "temperature", "top_k", "top_p", "active"],
-    meta_fields=[],
-)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

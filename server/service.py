@@ -26,13 +26,13 @@ from collections.abc import AsyncIterator, Iterator
 
 from ponder.model.detokenize import TextStream
 from ponder.model.tokenizer import Tokenizer
-from ponder.server.engine import Engine
 from ponder.server.types import (
     DoneEvent,
     ErrorEvent,
     Job,
     RequestError,
     Sampling,
+    ServingEngine,
     TokenEvent,
     Usage,
 )
@@ -43,7 +43,6 @@ class Limits:
     """Caps on one request (each error names the field and the limit)."""
 
     max_prompt_tokens: int = 16384
-    max_new_tokens: int = 256
     max_stop: int = 8
     max_stop_chars: int = 64
 
@@ -118,8 +117,13 @@ class Final:
 
 
 class CompletionService:
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: Limits = Limits()):
+    def __init__(self, engine: ServingEngine, tokenizer: Tokenizer, limits: Limits = Limits()):
         self.engine, self.tokenizer, self.limits = engine, tokenizer, limits
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The most tokens one request may generate: the engine's (it keeps that much of the window free)."""
+        return self.engine.config.max_new_tokens
 
     # --- Requests to jobs.
 
@@ -130,9 +134,9 @@ class CompletionService:
           RequestError: naming the offending field and the limit.
         """
         limits, tok = self.limits, self.tokenizer
-        if not 0 <= request.max_tokens <= limits.max_new_tokens:
+        if not 0 <= request.max_tokens <= self.max_new_tokens:
             raise RequestError(
-                request.name("max_tokens"), f"must be between 0 and {limits.max_new_tokens}, got {request.max_tokens}"
+                request.name("max_tokens"), f"must be between 0 and {self.max_new_tokens}, got {request.max_tokens}"
             )
         if not request.temperature >= 0 or request.temperature > 100:
             raise RequestError("temperature", f"must be between 0 and 100, got {request.temperature}")

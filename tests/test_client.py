@@ -42,9 +42,9 @@ from ponder.client import (
 from ponder.client.cli import parse_position, split_at
 from ponder.model.tokenizer import Tokenizer
 from ponder.server.grpc_server import build_grpc_server
-from ponder.server.http import build_app
+from ponder.server.http.app import build_app
 from ponder.server.metrics import ServerMetrics
-from ponder.server.service import CompletionService, Limits
+from ponder.server.service import CompletionService
 from ponder.server.types import ErrorEvent, QueueFull, RequestError, TokenEvent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ class ScriptedEngine(RecordingEngine):
     raise (one each), ``fail_after`` makes a job fail after that many tokens; ``submits`` counts every submit."""
 
     def __init__(self, tokenizer, metrics):
-        super().__init__(tokenizer.encode(REPLY), metrics=metrics)
+        super().__init__(tokenizer.encode(REPLY), metrics=metrics, max_new_tokens=64)
         self.refuse: list[Exception] = []
         self.fail_after: int | None = None
         self.submits = 0
@@ -83,7 +83,7 @@ class Stack:
     def __init__(self, tokenizer, api_keys=()):
         metrics = ServerMetrics.create()
         self.engine = ScriptedEngine(tokenizer, metrics)
-        service = CompletionService(self.engine, tokenizer, Limits(max_new_tokens=64))
+        service = CompletionService(self.engine, tokenizer)
         self.http = Server(build_app(service, self.engine, metrics, api_keys=api_keys))
         self.url = self.http.url
         self.grpc_target = f"127.0.0.1:{free_port()}"

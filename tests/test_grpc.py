@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ponder.model.tokenizer import Tokenizer
 from ponder.server.grpc_server import SERVICE_NAME, build_grpc_server
 from ponder.server.metrics import ServerMetrics
-from ponder.server.service import CompletionService, Limits
+from ponder.server.service import CompletionService
 from ponder.v1 import completion_pb2 as pb
 from ponder.v1 import completion_pb2_grpc as pb_grpc
 
@@ -41,8 +41,8 @@ class Stack:
 
     def __init__(self, tokenizer, api_keys=()):
         self.metrics = ServerMetrics.create()
-        self.engine = RecordingEngine(tokenizer.encode("hello world\n"), metrics=self.metrics)
-        service = CompletionService(self.engine, tokenizer, Limits(max_new_tokens=64))
+        self.engine = RecordingEngine(tokenizer.encode("hello world\n"), metrics=self.metrics, max_new_tokens=64)
+        service = CompletionService(self.engine, tokenizer)
         address = f"127.0.0.1:{free_port()}"
         self.server = build_grpc_server(service, self.engine, self.metrics, api_keys, address, max_workers=4)
         self.server.start()

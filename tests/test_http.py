@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ponder.model.tokenizer import Tokenizer
-from ponder.server.http import CompletionBody, InfillBody, build_app
+from ponder.server.http.app import build_app
+from ponder.server.http.wire import CompletionBody, InfillBody
 from ponder.server.metrics import ServerMetrics
 from ponder.server.service import CompletionService
 
@@ -436,7 +437,7 @@ def test_event_stream_closes_its_source_when_a_send_fails():
     """A disconnect noticed only when writing (ASGI >= 2.4, where Starlette stops listening) still closes the iterator."""
     import asyncio
 
-    from ponder.server.http import _EventStream
+    from ponder.server.http.streaming import EventStream
 
     closed = asyncio.Event()
 
@@ -455,7 +456,7 @@ def test_event_stream_closes_its_source_when_a_send_fails():
             raise OSError("connection lost")
 
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}}
-    asyncio.run(_EventStream(source())(scope, receive, send))
+    asyncio.run(EventStream(source())(scope, receive, send))
     assert closed.is_set()
 
 

@@ -38,7 +38,7 @@ class LlamaServing(CompletionEndpoint):
         """``POST /infill`` (an ``InfillBody``): the ``Infill`` answer as JSON, or with ``stream``
         ``InfillChunk`` events and then it; ``call``'s times give its ``timings``."""
         body = await self.read_body(request, InfillBody)
-        limit = self.service.limits.max_new_tokens
+        limit = self.service.max_new_tokens
         n_predict = limit if body.n_predict < 0 or body.n_predict > limit else body.n_predict  # llama.cpp clamps to the server's
         budget = body.t_max_predict_ms
         completion = CompletionRequest(
