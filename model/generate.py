@@ -38,7 +38,7 @@ from ponder.model.detokenize import TextStream
 from ponder.model.gating import Schedule
 from ponder.model.gpt2 import GPT, KVCache
 from ponder.model.tokenizer import Tokenizer
-from ponder.model.ttt_lm import TTTTransformerLM
+from ponder.model.ttt_lm import DocState, TTTTransformerLM
 
 DECODE_BLOCK = 64  # most tokens one decode call produces
 MIN_BUCKET = 16  # shortest prefill bucket
@@ -266,20 +266,26 @@ def ttt_step(graphdef, state, tokens, positions, doc, cache, schedule):
 
 
 def stream_ttt_tokens(
-    model: TTTTransformerLM, prompt: list[int], params: SamplingParams, eot_id: int, schedule: Schedule = Schedule()
+    model: TTTTransformerLM, prompt: list[int], params: SamplingParams, eot_id: int, schedule: Schedule = Schedule(),
+    doc: DocState | None = None,
 ) -> Iterator[list[int]]:
     """``stream_tokens`` for the TTT model (batch 1, one token per yield).
 
     The prompt's whole chunks run in one dual-form forward, the rest token by
     token; generation then steps one token per compiled call, so the fast
     weights keep learning (per ``schedule``) on the generated text too.
+
+    ``doc``: the TTT state to start from, one that has already read earlier
+    text of the document (attention sees only ``prompt``; its buffers are
+    donated, so pass a copy you want to keep). Default: a fresh document.
     """
     config = model.config.base
     S = cache_length(config, prompt, params)
     if params.max_new_tokens == 0:
         return
     graphdef, state = nnx.split(model)
-    cache, doc = KVCache.init(config, 1, S), model.init_state(1, schedule)
+    cache = KVCache.init(config, 1, S)
+    doc = model.init_state(1, schedule) if doc is None else doc
     whole = (len(prompt) - 1) // model.config.gate.chunk * model.config.gate.chunk  # the last token is stepped
     tokens = jnp.asarray([prompt], jnp.int32)
     positions = jnp.arange(len(prompt) + params.max_new_tokens, dtype=jnp.int32)[None]

@@ -217,14 +217,13 @@ def _eval(args: argparse.Namespace) -> None:
 def _line_completion(model, tokenizer, docs, args) -> dict:
     from ponder.train import line_completion as lc
 
-    results = {}
-    for variant in ("persistent", "fresh"):
-        lines = []
-        for doc in docs:
-            targets = lc.target_lines(tokenizer, doc, args.line_every, args.window // 2)[: args.lines_per_file]
-            lines += lc.complete_lines(model, tokenizer, doc, targets, args.window, persistent=variant == "persistent")
-        results[variant] = lc.summarize(lines)
-    return results
+    lines = {"persistent": [], "fresh": []}
+    for doc in docs:  # lines past the first window: before it, the two variants are one computation
+        targets = lc.target_lines(tokenizer, doc, args.line_every, args.window)[: args.lines_per_file]
+        for variant, results in lines.items():
+            results += lc.complete_lines(model, tokenizer, doc, targets, args.window, persistent=variant == "persistent")
+    return {**{variant: lc.summarize(results) for variant, results in lines.items()},
+            "persistent_minus_fresh": lc.compare(lines["persistent"], lines["fresh"])}
 
 
 def _humaneval(args: argparse.Namespace) -> None:
@@ -325,8 +324,9 @@ def _add_eval_command(commands) -> None:
                     "below 1 it also adds the learned gate under that budget (LEARNED_BUDGET, RANDOM_LEARNED)")
     ev.add_argument("--calibration-documents", type=int, default=10,
                     help="training-split documents that set LEARNED_BUDGET's controller (0: leave it out)")
-    ev.add_argument("--lines-per-file", type=int, default=5, help="line-completion targets per file (0: skip)")
-    ev.add_argument("--line-every", type=int, default=300, help="tokens between line-completion targets")
+    ev.add_argument("--lines-per-file", type=int, default=12,
+                    help="line-completion targets per file, past its first window (0: skip)")
+    ev.add_argument("--line-every", type=int, default=100, help="tokens between line-completion targets")
     ev.set_defaults(run=_eval)
 
     he = commands.add_parser("humaneval", help="HumanEval pass@k (runs model-written code only when allowed)")

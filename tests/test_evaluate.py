@@ -131,15 +131,39 @@ def test_line_completion_targets_and_scores(fixture, code_tokenizer):
     tokens = np.asarray(code_tokenizer.encode_document(text))
     tokens = tokens[tokens < BASE.vocab_size][:64]  # the fixture's vocabulary is 512 ids
     targets = lc.target_lines(code_tokenizer, tokens, every=10, start=20)
-    assert targets and all(code_tokenizer.decode_bytes([int(tokens[t - 1])]).endswith(b"\n") for t in targets)
+    assert targets and targets[0] >= 20 and all(code_tokenizer.decode_bytes([int(tokens[t - 1])]).endswith(b"\n") for t in targets)
     assert all(b - a >= 10 for a, b in zip(targets, targets[1:]))
-    first_window = [t for t in targets if t < WINDOW]
-    fresh = lc.complete_lines(model, code_tokenizer, tokens, first_window, WINDOW, persistent=False, max_new_tokens=4)
-    kept = lc.complete_lines(model, code_tokenizer, tokens, first_window, WINDOW, persistent=True, max_new_tokens=4)
-    assert [r.generated for r in fresh] == [r.generated for r in kept]  # nothing to carry inside the first window
+    # The context and the generated tokens fit the window, and the context starts on a chunk boundary.
+    assert lc.attention_start(100, window=64, max_new_tokens=8, chunk=16) == 48  # 100 + 8 - 64 = 44, up to 48
+    assert lc.attention_start(40, window=64, max_new_tokens=8, chunk=16) == 0
+    C = CONFIG.gate.chunk
+    at_start = [t for t in targets if lc.attention_start(t, WINDOW, 4, C) == 0]
+    later = [t for t in targets if lc.attention_start(t, WINDOW, 4, C) > 0]
+    assert at_start and later
+    fresh = lc.complete_lines(model, code_tokenizer, tokens, targets, WINDOW, persistent=False, max_new_tokens=4)
+    kept = lc.complete_lines(model, code_tokenizer, tokens, targets, WINDOW, persistent=True, max_new_tokens=4)
+    for target, a, b in zip(targets, fresh, kept):
+        assert a.expected == b.expected == code_tokenizer.decode(tokens[target:]).split("\n")[0]
+        if target in at_start:  # the window starts at the file's start: nothing to carry
+            assert a.generated == b.generated
     assert lc.summarize([lc.LineResult("a = 1", "a = 1 "), lc.LineResult("abcd", "abxy")]) == {
         "lines": 2, "exact_match": 0.5, "edit_similarity": 0.75
     }
+
+
+def test_line_completion_compare_is_a_paired_difference_with_an_interval():
+    from ponder.train import line_completion as lc
+
+    hit, miss = lc.LineResult("x = 1", "x = 1"), lc.LineResult("x = 1", "y")
+    persistent, fresh = [hit, hit, miss, hit] * 10, [miss, hit, miss, miss] * 10
+    got = lc.compare(persistent, fresh)
+    em = got["exact_match"]
+    assert got["lines"] == 40 and em["difference"] == pytest.approx(0.5)
+    assert 0.2 < em["ci95"][0] < 0.5 < em["ci95"][1] < 0.8
+    same = lc.compare([hit, miss], [hit, miss])
+    assert same["exact_match"] == {"difference": 0.0, "ci95": [0.0, 0.0]}
+    with pytest.raises(ValueError, match="same lines"):
+        lc.compare([hit], [hit, miss])
 
 
 @pytest.mark.parametrize("method", ["UPDATE_1", "LEARNED"])

@@ -183,9 +183,16 @@ def markdown(table: dict) -> str:
         )
     if "line_completion" in table:
         lines += ["", "| line completion (LEARNED) | lines | exact match | edit similarity |", "|---|---|---|---|"]
-        for variant, row in table["line_completion"].items():
+        completion = dict(table["line_completion"])
+        delta = completion.pop("persistent_minus_fresh", None)
+        for variant, row in completion.items():
             lines.append(f"| {variant} fast weights | {row['lines']} | {100 * row['exact_match']:.1f}% | "
                          f"{row['edit_similarity']:.3f} |")
+        if delta is not None:
+            em, es = delta["exact_match"], delta["edit_similarity"]
+            lines.append(f"| persistent − fresh (95% CI) | {delta['lines']} | {100 * em['difference']:+.1f} points "
+                         f"[{100 * em['ci95'][0]:+.1f}, {100 * em['ci95'][1]:+.1f}] | {es['difference']:+.3f} "
+                         f"[{es['ci95'][0]:+.3f}, {es['ci95'][1]:+.3f}] |")
     return "\n".join(lines) + "\n"
 
 

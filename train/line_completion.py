@@ -1,15 +1,27 @@
 """Line completion on held-out files: given a file up to a line, write the next line.
 
-For each target line the model reads the file up to the line's start and
+For each target line the model reads the file the way the server does and
 greedily generates until a newline (or ``max_new_tokens``); the first
-generated line is compared with the real one (both stripped): exact match
-and edit similarity (``difflib`` ratio, 1 = identical).
+generated line is compared with the real one (both stripped): exact match and
+edit similarity (``difflib`` ratio, 1 = identical).
 
-Files longer than the window run as the server runs them: attention sees the
-current window (windows of ``window`` tokens from the start of the file), and
-the fast weights either carry across windows (``persistent``: they have read
-the whole file) or start fresh at the current window (``fresh``). The
-difference between the two is what a session's fast weights buy.
+Attention sees a window that ends at the line and leaves ``max_new_tokens``
+positions free (``attention_start``: a chunk boundary at most ``window -
+max_new_tokens`` tokens back). The two variants see exactly that same
+context; they differ only in the fast weights:
+
+* ``persistent``: the fast weights have read the whole file before the
+  window (a session that holds the document), window by window from the
+  file's start as ``ponder eval`` reads it, then the window itself;
+* ``fresh``: the fast weights start from their trained initial state at the
+  window's start, and read only the window.
+
+So the difference between them is what a session's memory buys. A line whose
+window starts at the file's start is the same computation both ways, so
+``target_lines`` takes lines from ``start`` on (``ponder eval`` passes the
+window size). ``compare`` gives the paired difference with a bootstrap
+confidence interval: the lines are few and each is a coin flip, so a
+difference smaller than its interval says nothing.
 """
 
 from __future__ import annotations
@@ -20,13 +32,14 @@ import difflib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 from flax import nnx
 
+from ponder.model.document import window_forward
 from ponder.model.gating import Schedule
-from ponder.model.gpt2 import KVCache
+from ponder.model.generate import SamplingParams, stream_ttt_tokens
 from ponder.model.tokenizer import Tokenizer
 from ponder.model.ttt_lm import TTTTransformerLM
-from ponder.model.document import window_forward
 
 
 @dataclasses.dataclass
@@ -44,7 +57,7 @@ class LineResult:
 
 
 def target_lines(tokenizer: Tokenizer, tokens: np.ndarray, every: int, start: int) -> list[int]:
-    """Token offsets where a non-blank line starts: one every ``every`` tokens after ``start``."""
+    """Token offsets where a non-blank line starts: one every ``every`` tokens from ``start`` on."""
     offsets, next_at = [], start
     pieces = [tokenizer.decode_bytes([int(t)]) for t in tokens]
     ends_line = [p.endswith(b"\n") for p in pieces]
@@ -55,42 +68,46 @@ def target_lines(tokenizer: Tokenizer, tokens: np.ndarray, every: int, start: in
     return offsets
 
 
+def attention_start(offset: int, window: int, max_new_tokens: int, chunk: int) -> int:
+    """The first token attention sees for a line at ``offset``: a chunk boundary such that the
+    context and ``max_new_tokens`` generated tokens fit in ``window`` positions."""
+    return max(0, -(-(offset + max_new_tokens - window) // chunk) * chunk)
+
+
 def complete_lines(model: TTTTransformerLM, tokenizer: Tokenizer, tokens: np.ndarray, targets: list[int],
                    window: int, persistent: bool, schedule: Schedule = Schedule(), max_new_tokens: int = 48):
     """``LineResult`` per target offset (ascending), reading the file as described in the module docstring."""
+    C = model.config.gate.chunk
     graphdef, params = nnx.split(model)
-    step = jax.jit(lambda params, *a: nnx.merge(graphdef, params).step(*a, schedule))
-    base = model.config.base
-    window_states = {0: model.init_state(1, schedule)}  # persistent state at each window start
+    window_states = {0: model.init_state(1, schedule)}  # the persistent state at each multiple of ``window``
 
-    def state_at(w: int):
-        if not persistent:
-            return model.init_state(1, schedule)
-        done = max(k for k in window_states if k <= w)
-        state = window_states[done]
-        for start in range(done, w, window):
-            piece = jnp.asarray(tokens[None, start : start + window], jnp.int32)
-            *_, state = window_forward(graphdef, params, piece, schedule, state, None)
-            window_states[start + window] = state
+    def read_until(end: int):
+        """The state after ``tokens[:end]`` read window by window from the file's start (``end`` on a chunk)."""
+        w = end // window * window
+        for begin in range(max(window_states), w, window):
+            piece = jnp.asarray(tokens[None, begin : begin + window], jnp.int32)
+            *_, window_states[begin + window] = window_forward(graphdef, params, piece, schedule,
+                                                               window_states[begin], None)
+        state = window_states[w]
+        if end > w:
+            *_, state = window_forward(graphdef, params, jnp.asarray(tokens[None, w:end], jnp.int32), schedule,
+                                       state, None)
         return state
 
+    greedy = SamplingParams(max_new_tokens=max_new_tokens)
     results = []
     for offset in targets:
-        w0 = offset // window * window
-        state, cache = state_at(w0), KVCache.init(base, 1)
-        room = window - (offset - w0)
-        logits = None
-        for position, token in enumerate(tokens[w0:offset]):
-            logits, cache, state = step(params, jnp.asarray([int(token)]), jnp.asarray([position]), cache, state)
+        start = attention_start(offset, window, max_new_tokens, C)
+        # A copy: generation donates its state's buffers, and the window states are kept for later lines.
+        doc = jax.tree.map(jnp.copy, read_until(start)) if persistent else model.init_state(1, schedule)
         generated = []
-        for position in range(offset - w0, offset - w0 + min(max_new_tokens, room)):
-            token = int(jnp.argmax(logits[0]))
-            if token == tokenizer.eot_id:
+        prompt = [int(t) for t in tokens[start:offset]]
+        for piece in stream_ttt_tokens(model, prompt, greedy, tokenizer.eot_id, schedule, doc=doc):
+            if piece[-1] == tokenizer.eot_id:
                 break
-            generated.append(token)
-            if b"\n" in tokenizer.decode_bytes([token]):
+            generated += piece
+            if b"\n" in tokenizer.decode_bytes(piece):
                 break
-            logits, cache, state = step(params, jnp.asarray([token]), jnp.asarray([position]), cache, state)
         text = tokenizer.decode(generated).split("\n")[0]
         line_end = offset
         while line_end < len(tokens) and b"\n" not in tokenizer.decode_bytes([int(tokens[line_end])]):
@@ -106,3 +123,21 @@ def summarize(results: list[LineResult]) -> dict:
         "exact_match": float(np.mean([r.exact for r in results])) if results else float("nan"),
         "edit_similarity": float(np.mean([r.similarity for r in results])) if results else float("nan"),
     }
+
+
+def compare(persistent: list[LineResult], fresh: list[LineResult], resamples: int = 10_000, seed: int = 0) -> dict:
+    """Persistent minus fresh on the same lines: the mean difference of exact match and of edit
+    similarity, each with a 95% paired-bootstrap interval (``scipy.stats.bootstrap``, BCa)."""
+    if len(persistent) != len(fresh) or len(persistent) < 2:
+        raise ValueError(f"compare needs the same lines both ways, at least 2 ({len(persistent)} and {len(fresh)})")
+    out = {"lines": len(persistent)}
+    for name, score in (("exact_match", lambda r: float(r.exact)), ("edit_similarity", lambda r: r.similarity)):
+        diff = np.asarray([score(a) - score(b) for a, b in zip(persistent, fresh)])
+        if np.all(diff == diff[0]):  # no spread to resample (e.g. every line the same both ways)
+            low = high = float(diff[0])
+        else:
+            ci = scipy.stats.bootstrap((diff,), np.mean, n_resamples=resamples, confidence_level=0.95,
+                                       method="BCa", rng=np.random.default_rng(seed)).confidence_interval
+            low, high = float(ci.low), float(ci.high)
+        out[name] = {"difference": float(diff.mean()), "ci95": [low, high]}
+    return out
