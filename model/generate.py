@@ -92,6 +92,9 @@ def _argmax(logits):
     return jnp.minimum(first, V - 1)
 
 
+# Compiled on its own too: called eagerly (the TTT driver samples between compiled steps), its
+# ``lax.cond`` would be traced and compiled anew on every call.
+@jax.jit
 def sample(logits, keys, temperature, top_k, top_p):
     """Draws one token per row.
 
