@@ -74,14 +74,16 @@ def _train_corpus(args: argparse.Namespace) -> None:
     from ponder.train import corpus
 
     roots = args.root or corpus.default_roots()
+    exclude = (*(() if args.include_held_out else corpus.HELD_OUT_PACKAGES), *args.exclude)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.tokenizer:
         tokenizer = Tokenizer.load(args.tokenizer)
     else:
         print(f"training a {args.vocab_size}-token code BPE on {', '.join(map(str, roots))}", file=sys.stderr)
-        tokenizer = Tokenizer.train(corpus.python_sources(roots, args.tokenizer_mb << 20), args.vocab_size)
+        tokenizer = Tokenizer.train(corpus.python_sources(roots, args.tokenizer_mb << 20, exclude), args.vocab_size)
     tokenizer.save(args.out / "tokenizer.json")
-    report = corpus.build(roots, tokenizer, args.out, args.val_fraction, None if args.max_mb is None else args.max_mb << 20)
+    report = corpus.build(roots, tokenizer, args.out, args.val_fraction, None if args.max_mb is None else args.max_mb << 20,
+                          exclude)
     print(json.dumps(report.to_json(), indent=2))
 
 
@@ -360,6 +362,10 @@ def _add_train_commands(commands) -> None:
     corpus.add_argument("--tokenizer-mb", type=int, default=64, help="most MiB of source to train the tokenizer on")
     corpus.add_argument("--val-fraction", type=float, default=0.02)
     corpus.add_argument("--max-mb", type=int, help="stop after this many MiB of kept source")
+    corpus.add_argument("--exclude", action="append", default=[], metavar="NAME",
+                        help="leave out files below folders of this name (repeatable), besides the held-out packages")
+    corpus.add_argument("--include-held-out", action="store_true",
+                        help="take the held-out packages too (to build a corpus of one of them for evaluation)")
     corpus.set_defaults(run=_train_corpus)
 
     def common(p, defaults: TrainConfig):

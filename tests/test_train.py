@@ -33,6 +33,21 @@ def _write_sources(root: Path, n: int = 30, salt: str = "") -> Path:
     return root
 
 
+def test_held_out_packages_stay_out_of_corpora_and_tokenizers(tmp_path, code_tokenizer):
+    root = _write_sources(tmp_path / "src", n=4)
+    for name in ("transformers", "mine"):
+        (root / name / "sub").mkdir(parents=True)
+        (root / name / "sub" / "held.py").write_text(f"HELD_OUT = {name!r}\n")
+    report = corpus.build([root], code_tokenizer, tmp_path / "c", val_fraction=0.0,
+                          exclude=(*corpus.HELD_OUT_PACKAGES, "mine"))
+    assert report.files_seen == 4 and report.excluded == ["mine", "transformers"]
+    assert not any("HELD_OUT" in text for text in corpus.python_sources([root]) if "mine" not in text)
+    assert sum("HELD_OUT" in text for text in corpus.python_sources([root])) == 1  # "mine" is not held out by default
+    # A held-out package as its own root is read whole (its files are not below a folder of its name).
+    alone = corpus.build([root / "transformers"], code_tokenizer, tmp_path / "h", val_fraction=1.0)
+    assert alone.files_kept == {"train": 0, "val": 1}
+
+
 def _docs(out: Path, split: str) -> list[tuple]:
     data = corpus.TokenFile(out, split)
     return [tuple(data.document(i)) for i in range(len(data))]
