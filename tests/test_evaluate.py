@@ -133,6 +133,12 @@ def test_line_completion_targets_and_scores(fixture, code_tokenizer):
     targets = lc.target_lines(code_tokenizer, tokens, every=10, start=20)
     assert targets and targets[0] >= 20 and all(code_tokenizer.decode_bytes([int(tokens[t - 1])]).endswith(b"\n") for t in targets)
     assert all(b - a >= 10 for a, b in zip(targets, targets[1:]))
+    # Indented lines count too: the target starts after the indentation, whatever token holds it.
+    nested = np.asarray(code_tokenizer.encode_document("class A:\n    def f(self):\n        return 1\n\n    x = 2\n"))
+    found = lc.target_lines(code_tokenizer, nested, 1, 1)
+    assert all(not code_tokenizer.decode(nested[:t]).rsplit("\n", 1)[1].strip() for t in found)  # only blanks before
+    lines = [code_tokenizer.decode(nested[t:]).split("\n")[0].strip() for t in found]
+    assert lines == ["def f(self):", "return 1", "x = 2"]  # the lines after the first, indented or not
     # The context and the generated tokens fit the window, and the context starts on a chunk boundary.
     assert lc.attention_start(100, window=64, max_new_tokens=8, chunk=16) == 48  # 100 + 8 - 64 = 44, up to 48
     assert lc.attention_start(40, window=64, max_new_tokens=8, chunk=16) == 0
