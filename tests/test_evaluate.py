@@ -151,20 +151,23 @@ def test_line_completion_targets_and_scores(fixture, code_tokenizer):
     for target, a, b in zip(targets, fresh, kept):
         assert a.expected == b.expected == code_tokenizer.decode(tokens[target:]).split("\n")[0]
         if target in at_start:  # the window starts at the file's start: nothing to carry
-            assert a.generated == b.generated
-    assert lc.summarize([lc.LineResult("a = 1", "a = 1 "), lc.LineResult("abcd", "abxy")]) == {
-        "lines": 2, "exact_match": 0.5, "edit_similarity": 0.75
+            assert a.generated == b.generated and a.nll == b.nll
+    assert lc.summarize([lc.LineResult("a = 1", "a = 1 ", 1.0), lc.LineResult("abcd", "abxy", 2.0)]) == {
+        "lines": 2, "exact_match": 0.5, "edit_similarity": 0.75, "line_ce": 1.5
     }
+    assert all(np.isfinite(r.nll) and r.nll > 0 for r in fresh + kept)
 
 
 def test_line_completion_compare_is_a_paired_difference_with_an_interval():
     from ponder.train import line_completion as lc
 
-    hit, miss = lc.LineResult("x = 1", "x = 1"), lc.LineResult("x = 1", "y")
+    hit, miss = lc.LineResult("x = 1", "x = 1", nll=0.5), lc.LineResult("x = 1", "y", nll=2.0)
     persistent, fresh = [hit, hit, miss, hit] * 10, [miss, hit, miss, miss] * 10
     got = lc.compare(persistent, fresh)
     em = got["exact_match"]
     assert got["lines"] == 40 and em["difference"] == pytest.approx(0.5)
+    assert got["line_ce"]["difference"] == pytest.approx(-0.75)  # (-1.5 + 0 + 0 - 1.5) / 4: the line got cheaper
+    assert got["line_ce"]["ci95"][1] < 0
     assert 0.2 < em["ci95"][0] < 0.5 < em["ci95"][1] < 0.8
     same = lc.compare([hit, miss], [hit, miss])
     assert same["exact_match"] == {"difference": 0.0, "ci95": [0.0, 0.0]}

@@ -182,17 +182,18 @@ def markdown(table: dict) -> str:
             f"{row['flops_vs_update_1']:.2f} | {100 * row['gain_vs_update_1']:.0f}% | {100 * row['gain_vs_oracle']:.0f}% |"
         )
     if "line_completion" in table:
-        lines += ["", "| line completion (LEARNED) | lines | exact match | edit similarity |", "|---|---|---|---|"]
+        lines += ["", "| line completion (LEARNED) | lines | exact match | edit similarity | line CE |", "|---|---|---|---|---|"]
         completion = dict(table["line_completion"])
         delta = completion.pop("persistent_minus_fresh", None)
         for variant, row in completion.items():
             lines.append(f"| {variant} fast weights | {row['lines']} | {100 * row['exact_match']:.1f}% | "
-                         f"{row['edit_similarity']:.3f} |")
+                         f"{row['edit_similarity']:.3f} | {row.get('line_ce', float('nan')):.3f} |")
         if delta is not None:
-            em, es = delta["exact_match"], delta["edit_similarity"]
+            em, es, ce = delta["exact_match"], delta["edit_similarity"], delta["line_ce"]
             lines.append(f"| persistent − fresh (95% CI) | {delta['lines']} | {100 * em['difference']:+.1f} points "
                          f"[{100 * em['ci95'][0]:+.1f}, {100 * em['ci95'][1]:+.1f}] | {es['difference']:+.3f} "
-                         f"[{es['ci95'][0]:+.3f}, {es['ci95'][1]:+.3f}] |")
+                         f"[{es['ci95'][0]:+.3f}, {es['ci95'][1]:+.3f}] | {ce['difference']:+.3f} "
+                         f"[{ce['ci95'][0]:+.3f}, {ce['ci95'][1]:+.3f}] |")
     return "\n".join(lines) + "\n"
 
 

@@ -44,8 +44,12 @@ from ponder.model.ttt_lm import TTTTransformerLM
 
 @dataclasses.dataclass
 class LineResult:
+    """One target line: the real one, the generated one, and the real line's mean loss (nats per token,
+    its newline included) given the same context: a measure with far less noise than an exact match."""
+
     expected: str
     generated: str
+    nll: float = float("nan")
 
     @property
     def exact(self) -> bool:
@@ -112,8 +116,20 @@ def complete_lines(model: TTTTransformerLM, tokenizer: Tokenizer, tokens: np.nda
     results = []
     for offset in targets:
         start = attention_start(offset, window, max_new_tokens, C)
+        doc = read_until(start) if persistent else model.init_state(1, schedule)
+        line_end = offset
+        while line_end < len(tokens) and b"\n" not in tokenizer.decode_bytes([int(tokens[line_end])]):
+            line_end += 1
+        # The real line given the same context, teacher-forced: one window-long forward (padding after the
+        # line changes nothing before it), so every line shares one compiled shape.
+        piece = np.full(window, tokenizer.eot_id, np.int32)  # [window]
+        n = min(window, len(tokens) - start)
+        piece[:n] = tokens[start : start + n]
+        logp, *_ = window_forward(graphdef, params, jnp.asarray(piece[None]), schedule, doc, None)  # [window, V]
+        scored = np.arange(offset, min(line_end + 1, start + window))  # the line's tokens
+        nll = float(-np.asarray(logp)[scored - start - 1, tokens[scored]].mean())
         # A copy: generation donates its state's buffers, and the window states are kept for later lines.
-        doc = jax.tree.map(jnp.copy, read_until(start)) if persistent else model.init_state(1, schedule)
+        doc = jax.tree.map(jnp.copy, doc)
         generated = []
         prompt = [int(t) for t in tokens[start:offset]]
         for piece in stream_ttt_tokens(model, prompt, greedy, tokenizer.eot_id, schedule, doc=doc):
@@ -123,11 +139,8 @@ def complete_lines(model: TTTTransformerLM, tokenizer: Tokenizer, tokens: np.nda
             if b"\n" in tokenizer.decode_bytes(piece):
                 break
         text = tokenizer.decode(generated).split("\n")[0]
-        line_end = offset
-        while line_end < len(tokens) and b"\n" not in tokenizer.decode_bytes([int(tokens[line_end])]):
-            line_end += 1
         expected = tokenizer.decode(tokens[offset : line_end + 1]).split("\n")[0]
-        results.append(LineResult(expected, text))
+        results.append(LineResult(expected, text, nll))
     return results
 
 
@@ -136,16 +149,20 @@ def summarize(results: list[LineResult]) -> dict:
         "lines": len(results),
         "exact_match": float(np.mean([r.exact for r in results])) if results else float("nan"),
         "edit_similarity": float(np.mean([r.similarity for r in results])) if results else float("nan"),
+        "line_ce": float(np.mean([r.nll for r in results])) if results else float("nan"),
     }
 
 
 def compare(persistent: list[LineResult], fresh: list[LineResult], resamples: int = 10_000, seed: int = 0) -> dict:
-    """Persistent minus fresh on the same lines: the mean difference of exact match and of edit
-    similarity, each with a 95% paired-bootstrap interval (``scipy.stats.bootstrap``, BCa)."""
+    """Persistent minus fresh on the same lines: the mean difference of exact match, of edit
+    similarity and of the line's loss (negative: memory helps), each with a 95% paired-bootstrap
+    interval (``scipy.stats.bootstrap``, BCa)."""
     if len(persistent) != len(fresh) or len(persistent) < 2:
         raise ValueError(f"compare needs the same lines both ways, at least 2 ({len(persistent)} and {len(fresh)})")
     out = {"lines": len(persistent)}
-    for name, score in (("exact_match", lambda r: float(r.exact)), ("edit_similarity", lambda r: r.similarity)):
+    scores = (("exact_match", lambda r: float(r.exact)), ("edit_similarity", lambda r: r.similarity),
+              ("line_ce", lambda r: r.nll))
+    for name, score in scores:
         diff = np.asarray([score(a) - score(b) for a, b in zip(persistent, fresh)])
         if np.all(diff == diff[0]):  # no spread to resample (e.g. every line the same both ways)
             low = high = float(diff[0])
