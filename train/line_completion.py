@@ -126,7 +126,7 @@ def complete_lines(model: TTTTransformerLM, tokenizer: Tokenizer, tokens: np.nda
         n = min(window, len(tokens) - start)
         piece[:n] = tokens[start : start + n]
         logp, *_ = window_forward(graphdef, params, jnp.asarray(piece[None]), schedule, doc, None)  # [window, V]
-        scored = np.arange(offset, min(line_end + 1, start + window))  # the line's tokens
+        scored = np.arange(offset, min(line_end + 1, start + n))  # the line's tokens (the file may end inside it)
         nll = float(-np.asarray(logp)[scored - start - 1, tokens[scored]].mean())
         # A copy: generation donates its state's buffers, and the window states are kept for later lines.
         doc = jax.tree.map(jnp.copy, doc)
