@@ -156,6 +156,9 @@ def test_line_completion_targets_and_scores(fixture, code_tokenizer):
         "lines": 2, "exact_match": 0.5, "edit_similarity": 0.75, "line_ce": 1.5
     }
     assert all(np.isfinite(r.nll) and r.nll > 0 for r in fresh + kept)
+    cut = tokens[: targets[-1] + 2]  # the file ends inside the last target line, with no newline
+    (last,) = lc.complete_lines(model, code_tokenizer, cut, targets[-1:], WINDOW, persistent=True, max_new_tokens=4)
+    assert last.expected == code_tokenizer.decode(cut[targets[-1]:]) and np.isfinite(last.nll)
 
 
 def test_line_completion_compare_is_a_paired_difference_with_an_interval():
