@@ -45,18 +45,9 @@ def main() -> None:
         variants = {"persistent": (True, Schedule()), "fresh": (False, Schedule())}
     else:
         variants = {"learned": (False, Schedule()), "skip": (False, Schedule("skip"))}
-    lines = {name: [] for name in variants}
     started = time.monotonic()
-    for doc in docs:
-        targets = lc.target_lines(tokenizer, doc, args.line_every, args.window)[: args.lines_per_file]
-        for name, (persistent, schedule) in variants.items():
-            lines[name] += lc.complete_lines(model, tokenizer, doc, targets, args.window, persistent, schedule)
-    first, second = variants
-    report = {
-        "corpus": args.corpus, "documents": len(docs), "seconds": round(time.monotonic() - started),
-        **{name: lc.summarize(results) for name, results in lines.items()},
-        f"{first}_minus_{second}": lc.compare(lines[first], lines[second]),
-    }
+    table = lc.compare_variants(model, tokenizer, docs, args.window, args.line_every, args.lines_per_file, variants)
+    report = {"corpus": args.corpus, "documents": len(docs), "seconds": round(time.monotonic() - started), **table}
     print(json.dumps(report, indent=1))
 
 

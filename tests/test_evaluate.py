@@ -156,6 +156,14 @@ def test_line_completion_targets_and_scores(fixture, code_tokenizer):
         "lines": 2, "exact_match": 0.5, "edit_similarity": 0.75, "line_ce": 1.5
     }
     assert all(np.isfinite(r.nll) and r.nll > 0 for r in fresh + kept)
+    # ponder eval's table: the lines past the first window, read both ways.
+    past_first = lc.target_lines(code_tokenizer, tokens, 10, WINDOW)[:3]
+    table = lc.compare_variants(model, code_tokenizer, [tokens], WINDOW, 10, 3,
+                                {"persistent": (True, Schedule()), "fresh": (False, Schedule())}, max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens 48"):
+        lc.complete_lines(model, code_tokenizer, tokens, past_first, WINDOW, persistent=True)
+    assert len(past_first) >= 2 and past_first[0] >= WINDOW
+    assert table["persistent"]["lines"] == table["fresh"]["lines"] == table["persistent_minus_fresh"]["lines"] == len(past_first)
     cut = tokens[: targets[-1] + 2]  # the file ends inside the last target line, with no newline
     (last,) = lc.complete_lines(model, code_tokenizer, cut, targets[-1:], WINDOW, persistent=True, max_new_tokens=4)
     assert last.expected == code_tokenizer.decode(cut[targets[-1]:]) and np.isfinite(last.nll)

@@ -96,6 +96,9 @@ def complete_lines(model: TTTTransformerLM, tokenizer: Tokenizer, tokens: np.nda
                    window: int, persistent: bool, schedule: Schedule = Schedule(), max_new_tokens: int = 48):
     """``LineResult`` per target offset (ascending), reading the file as described in the module docstring."""
     C = model.config.gate.chunk
+    if max_new_tokens > window - C:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves less than a chunk ({C}) of a {window}-token window "
+                         "for the context")
     graphdef, params = nnx.split(model)
     window_states = {0: model.init_state(1, schedule)}  # the persistent state at each multiple of ``window``
 
@@ -142,6 +145,30 @@ def complete_lines(model: TTTTransformerLM, tokenizer: Tokenizer, tokens: np.nda
         expected = tokenizer.decode(tokens[offset : line_end + 1]).split("\n")[0]
         results.append(LineResult(expected, text, nll))
     return results
+
+
+def compare_variants(model: TTTTransformerLM, tokenizer: Tokenizer, docs: list[np.ndarray], window: int,
+                     every: int, per_file: int, variants: dict[str, tuple[bool, Schedule]],
+                     max_new_tokens: int = 48) -> dict:
+    """Two ways of reading the same lines, side by side (``ponder eval`` and ``bench/line_memory.py``).
+
+    Args:
+      docs: held-out documents; each gives up to ``per_file`` lines past its first window, ``every`` tokens apart.
+      variants: two entries, name -> (persistent, schedule), e.g. persistent vs fresh fast weights.
+      max_new_tokens: most tokens generated per line (the window keeps room for them).
+
+    Returns:
+      ``summarize`` of each variant, and ``compare`` of the first against the second under
+      ``"{first}_minus_{second}"``.
+    """
+    lines = {name: [] for name in variants}
+    for doc in docs:  # past the first window: before it, persistent and fresh are one computation
+        targets = target_lines(tokenizer, doc, every, window)[:per_file]
+        for name, (persistent, schedule) in variants.items():
+            lines[name] += complete_lines(model, tokenizer, doc, targets, window, persistent, schedule, max_new_tokens)
+    first, second = variants
+    return {**{name: summarize(results) for name, results in lines.items()},
+            f"{first}_minus_{second}": compare(lines[first], lines[second])}
 
 
 def summarize(results: list[LineResult]) -> dict:

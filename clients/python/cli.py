@@ -148,6 +148,9 @@ def _connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=2, help="further attempts while the server is busy or unavailable")
 
 
+COMMANDS = ("complete", "ingest", "sessions", "health")  # what ``add_commands`` adds
+
+
 def add_commands(commands) -> None:
     """Adds ``complete``, ``ingest``, ``sessions`` and ``health`` to the ``ponder`` command's subparsers."""
     complete = commands.add_parser("complete", help="complete a file at FILE:LINE[:COL] with a running server")
