@@ -41,10 +41,13 @@ from flax import nnx
 
 from ponder.model.config import GPTConfig
 from ponder.model.gating import (
+    BUDGET_WINDOW,
     N_FEATURES,
     GateConfig,
     GatingNetwork,
     Schedule,
+    budget_choice,
+    chunk_features,
     chunk_stats,
     token_stats,
 )
@@ -93,8 +96,9 @@ class TTTLMConfig:
 
         nested = {
             "ttt": build(TTTConfig, data.get("ttt", {}), "ttt.ttt"),
-            # A gate saved before GateConfig.output existed is a sigmoid gate.
-            "gate": build(GateConfig, {"output": "sigmoid", **data.get("gate", {})}, "ttt.gate"),
+            # A gate saved before GateConfig.output existed is a sigmoid gate; one saved
+            # before GateConfig.features existed reads the first six features.
+            "gate": build(GateConfig, {"output": "sigmoid", "features": 6, **data.get("gate", {})}, "ttt.gate"),
         }
         return build(cls, {**data, **nested, "base": base}, "ttt")
 
@@ -106,15 +110,22 @@ class GateHistory:
 
     Attributes:
       features: [B, N_FEATURES] features of the last closed chunk (zeros before the first).
-      difficulty: [B] EMA of the base cross-entropy per chunk.
       threshold: [B] the threshold gate's reconstruction-loss threshold.
       rate: [B] EMA of the update rate (the threshold controller's input).
+      target: [B] the budget: target update rate of budgeted schedules.
+      used: [B] chunks of the document updated so far.
+      scores: [B, BUDGET_WINDOW] the gate's scores of recent chunks (a ring
+        indexed by chunk number; ``learned_budget`` ranks against them).
+      seen: [B, V] bool, the tokens the document has used so far.
     """
 
     features: jax.Array
-    difficulty: jax.Array
     threshold: jax.Array
     rate: jax.Array
+    target: jax.Array
+    used: jax.Array
+    scores: jax.Array
+    seen: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -157,6 +168,9 @@ class LMOutput:
       logits: [B, T, V] float32.
       chunk_lambda: [B, n_chunks] lam used per chunk (0 where skipped).
       chunk_updated: [B, n_chunks] bool.
+      chunk_features: [B, n_chunks, N_FEATURES] the features each chunk's lam
+        was computed from (those of the chunk before; zeros under schedules
+        that do not read them).
       ttt_flops: [B] fast-weight update FLOPs of the chunks each row updated
         (``TTTLayer.update_flops``). A chunk is skipped for real only when no
         row of the batch updates it; otherwise skipped rows ride along with
@@ -170,6 +184,7 @@ class LMOutput:
     logits: jax.Array
     chunk_lambda: jax.Array
     chunk_updated: jax.Array
+    chunk_features: jax.Array
     ttt_flops: jax.Array
     ttt_loss: jax.Array
     state: DocState
@@ -198,9 +213,12 @@ class TTTTransformerLM(nnx.Module):
         B, C, D = batch_size, self.config.gate.chunk, self.config.base.n_embd
         history = GateHistory(
             features=jnp.zeros((B, N_FEATURES)),
-            difficulty=jnp.zeros((B,)),
             threshold=jnp.full((B,), schedule.initial_threshold, jnp.float32),
             rate=jnp.full((B,), schedule.rate, jnp.float32),
+            target=jnp.full((B,), schedule.rate, jnp.float32),
+            used=jnp.zeros((B,)),
+            scores=jnp.zeros((B, BUDGET_WINDOW)),
+            seen=jnp.zeros((B, self.config.base.vocab_size), bool),
         )
         return DocState(
             ttt=[layer.init_state(B) for layer in self.ttt],
@@ -212,8 +230,18 @@ class TTTTransformerLM(nnx.Module):
         )
 
     def reset(self, state: DocState, rows, schedule: Schedule = Schedule()) -> DocState:
-        """Document boundary: rows where ``rows`` [B] is True go back to the start-of-document state."""
-        return _rows(rows, self.init_state(rows.shape[0], schedule), state)
+        """Document boundary: rows where ``rows`` [B] is True go back to the start-of-document state.
+
+        A row keeps its budget (``GateHistory.target``): it belongs to the session, not the document.
+        """
+        fresh = self.init_state(rows.shape[0], schedule)
+        fresh = dataclasses.replace(fresh, history=dataclasses.replace(fresh.history, target=state.history.target))
+        return _rows(rows, fresh, state)
+
+    @staticmethod
+    def with_target(state: DocState, target) -> DocState:
+        """``state`` with the budget of each row set to ``target`` [B] (an update rate in [0, 1])."""
+        return dataclasses.replace(state, history=dataclasses.replace(state.history, target=jnp.asarray(target, jnp.float32)))
 
     # --- The gate, shared by both paths.
 
@@ -221,10 +249,11 @@ class TTTTransformerLM(nnx.Module):
         """lam of the chunk starting at document position ``count`` [B], from the history only. [B]"""
         B = count.shape[0]
 
-        def coin():  # [B] 1.0 with probability rate, drawn per chunk number inside the document
-            index = count // self.config.gate.chunk
-            draw = lambda i: jax.random.bernoulli(jax.random.fold_in(jax.random.key(schedule.seed), i), schedule.rate)
-            return jax.vmap(draw)(index).astype(jnp.float32)
+        index = count // self.config.gate.chunk  # [B] the chunk's number inside the document
+
+        def coin():  # [B] 1.0 with probability target, drawn per chunk number
+            draw = lambda i, p: jax.random.bernoulli(jax.random.fold_in(jax.random.key(schedule.seed), i), p)
+            return jax.vmap(draw)(index, history.target).astype(jnp.float32)
 
         if schedule.kind == "learned":
             lam = self.gate(history.features)
@@ -238,31 +267,41 @@ class TTTTransformerLM(nnx.Module):
             lam = coin()
         elif schedule.kind == "random_learned":
             lam = coin() * self.gate(history.features)
-        elif schedule.kind == "learned_budget":  # the gate's lam where it reaches the controlled threshold
-            lam = self.gate(history.features)
-            lam = jnp.where((count == 0) | (lam >= history.threshold), lam, 0.0)
+        elif schedule.kind == "learned_budget":  # the gate's lam on the chunks the budget lets through
+            score = self.gate.score(history.features)
+            chosen = budget_choice(score, history.scores, index, history.used, history.target)
+            # A value gate's score is a predicted gain, not a step size: a chosen chunk takes UPDATE_1's.
+            step = 1.0 if self.config.gate.output == "value" else self.gate.lam(score)
+            lam = jnp.where(chosen, step, 0.0)
         else:  # threshold: update when chunk c-1 was hard to reconstruct; a document's first chunk always updates
             recon_before = history.features[:, 2]
             lam = jnp.where((count == 0) | (recon_before > history.threshold), 1.0, 0.0)
         return jnp.where(lam < self.config.gate.threshold, 0.0, lam)  # below the threshold: no update
 
-    def _close_chunk(self, schedule: Schedule, history: GateHistory, stats, recon, count, updated) -> GateHistory:
-        """The history after a chunk: its features, the difficulty EMA and the threshold controller.
+    def _close_chunk(self, schedule: Schedule, history: GateHistory, token_losses, tokens, recon, count, lam) -> GateHistory:
+        """The history after a chunk: its features, the budget's books and the threshold controller.
 
         Args:
-          stats: ``(ce, entropy)`` [B] of the chunk under the base model.
+          token_losses: ``(nll, entropy, scored)`` [B, C] per token of the
+            chunk under the base model (``chunk_stats``); tokens: [B, C].
           recon: ``(before, after)`` [B] first TTT layer's reconstruction loss.
-          count: [B] document position after the chunk; updated: [B] bool.
+          count: [B] document position after the chunk; lam: [B] the chunk's (0: skipped).
         """
         gate = self.config.gate
-        (ce, entropy), (before, after) = stats, recon
-        difficulty = gate.ema * history.difficulty + (1 - gate.ema) * ce
-        position = jnp.log1p(count.astype(jnp.float32))
-        features = jnp.stack([ce, entropy, before, after, position, difficulty], axis=-1)  # [B, N_FEATURES]
+        updated = lam > 0
+        stats, seen = chunk_stats(*token_losses, tokens, history.seen)
+        chunk = count // gate.chunk - 1  # [B] the chunk's number in the document
+        scores = history.scores
+        if schedule.kind == "learned_budget":  # remember the score the chunk was ranked by
+            rows = jnp.arange(chunk.shape[0])
+            scores = scores.at[rows, chunk % scores.shape[1]].set(self.gate.score(history.features))
+        used = history.used + updated
         # Threshold gate: steer the threshold so the update rate tracks the target.
         rate = gate.ema * history.rate + (1 - gate.ema) * updated
-        threshold = history.threshold * jnp.exp(schedule.gain * (rate - schedule.rate))
-        return GateHistory(features, difficulty, threshold, rate)
+        threshold = history.threshold * jnp.exp(schedule.gain * (rate - history.target))
+        budget = (rate, history.target, used, chunk + 1.0, seen.sum(-1).astype(jnp.float32))
+        features = chunk_features(history.features, stats, recon, count.astype(jnp.float32), updated, lam, gate.ema, budget)
+        return GateHistory(features, threshold, rate, history.target, used, scores, seen)
 
     # --- Whole chunks.
 
@@ -277,6 +316,7 @@ class TTTTransformerLM(nnx.Module):
         cache: KVCache | None = None,
         chunk_lambda=None,
         attention_ids=None,
+        target=None,
     ) -> LMOutput:
         """Forward over whole chunks, from a document start or from ``state``.
 
@@ -297,11 +337,15 @@ class TTTTransformerLM(nnx.Module):
             multiple of the chunk size), e.g. from an earlier call.
           cache: the base's KV cache holding the positions before these.
           chunk_lambda: [B, n_chunks] lam per chunk, overriding the schedule
-            (evaluation baselines such as ORACLE choose it from outside).
+            (evaluation baselines such as ORACLE choose it from outside); a
+            schedule that reads the history still computes its features
+            along the given choices.
           attention_ids: [B, T] where base attention may reach, finer than
             ``segment_ids`` (default: the same). Training with attention
             windows inside a document gives each window its own id, while
             the fast weights carry across windows (``TTTStage.window``).
+          target: [B] the budget (target update rate) of each row, for every
+            document of the row (default: the state's, or ``schedule.rate``).
 
         Returns:
           An ``LMOutput``.
@@ -314,8 +358,10 @@ class TTTTransformerLM(nnx.Module):
             raise ValueError("segment_ids packs documents from a document start: pass no state with them")
         n_chunks = T // C
         state = self.init_state(B, schedule) if state is None else state
+        if target is not None:
+            state = self.with_target(state, target)
         count = state.count
-        features = schedule.reads_history and chunk_lambda is None
+        features = schedule.reads_history
         base_logits, hidden, cache = self.base(
             tokens, positions, cache, segment_ids=segment_ids if attention_ids is None else attention_ids,
             compute_logits=features,
@@ -335,12 +381,12 @@ class TTTTransformerLM(nnx.Module):
             opens = opens | jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
         per_chunk = lambda a: a.reshape(B, n_chunks, C, *a.shape[2:]).swapaxes(0, 1)  # [n, B, C, ...]
         new_document = opens[:, ::C].T & (jnp.arange(n_chunks) > 0)[:, None]  # [n, B]: reset inside this call
-        fresh = self.init_state(B, schedule)
+        fresh = self.with_target(self.init_state(B, schedule), state.history.target)  # a row keeps its budget
         layer_flops = sum(layer.update_flops(C, schedule.steps) for layer in self.ttt)
         given = jnp.zeros((n_chunks, B)) if chunk_lambda is None else chunk_lambda.T
 
         def run_chunk(carry, inputs):
-            h_c, nll_c, entropy_c, scored_c, opens_doc, lam_given = inputs  # h_c [B, C, D]
+            h_c, nll_c, entropy_c, scored_c, tokens_c, opens_doc, lam_given = inputs  # h_c [B, C, D]
             # A document opening here starts from the initial TTT state and gating history.
             carry = _rows(opens_doc, (fresh.ttt, fresh.history), carry)
             states, history = carry
@@ -367,14 +413,18 @@ class TTTTransformerLM(nnx.Module):
             y_c, states, recon_all = jax.lax.cond(jnp.any(updated), lambda: run(True), lambda: run(False))
             recon = recon_all[0]  # gate features use the first TTT layer's reconstruction losses
             ttt_loss = sum(after for _, after in recon_all) / len(recon_all)  # [B]
+            seen_features = history.features
             if features:
-                stats = chunk_stats(nll_c, entropy_c, scored_c)
-                history = self._close_chunk(schedule, history, stats, recon, states[0].count, updated)
+                history = self._close_chunk(
+                    schedule, history, (nll_c, entropy_c, scored_c), tokens_c, recon, states[0].count, lam
+                )
             flops = jnp.where(updated, float(layer_flops), 0.0)
-            return (states, history), (y_c, lam, updated, flops, ttt_loss)
+            return (states, history), (y_c, lam, updated, flops, ttt_loss, seen_features)
 
-        inputs = (per_chunk(h), per_chunk(nll), per_chunk(entropy), per_chunk(~opens), new_document, given)
-        (states, history), (y, lam, updated, flops, ttt_loss) = jax.lax.scan(run_chunk, (state.ttt, state.history), inputs)
+        inputs = (per_chunk(h), per_chunk(nll), per_chunk(entropy), per_chunk(~opens), per_chunk(tokens), new_document, given)
+        (states, history), (y, lam, updated, flops, ttt_loss, seen_features) = jax.lax.scan(
+            run_chunk, (state.ttt, state.history), inputs
+        )
         y = y.swapaxes(0, 1).reshape(B, T, -1)  # [B, T, D]
         end = DocState(
             ttt=states,
@@ -388,6 +438,7 @@ class TTTTransformerLM(nnx.Module):
             logits=self.base.logits(y, frozen=True),
             chunk_lambda=lam.T,
             chunk_updated=updated.T,
+            chunk_features=seen_features.swapaxes(0, 1),
             ttt_flops=flops.sum(0),
             ttt_loss=ttt_loss.T,
             state=end,
@@ -420,8 +471,7 @@ class TTTTransformerLM(nnx.Module):
             layer, now = self.ttt[0], after.ttt[0]
             _, XK, target, _, _ = layer.heads(self.ttt_norms[0](hidden_buf[:, 1:]), start.conv_history, start.count)
             recon = (layer.recon_loss(XK, target, start.W, start.b), layer.recon_loss(XK, target, now.W, now.b))
-            stats = chunk_stats(nll, entropy, scored)
-            return self._close_chunk(schedule, before.history, stats, recon, count + 1, after.lam > 0)
+            return self._close_chunk(schedule, before.history, (nll, entropy, scored), token_buf, recon, count + 1, after.lam)
 
         history = jax.lax.cond(jnp.any(closing), close, lambda: before.history)
         history = _rows(closing, history, before.history)

@@ -11,6 +11,10 @@
   each piece's start (positions restart in each), as when a document longer
   than the context is served or evaluated, while the fast weights carry
   across windows: the layer learns to keep what attention can no longer see.
+* ``ValueGateStage`` (stage 2b, ``ponder train gate``): everything but the
+  gating network is frozen; the gate (``GateConfig.output = "value"``)
+  learns to predict, from the features of the chunk before, what updating a
+  chunk is worth: its CE gain in nats/token (docs/design.md, "Gating").
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class BaseStage:
     seq_len: int
     name: str = "base"
     align: int = 1
+    validation: str = "ce"
     trainable: object = nnx.Param
 
     def loss(self, model, batch: Batch):
@@ -72,6 +77,7 @@ class TTTStage:
     gamma: float = 0.1
     window: int | None = None  # base attention window; None: the whole row
     name: str = "ttt"
+    validation: str = "ce"
     # Everything but the frozen base.
     trainable: object = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("base")))
 
@@ -113,3 +119,77 @@ class TTTStage:
         D = model.config.base.n_embd
         ttt = sum(6 * 4 * D * D + 3 * layer.update_flops(self.chunk) / self.chunk for layer in model.ttt)
         return base + ttt + 2 * D * model.config.base.vocab_size * 3
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueGateStage(TTTStage):
+    """Regression of the gate's score on each chunk's measured gain (``ponder train gate``).
+
+    Each step runs every row three times over the same base pass: with every
+    chunk updated (lam = 1), with none, and with a random share of chunks
+    updated (a rate drawn per row in ``rates``), along which the features are
+    computed, so the gate sees the states a budget leaves (some chunks
+    skipped, the books of spending against a target). A chunk's gain is its
+    mean CE with no chunk updated minus with every chunk updated: what ORACLE
+    ranks by. The loss is the squared error of ``gate.score`` on the
+    features before the chunk, over every chunk with a scored token; a gate
+    that ranks chunks as their gains do spends a budget where it pays.
+    """
+
+    rates: tuple[float, float] = (0.2, 0.8)
+    name: str = "gate"
+    validation: str = "value_loss"
+    trainable: object = nnx.All(nnx.Param, nnx.PathContains("gate"))
+
+    def loss(self, model, batch: Batch):
+        positions, attention = self.attention(batch)
+        B, T = batch.tokens.shape
+        n = T // self.chunk
+        run = lambda lam, target=None: model(
+            batch.tokens, positions, self.schedule, segment_ids=batch.segment_ids, attention_ids=attention,
+            chunk_lambda=lam, target=target,
+        )
+        key = jax.random.key(jnp.sum(batch.tokens, dtype=jnp.uint32))  # a fresh draw per batch, reproducible
+        rate_key, coin_key = jax.random.split(key)
+        rate = jax.random.uniform(rate_key, (B,), minval=self.rates[0], maxval=self.rates[1])
+        behaviour = run(jax.random.bernoulli(coin_key, rate[:, None], (B, n)).astype(jnp.float32), rate)
+        per_chunk = lambda out: _chunk_losses(out.logits, batch, self.chunk)
+        (updated_ce, weight), (skipped_ce, _) = per_chunk(run(jnp.ones((B, n)))), per_chunk(run(jnp.zeros((B, n))))
+        gain = jax.lax.stop_gradient(skipped_ce - updated_ce)  # [B, n]
+        features = jax.lax.stop_gradient(behaviour.chunk_features)  # [B, n, F]
+        score = model.gate.score(features.reshape(B * n, -1)).reshape(B, n)
+        real = (weight > 0).astype(jnp.float32)
+        loss = (jnp.square(score - gain) * real).sum() / jnp.maximum(real.sum(), 1.0)
+        centred = lambda a: (a - (a * real).sum() / jnp.maximum(real.sum(), 1.0)) * real
+        correlation = (centred(score) * centred(gain)).sum() / jnp.sqrt(
+            jnp.square(centred(score)).sum() * jnp.square(centred(gain)).sum() + 1e-12
+        )
+        return loss, {
+            "value_loss": loss,
+            "ce": (updated_ce * weight).sum() / jnp.maximum(weight.sum(), 1.0),
+            "mean_gain": (gain * real).sum() / jnp.maximum(real.sum(), 1.0),
+            "score_gain_correlation": correlation,
+            "behaviour_rate": behaviour.chunk_updated.mean(),
+        }
+
+    def tokens_flops(self, model) -> float:
+        # Three forward passes of the frozen model (TTTStage counts one forward and the TTT backward).
+        D, V = model.config.base.n_embd, model.config.base.vocab_size
+        base = _gpt_flops_per_token(model.base.config, min(self.seq_len, self.window or self.seq_len)) / 3
+        ttt = sum(2 * 4 * D * D + layer.update_flops(self.chunk) / self.chunk for layer in model.ttt)
+        return 3 * (base + ttt + 2 * D * V)
+
+
+def _chunk_losses(logits, batch: Batch, chunk: int):
+    """Per chunk: mean next-token loss of its scored tokens [B, n] and how many there are [B, n].
+
+    Token t's loss is charged to t's chunk (the prediction made at t - 1), as the gate's chunks count it.
+    """
+    mask = loss_mask(batch.segment_ids, batch.real).astype(jnp.float32)  # [B, T-1]: predicting token t+1
+    logits = logits[:, :-1].astype(jnp.float32)
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, batch.tokens[:, 1:, None], axis=-1)[..., 0]
+    pad = lambda a: jnp.pad(a, ((0, 0), (1, 0)))  # token 0 is predicted by nothing
+    B, T = batch.tokens.shape
+    total = (pad(nll * mask)).reshape(B, T // chunk, chunk).sum(-1)
+    count = pad(mask).reshape(B, T // chunk, chunk).sum(-1)
+    return total / jnp.maximum(count, 1.0), count

@@ -49,7 +49,7 @@ class TrainConfig:
     weight_decay, clip: AdamW weight decay and global gradient-norm clip.
     seed: data order, FIM draws. fim_rate: share of documents turned into FIM examples.
     eval_every, eval_batches: validation cadence and size (fixed batches from the validation split);
-      the validation loss is the cross-entropy alone.
+      the validation loss is the stage's ``validation`` scalar (the cross-entropy alone, but for the gate stage).
     checkpoint_every_s: seconds between checkpoints. keep: checkpoints kept (the newest).
     """
 
@@ -93,6 +93,7 @@ class Stage(Protocol):
     name: str
     trainable: Any  # an nnx filter: the parameters the optimiser updates
     align: int  # pieces start on multiples of this (the gate chunk in stage 2)
+    validation: str  # the logged scalar that validation reports and ``best/`` minimises
 
     def loss(self, model, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Scalar loss and named scalars to log."""
@@ -245,7 +246,7 @@ def train(
         state, losses = DataState(), []
         for _ in range(config.eval_batches):
             batch, state = val_packer.next(state)
-            losses.append(float(eval_step(model, place(batch))[1]["ce"]))
+            losses.append(float(eval_step(model, place(batch))[1][stage.validation]))
         return float(np.mean(losses))
 
     log = RunLog(run_dir / "log.jsonl")
