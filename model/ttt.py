@@ -32,6 +32,15 @@ count; ``step`` advances it by one token (primal form) and ``extend`` by any
 number, from any offset. ``__call__`` / ``chunk`` (dual form) run whole
 mini-batches from a state on a mini-batch boundary.
 
+Extra steps (UPDATE_k, and a policy choosing k per row): after its first
+step, a mini-batch can take k - 1 more gradient steps over all its tokens
+(``minibatch_update``, dual form in both paths). They refine only the weights
+carried forward, since outputs inside a mini-batch may not see its later
+tokens. ``steps`` (static) is the most any row takes and ``row_steps`` [B]
+each row's own. The decode path buffers the mini-batch's keys, targets and
+sigmas in the state and takes the extra steps at its last token; with
+``steps = 1`` none of this code is traced.
+
 Stability: ``settle`` clips each mini-batch's fast-weight change per head
 and refuses non-finite updates (counted in the state). ``reset`` returns rows
 of a state to the start of a document.
@@ -114,6 +123,10 @@ class TTTState:
       conv_history: [B, W-1, D]: last inputs of the Q/K convolutions.
       count: [B] tokens seen in the document.
       refused: [B] mini-batch updates refused (per head) for being non-finite.
+      minibatch_XK, minibatch_target: [B, H, K, d]; minibatch_sigma: [B, H, K]:
+        the current mini-batch's keys, targets and sigmas so far (on a
+        boundary, the last mini-batch's), which its extra steps revisit.
+        Written only by calls with ``steps > 1``.
     """
 
     W: tuple
@@ -123,6 +136,9 @@ class TTTState:
     conv_history: jax.Array
     count: jax.Array
     refused: jax.Array
+    minibatch_XK: jax.Array
+    minibatch_target: jax.Array
+    minibatch_sigma: jax.Array
 
 
 def settle(W0, b0, W1, b1, max_norm):
@@ -254,9 +270,33 @@ def dual_minibatch(XQ, XK, target, sigma, tau, lam, W0, b0, ln_scale, ln_bias, b
         Xbar = XQ if Zbar is None else _gelu(Zbar)  # the query's input to this layer
         Zbar = Xbar @ w + c - (eta * (Xbar @ X.T)) @ g - eta @ g  # [K, out]
     out = XQ + _head_ln(Zbar, ln_scale, ln_bias, eps)
-    W1 = tuple(w - (eta[-1][:, None] * X).T @ g for w, X, g in zip(W0, inputs, G))
-    b1 = tuple(c - eta[-1] @ g for c, g in zip(b0, G))
+    W1, b1 = _end_weights(W0, b0, inputs, G, eta[-1])
     return out, W1, b1
+
+
+def minibatch_update(XK, target, sigma, tau, lam, W0, b0, ln_scale, ln_bias, base_lr, eps):
+    """One gradient step of one head over a whole mini-batch: ``dual_minibatch``'s end weights, no outputs.
+
+    An extra step (``steps > 1``) of both the dual and the primal path.
+
+    Args:
+      XK, target: [K, d]; sigma, tau: [K]; lam: scalar gate scale.
+      W0, b0: tuples of fast weights the step starts from.
+
+    Returns:
+      ``(W1, b1)``.
+    """
+    d = XK.shape[-1]
+    inputs, G = fast_grads(XK, target, W0, b0, ln_scale, ln_bias, eps)
+    eta_last = (base_lr * lam / d) * tau[-1] * sigma  # [K]: the last row of eta
+    return _end_weights(W0, b0, inputs, G, eta_last)
+
+
+def _end_weights(W0, b0, inputs, G, eta_last):
+    """``W0 - sum_j eta_{K-1,j} X_j^T g_j`` per fast layer (and likewise b): a mini-batch's end weights."""
+    W1 = tuple(w - (eta_last[:, None] * X).T @ g for w, X, g in zip(W0, inputs, G))
+    b1 = tuple(c - eta_last @ g for c, g in zip(b0, G))
+    return W1, b1
 
 
 def primal_token(XQ, XK, target, sigma, coef, W0, b0, sum_W, sum_b, ln_scale, ln_bias, eps):
@@ -319,14 +359,20 @@ class TTTLayer(nnx.Module):
     def init_state(self, batch_size: int) -> TTTState:
         """The state at a document start: trained initial fast weights, nothing seen."""
         c = self.config
+        B, H, K, d = batch_size, c.n_head, c.mini_batch, c.head_dim
         W0, b0 = self.initial_fast_weights()
-        W = tuple(jnp.broadcast_to(w, (batch_size, *w.shape)) for w in W0)
-        b = tuple(jnp.broadcast_to(v, (batch_size, *v.shape)) for v in b0)
-        history = jnp.zeros((batch_size, c.conv_width - 1, c.width), jnp.float32)
+        W = tuple(jnp.broadcast_to(w, (B, *w.shape)) for w in W0)
+        b = tuple(jnp.broadcast_to(v, (B, *v.shape)) for v in b0)
+        history = jnp.zeros((B, c.conv_width - 1, c.width), jnp.float32)
         # Distinct buffers everywhere: states may be donated.
-        count, refused = jnp.zeros((batch_size,), jnp.int32), jnp.zeros((batch_size,), jnp.int32)
+        count, refused = jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32)
         zeros = lambda arrays: tuple(jnp.zeros_like(a) for a in arrays)
-        return TTTState(W, b, zeros(W), zeros(b), history, count, refused)
+        return TTTState(
+            W, b, zeros(W), zeros(b), history, count, refused,
+            minibatch_XK=jnp.zeros((B, H, K, d), jnp.float32),
+            minibatch_target=jnp.zeros((B, H, K, d), jnp.float32),
+            minibatch_sigma=jnp.zeros((B, H, K), jnp.float32),
+        )
 
     def reset(self, state: TTTState, rows) -> TTTState:
         """Document boundary: rows where ``rows`` [B] is True go back to the start-of-document state."""
@@ -378,6 +424,31 @@ class TTTLayer(nnx.Module):
         Z = _head_ln(apply(XK, W, b), self.ttt_ln_scale[...][:, None], self.ttt_ln_bias[...][:, None], c.ln_eps)
         return 0.5 * jnp.mean(jnp.sum((Z - target) ** 2, -1), axis=(1, 2))
 
+    def _extra_steps(self, XK, target, sigma, lam, W, b, steps: int, row_steps):
+        """Gradient steps 2 .. ``steps`` over one mini-batch, from the weights ``W, b`` after its first.
+
+        Args:
+          XK, target: [B, H, K, d]; sigma: [B, H, K]; lam: [B].
+          row_steps: [B] steps each row takes: step i changes only rows with
+            ``row_steps > i``.
+
+        Returns:
+          ``(W, b)`` before settling (the caller settles against the mini-batch start).
+        """
+        c, tau = self.config, self.tau()
+
+        def one_head(XK, target, sigma, lam, W, b, scale, bias):
+            return minibatch_update(XK, target, sigma, tau, lam, W, b, scale, bias, c.base_lr, c.ln_eps)
+
+        update = _over_rows_and_heads(one_head, (True, True, True, True, True, True, False, False))
+        lam_heads = jnp.broadcast_to(lam[:, None], sigma.shape[:2])  # [B, H]
+        for extra in range(1, steps):
+            W_next, b_next = update(XK, target, sigma, lam_heads, W, b, self.ttt_ln_scale[...], self.ttt_ln_bias[...])
+            more = row_steps > extra  # [B]
+            W = tuple(select_rows(more, new, old) for new, old in zip(W_next, W))
+            b = tuple(select_rows(more, new, old) for new, old in zip(b_next, b))
+        return W, b
+
     def __call__(self, x, lam, state: TTTState | None = None):
         """Runs the layer over whole mini-batches (dual form).
 
@@ -394,15 +465,22 @@ class TTTLayer(nnx.Module):
         y, state, _ = self.chunk(x, lam, state)
         return y, state
 
-    def chunk(self, x, lam, state: TTTState | None = None, *, update: bool = True, steps: int = 1):
+    def chunk(self, x, lam, state: TTTState | None = None, *, update: bool = True, steps: int = 1, row_steps=None):
         """``__call__`` plus the reconstruction loss before and after, for gating features.
 
         With ``update=False`` the fast weights are only applied (a skipped
         chunk): no gradients, no K x K products, the same outputs as ``lam = 0``.
-        ``steps > 1`` (the UPDATE_k baseline) takes k - 1 more gradient steps
-        on each mini-batch before moving on; they refine the weights carried
-        forward only, since outputs inside a mini-batch may not see its later
-        tokens. Decoding (``step``) takes one step.
+        ``steps > 1`` (UPDATE_k) takes up to k - 1 more gradient steps on each
+        mini-batch before moving on; they refine the weights carried forward
+        only, since outputs inside a mini-batch may not see its later tokens.
+        ``step`` with the same ``steps`` and ``row_steps`` carries the same weights.
+
+        Args:
+          x, lam, state: as for ``__call__``.
+          update: False for a skipped chunk.
+          steps: the most gradient steps any row takes per mini-batch (static).
+          row_steps: [B] int, each row's steps, at most ``steps``; None = every
+            row takes ``steps``.
 
         Returns:
           ``(y [B, T, D], TTTState, (loss_before [B], loss_after [B]))``: mean
@@ -416,6 +494,11 @@ class TTTLayer(nnx.Module):
         n = T // K
         state = self.init_state(B) if state is None else state
         XQ, XK, target, sigma, history = self.heads(x, state.conv_history, state.count)
+        if steps > 1:  # leave the last mini-batch in the buffers, as decoding does
+            row_steps = jnp.full((B,), steps) if row_steps is None else row_steps
+            state = dataclasses.replace(
+                state, minibatch_XK=XK[:, :, -K:], minibatch_target=target[:, :, -K:], minibatch_sigma=sigma[:, :, -K:]
+            )
         if not update:
             new_state = dataclasses.replace(state, conv_history=history, count=state.count + T)
             loss = self.recon_loss(XK, target, state.W, state.b)
@@ -434,8 +517,9 @@ class TTTLayer(nnx.Module):
         def scan_step(carry, inputs):
             W0, b0, refused = carry
             out, W1, b1 = all_rows(*inputs, W0, b0, ln_scale, ln_bias)  # out [B, H, K, d]
-            for _ in range(steps - 1):
-                _, W1, b1 = all_rows(*inputs, W1, b1, ln_scale, ln_bias)
+            if steps > 1:
+                _, XK_mb, target_mb, sigma_mb, lam_mb = inputs
+                W1, b1 = self._extra_steps(XK_mb, target_mb, sigma_mb, lam_mb, W1, b1, steps, row_steps)
             W, b, refused_now = settle(W0, b0, W1, b1, c.max_update_norm)
             return (W, b, refused + refused_now.sum(-1)), out
 
@@ -443,7 +527,7 @@ class TTTLayer(nnx.Module):
         carry = (state.W, state.b, state.refused)
         (W, b, refused), out = jax.lax.scan(scan_step, carry, inputs + (lam.T,))  # out [n, B, H, K, d]
         heads_out = out.transpose(1, 2, 0, 3, 4).reshape(B, H, T, -1)  # [B, H, T, d]
-        new_state = TTTState(W, b, state.sum_W, state.sum_b, history, state.count + T, refused)
+        new_state = dataclasses.replace(state, W=W, b=b, conv_history=history, count=state.count + T, refused=refused)
         losses = (self.recon_loss(XK, target, state.W, state.b), self.recon_loss(XK, target, W, b))
         return self._output(x, heads_out), new_state, losses
 
@@ -465,27 +549,44 @@ class TTTLayer(nnx.Module):
         products = sum(2 * K * K * n_in + 4 * K * K * n_out for n_in, n_out in c.fast_shapes)
         return c.n_head * (tokens // K) * (steps * gradients + products)
 
-    def step(self, state: TTTState, x, lam, *, update: bool = True):
+    def step(self, state: TTTState, x, lam, *, update: bool = True, steps: int = 1, row_steps=None):
         """One token per row in primal form: the decode path.
+
+        At a mini-batch's last token, rows with ``row_steps > 1`` take their
+        extra steps over the buffered mini-batch (dual form, as ``chunk``
+        does), so the weights carried forward equal ``chunk``'s.
 
         Args:
           state: the rows' TTT state; x: [B, D]; lam: [B] gate scale of the
-            mini-batch this token belongs to.
+            mini-batch this token belongs to (the same for all its tokens).
           update: False only applies the fast weights (a skipped chunk): the
             same result as ``lam = 0``, without the gradients.
+          steps: the most gradient steps any row takes per mini-batch (static);
+            1 traces no buffering and no extra steps.
+          row_steps: [B] int, each row's steps, at most ``steps``; None = every
+            row takes ``steps``.
 
         Returns:
           ``(y [B, D], new_state)``.
         """
         c = self.config
         K, d = c.mini_batch, c.head_dim
-        XQ, XK, target, sigma, history = self.heads(x[:, None], state.conv_history, state.count)
+        XQ, XK, target, sigma, history = self.heads(x[:, None], state.conv_history, state.count)  # [B, H, 1, ...]
+        i = state.count % K  # [B] position inside the mini-batch
+        if steps > 1:  # buffer the token for its mini-batch's extra steps
+            rows = jnp.arange(x.shape[0])
+            put = lambda buffer, new: buffer.at[rows, :, i].set(new[:, :, 0])  # slot i of [B, H, K, ...]
+            state = dataclasses.replace(
+                state,
+                minibatch_XK=put(state.minibatch_XK, XK),
+                minibatch_target=put(state.minibatch_target, target),
+                minibatch_sigma=put(state.minibatch_sigma, sigma),
+            )
         if not update:  # the running sums stay as they are: lam = 0 for the whole mini-batch
             heads_out = self._apply(XQ, state.W, state.b)  # [B, H, 1, d]
             new_state = dataclasses.replace(state, conv_history=history, count=state.count + 1)
             return self._output(x[:, None], heads_out)[:, 0], new_state
         XQ, XK, target, sigma = XQ[:, :, 0], XK[:, :, 0], target[:, :, 0], sigma[:, :, 0]  # [B, H, d], [B, H]
-        i = state.count % K  # [B] position inside the mini-batch
         coef = (c.base_lr / d) * lam * self.tau()[i]  # [B]
         token = _over_rows_and_heads(
             lambda *args: primal_token(*args, c.ln_eps),
@@ -498,9 +599,17 @@ class TTTLayer(nnx.Module):
         )  # heads_out [B, H, d]
         # When the mini-batch closes, its end weights (settled) become the next start.
         end = i == K - 1  # [B]
+        if steps > 1:
+            row_steps = jnp.full_like(state.count, steps) if row_steps is None else row_steps
+            extra = lambda: self._extra_steps(
+                state.minibatch_XK, state.minibatch_target, state.minibatch_sigma, lam, W_i, b_i, steps, row_steps
+            )
+            # Most tokens close no mini-batch that wants extra steps: skip their work.
+            W_i, b_i = jax.lax.cond(jnp.any(end & (row_steps > 1)), extra, lambda: (W_i, b_i))
         W_end, b_end, refused = settle(state.W, state.b, W_i, b_i, c.max_update_norm)
         at_end = lambda new, old: select_rows(end, new, old)
-        new_state = TTTState(
+        new_state = dataclasses.replace(
+            state,
             W=jax.tree.map(at_end, W_end, state.W),
             b=jax.tree.map(at_end, b_end, state.b),
             sum_W=jax.tree.map(lambda s: at_end(jnp.zeros_like(s), s), sum_W),
@@ -511,18 +620,19 @@ class TTTLayer(nnx.Module):
         )
         return self._output(x[:, None], heads_out[:, :, None])[:, 0], new_state
 
-    def extend(self, state: TTTState, x, lam):
+    def extend(self, state: TTTState, x, lam, *, steps: int = 1, row_steps=None):
         """Feeds T tokens per row token by token (any length, any starting offset).
 
         Args:
           x: [B, T, D]; lam: [B, T] gate scale of each token's mini-batch.
+          steps, row_steps: as for ``step``.
 
         Returns:
           ``(y [B, T, D], new_state)``.
         """
 
         def one(state, inputs):
-            y, state = self.step(state, *inputs)
+            y, state = self.step(state, *inputs, steps=steps, row_steps=row_steps)
             return state, y
 
         state, y = jax.lax.scan(one, state, (x.swapaxes(0, 1), lam.T))

@@ -275,3 +275,69 @@ def test_reset_returns_rows_to_the_document_start():
     after, _ = layer.extend(state, jnp.asarray(x[:, :16]), jnp.asarray(lam_tokens[:, :16]))
     alone, _ = layer(jnp.asarray(x[:, :16]), jnp.asarray(lam[:, :1]))
     assert np.abs(np.asarray(after[0]) - np.asarray(alone[0])).max() <= 1e-5
+
+
+# --- Extra gradient steps per row (UPDATE_k, and a policy choosing k per row).
+
+ROW_STEPS = [1, 2, 4]
+
+
+def test_chunk_row_steps_equal_each_row_alone():
+    """One batch with row_steps [1, 2, 4] gives each row what steps=1 / 2 / 4 gives it alone."""
+    layer = _randomised_layer()
+    x, lam = _inputs(48, B=3)
+    y, state, _ = layer.chunk(jnp.asarray(x), jnp.asarray(lam), steps=4, row_steps=jnp.asarray(ROW_STEPS))
+    carried = lambda state, row: [a[row] for a in jax.tree.leaves((state.W, state.b, state.refused))]
+    for row, k in enumerate(ROW_STEPS):
+        y_alone, alone, _ = layer.chunk(jnp.asarray(x[row : row + 1]), jnp.asarray(lam[row : row + 1]), steps=k)
+        assert np.abs(np.asarray(y[row]) - np.asarray(y_alone[0])).max() <= 1e-5, k
+        for got, want in zip(carried(state, row), carried(alone, 0)):
+            assert np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max() <= 1e-5, k
+    # The extra steps are live: each row's weights differ from the others'.
+    W = np.asarray(state.W[0])
+    assert np.abs(W[0] - W[1]).max() > 1e-3 and np.abs(W[1] - W[2]).max() > 1e-3
+    # The first mini-batch's outputs cannot see the extra steps; later ones do.
+    y_one, _, _ = layer.chunk(jnp.asarray(x), jnp.asarray(lam))
+    assert np.abs(np.asarray(y[:, :16]) - np.asarray(y_one[:, :16])).max() <= 1e-5
+    assert not np.allclose(np.asarray(y[2, 16:]), np.asarray(y_one[2, 16:]), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("prefill,splits", [(0, [0, 48]), (16, [16, 21, 37, 48])])
+def test_decoding_with_row_steps_equals_chunk(kind, prefill, splits):
+    """Token-by-token decoding with row_steps carries the weights chunk carries, from a document
+    start or after a dual prefill, in pieces that start and end inside mini-batches."""
+    config = dataclasses.replace(CONFIG, kind=kind)
+    layer = _randomised_layer(config)
+    x, lam = _inputs(48, B=3, config=config)
+    row_steps = jnp.asarray(ROW_STEPS)
+    full, final, _ = layer.chunk(jnp.asarray(x), jnp.asarray(lam), steps=4, row_steps=row_steps)
+    K = config.mini_batch
+    state = layer.init_state(3)
+    if prefill:
+        _, state, _ = layer.chunk(jnp.asarray(x[:, :prefill]), jnp.asarray(lam[:, : prefill // K]), state, steps=4, row_steps=row_steps)
+    lam_tokens = _lam_per_token(lam, K)
+    for start, end in zip(splits[:-1], splits[1:]):
+        y, state = layer.extend(
+            state, jnp.asarray(x[:, start:end]), jnp.asarray(lam_tokens[:, start:end]), steps=4, row_steps=row_steps
+        )
+        assert np.abs(np.asarray(y) - np.asarray(full[:, start:end])).max() <= 1e-5, (start, end)
+    # Every leaf, the mini-batch buffers included: decoding leaves the state the full forward leaves.
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(final), strict=True):
+        assert np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max() <= 1e-5
+    # The extra steps are live: one step per row would carry other weights.
+    _, one_step = layer.extend(layer.init_state(3), jnp.asarray(x), jnp.asarray(lam_tokens))
+    assert np.abs(np.asarray(one_step.W[0][2]) - np.asarray(state.W[0][2])).max() > 1e-3
+
+
+def test_decode_with_one_step_traces_no_extra_step_work():
+    """steps=1 (the default) buffers nothing and traces what it traced before row_steps existed."""
+    layer, x, lam = _randomised_layer(), jnp.ones((2, CONFIG.width)), jnp.ones((2,))
+    state = layer.init_state(2)
+    one = str(jax.make_jaxpr(lambda x: layer.step(state, x, lam))(x))
+    assert one == str(jax.make_jaxpr(lambda x: layer.step(state, x, lam, steps=1, row_steps=jnp.asarray([1, 1])))(x))
+    assert "cond" not in one and "scatter" not in one
+    assert "cond" in str(jax.make_jaxpr(lambda x: layer.step(state, x, lam, steps=2))(x))
+    _, after = layer.step(state, x, lam)
+    for name in ("minibatch_XK", "minibatch_target", "minibatch_sigma"):
+        assert not np.asarray(getattr(after, name)).any()
