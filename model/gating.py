@@ -43,7 +43,7 @@ FEATURES = (
     "log_chunks_since_update",
 )
 N_FEATURES = len(FEATURES)
-SCHEDULES = ("learned", "skip", "update", "fixed", "random", "random_learned", "threshold", "learned_budget")
+SCHEDULES = ("learned", "skip", "update", "fixed", "random", "random_learned", "threshold", "learned_budget", "policy")
 BUDGET_WINDOW = 16  # learned_budget ranks a chunk's score among this many previous chunks' scores
 DEBT_CHUNKS = 4.0  # ... and pays back a shortfall (or excess) against the target over about this many chunks
 
@@ -95,7 +95,10 @@ class Schedule:
         step size). ``learned_budget``: the learned gate under a budget
         (``budget_choice``): a chunk updates when its score ranks high
         enough among the document's recent chunks, the bar moving with what
-        was spent so far.
+        was spent so far. ``policy``: the update policy (``model.policy``):
+        under the same budget rule, ranked by its log-odds of updating, an
+        updated chunk taking the steps of its likeliest UPDATE_k; with
+        ``explore``, an action sampled from it per chunk (training rollouts).
       value: lam of ``fixed``.
       rate: the target update rate of a new document (``GateHistory.target``):
         the rate of ``random`` / ``random_learned``, the target of
@@ -105,6 +108,7 @@ class Schedule:
       initial_threshold: starting threshold of ``threshold`` (on the
         reconstruction loss).
       steps: gradient steps per mini-batch (k of UPDATE_k).
+      explore: ``policy`` samples its actions (seeded by ``seed``) instead of following the budget rule.
     """
 
     kind: str = "learned"
@@ -114,11 +118,17 @@ class Schedule:
     gain: float = 0.5
     initial_threshold: float = 1.0
     steps: int = 1
+    explore: bool = False
 
     @property
     def reads_history(self) -> bool:
         """Whether lam depends on the gate's features (else they are not computed: they cost a base LM head)."""
-        return self.kind in ("learned", "random_learned", "threshold", "learned_budget")
+        return self.kind in ("learned", "random_learned", "threshold", "learned_budget", "policy")
+
+    @property
+    def max_steps(self) -> int:
+        """The most gradient steps per mini-batch a chunk may take (compile-time)."""
+        return 4 if self.kind == "policy" else self.steps
 
     @property
     def uses_gate(self) -> bool:

@@ -52,6 +52,7 @@ from ponder.model.gating import (
     token_stats,
 )
 from ponder.model.gpt2 import GPT, KVCache
+from ponder.model.policy import ACTION_STEPS, ActorCritic
 from ponder.model.ttt import TTTConfig, TTTLayer, TTTState, select_rows
 
 
@@ -64,6 +65,7 @@ class TTTLMConfig:
     n_ttt_layers: int = 1
     gate: GateConfig = GateConfig()
     eot_id: int | None = None  # a document starts with this token: decoding resets the fast weights there
+    policy_hidden: int | None = None  # width of the update policy's trunks (None: no policy, model.policy)
 
     def __post_init__(self):
         if self.gate.chunk % self.ttt.mini_batch:
@@ -82,6 +84,7 @@ class TTTLMConfig:
             "n_ttt_layers": self.n_ttt_layers,
             "gate": dataclasses.asdict(self.gate),
             "eot_id": self.eot_id,
+            "policy_hidden": self.policy_hidden,
         }
 
     @classmethod
@@ -138,6 +141,7 @@ class DocState:
       history: the ``GateHistory`` (kept up to date under schedules that read
         it, ``Schedule.reads_history``; others leave it as it was).
       lam: [B] lam of the current chunk (0 when it is skipped).
+      steps: [B] gradient steps per mini-batch of the current chunk (0 when it is skipped).
       hidden: [B, C + 1, D] base hidden states of the token before the
         current chunk (slot 0) and of the chunk's tokens so far (decoding).
       tokens: [B, C] the current chunk's tokens so far (decoding).
@@ -149,6 +153,7 @@ class DocState:
     ttt: list[TTTState]
     history: GateHistory
     lam: jax.Array
+    steps: jax.Array
     hidden: jax.Array
     tokens: jax.Array
     start: TTTState
@@ -168,6 +173,7 @@ class LMOutput:
       logits: [B, T, V] float32.
       chunk_lambda: [B, n_chunks] lam used per chunk (0 where skipped).
       chunk_updated: [B, n_chunks] bool.
+      chunk_steps: [B, n_chunks] gradient steps per mini-batch (0 where skipped).
       chunk_features: [B, n_chunks, N_FEATURES] the features each chunk's lam
         was computed from (those of the chunk before; zeros under schedules
         that do not read them).
@@ -184,6 +190,7 @@ class LMOutput:
     logits: jax.Array
     chunk_lambda: jax.Array
     chunk_updated: jax.Array
+    chunk_steps: jax.Array
     chunk_features: jax.Array
     ttt_flops: jax.Array
     ttt_loss: jax.Array
@@ -205,6 +212,9 @@ class TTTTransformerLM(nnx.Module):
         )
         self.ttt = nnx.List([TTTLayer(config.ttt, rngs=rngs) for _ in range(config.n_ttt_layers)])
         self.gate = GatingNetwork(config.gate, rngs=rngs)
+        self.policy = nnx.data(None if config.policy_hidden is None else ActorCritic(
+            N_FEATURES, len(ACTION_STEPS), config.policy_hidden, rngs=rngs
+        ))
 
     # --- State.
 
@@ -224,6 +234,7 @@ class TTTTransformerLM(nnx.Module):
             ttt=[layer.init_state(B) for layer in self.ttt],
             history=history,
             lam=jnp.zeros((B,)),
+            steps=jnp.zeros((B,), jnp.int32),
             hidden=jnp.zeros((B, C + 1, D)),
             tokens=jnp.zeros((B, C), jnp.int32),
             start=self.ttt[0].init_state(B),
@@ -245,11 +256,22 @@ class TTTTransformerLM(nnx.Module):
 
     # --- The gate, shared by both paths.
 
-    def _chunk_lambda(self, schedule: Schedule, history: GateHistory, count):
-        """lam of the chunk starting at document position ``count`` [B], from the history only. [B]"""
-        B = count.shape[0]
+    def _budget_score(self, schedule: Schedule, features):
+        """[B] what a budgeted schedule ranks chunks by: the gate's output, or the policy's log-odds of updating."""
+        if schedule.kind == "policy":
+            logits = self.policy(features)[0]  # [B, len(ACTION_STEPS)]
+            return jax.nn.logsumexp(logits[:, 1:], axis=-1) - logits[:, 0]
+        return self.gate.score(features)
 
+    def _chunk_lambda(self, schedule: Schedule, history: GateHistory, count):
+        """lam and gradient steps of the chunk starting at document position ``count`` [B], from the history only.
+
+        Returns:
+          ``(lam [B], steps [B] int)``; both 0 where the chunk skips.
+        """
+        B = count.shape[0]
         index = count // self.config.gate.chunk  # [B] the chunk's number inside the document
+        steps = jnp.full((B,), schedule.steps, jnp.int32)
 
         def coin():  # [B] 1.0 with probability target, drawn per chunk number
             draw = lambda i, p: jax.random.bernoulli(jax.random.fold_in(jax.random.key(schedule.seed), i), p)
@@ -273,10 +295,26 @@ class TTTTransformerLM(nnx.Module):
             # A value gate's score is a predicted gain, not a step size: a chosen chunk takes UPDATE_1's.
             step = 1.0 if self.config.gate.output == "value" else self.gate.lam(score)
             lam = jnp.where(chosen, step, 0.0)
+        elif schedule.kind == "policy":
+            if self.policy is None:
+                raise ValueError("Schedule('policy') needs a model with an update policy (`ponder train policy`)")
+            logits = self.policy(history.features)[0]  # [B, len(ACTION_STEPS)]
+            if schedule.explore:  # a sample per row and chunk
+                draw = lambda i, row, z: jax.random.categorical(
+                    jax.random.fold_in(jax.random.fold_in(jax.random.key(schedule.seed), i), row), z
+                )
+                action = jax.vmap(draw)(index, jnp.arange(B), logits)
+            else:
+                score = jax.nn.logsumexp(logits[:, 1:], axis=-1) - logits[:, 0]
+                chosen = budget_choice(score, history.scores, index, history.used, history.target)
+                action = jnp.where(chosen, 1 + jnp.argmax(logits[:, 1:], axis=-1), 0)
+            steps = jnp.asarray(ACTION_STEPS, jnp.int32)[action]
+            lam = (steps > 0).astype(jnp.float32)
         else:  # threshold: update when chunk c-1 was hard to reconstruct; a document's first chunk always updates
             recon_before = history.features[:, 2]
             lam = jnp.where((count == 0) | (recon_before > history.threshold), 1.0, 0.0)
-        return jnp.where(lam < self.config.gate.threshold, 0.0, lam)  # below the threshold: no update
+        lam = jnp.where(lam < self.config.gate.threshold, 0.0, lam)  # below the threshold: no update
+        return lam, jnp.where(lam > 0, steps, 0)
 
     def _close_chunk(self, schedule: Schedule, history: GateHistory, token_losses, tokens, recon, count, lam) -> GateHistory:
         """The history after a chunk: its features, the budget's books and the threshold controller.
@@ -292,9 +330,9 @@ class TTTTransformerLM(nnx.Module):
         stats, seen = chunk_stats(*token_losses, tokens, history.seen)
         chunk = count // gate.chunk - 1  # [B] the chunk's number in the document
         scores = history.scores
-        if schedule.kind == "learned_budget":  # remember the score the chunk was ranked by
+        if schedule.kind in ("learned_budget", "policy"):  # remember the score the chunk was ranked by
             rows = jnp.arange(chunk.shape[0])
-            scores = scores.at[rows, chunk % scores.shape[1]].set(self.gate.score(history.features))
+            scores = scores.at[rows, chunk % scores.shape[1]].set(self._budget_score(schedule, history.features))
         used = history.used + updated
         # Threshold gate: steer the threshold so the update rate tracks the target.
         rate = gate.ema * history.rate + (1 - gate.ema) * updated
@@ -382,7 +420,9 @@ class TTTTransformerLM(nnx.Module):
         per_chunk = lambda a: a.reshape(B, n_chunks, C, *a.shape[2:]).swapaxes(0, 1)  # [n, B, C, ...]
         new_document = opens[:, ::C].T & (jnp.arange(n_chunks) > 0)[:, None]  # [n, B]: reset inside this call
         fresh = self.with_target(self.init_state(B, schedule), state.history.target)  # a row keeps its budget
-        layer_flops = sum(layer.update_flops(C, schedule.steps) for layer in self.ttt)
+        # Update FLOPs of a chunk by its steps per mini-batch (0: skipped).
+        step_flops = jnp.asarray([0.0] + [float(sum(layer.update_flops(C, k) for layer in self.ttt))
+                                          for k in range(1, schedule.max_steps + 1)])
         given = jnp.zeros((n_chunks, B)) if chunk_lambda is None else chunk_lambda.T
 
         def run_chunk(carry, inputs):
@@ -392,9 +432,10 @@ class TTTTransformerLM(nnx.Module):
             states, history = carry
             chunk_count = states[0].count
             if chunk_lambda is None:
-                lam = self._chunk_lambda(schedule, history, chunk_count)  # [B]
+                lam, steps = self._chunk_lambda(schedule, history, chunk_count)  # [B] each
             else:
                 lam = jnp.where(lam_given < self.config.gate.threshold, 0.0, lam_given)
+                steps = jnp.where(lam > 0, schedule.steps, 0)
             updated = lam > 0
 
             def run(update: bool):
@@ -402,7 +443,7 @@ class TTTTransformerLM(nnx.Module):
                 for norm, layer, layer_state in zip(self.ttt_norms, self.ttt, states):
                     lam_mb = jnp.broadcast_to(lam[:, None], (B, C // self.config.ttt.mini_batch))
                     delta, layer_state, losses = layer.chunk(
-                        norm(x), lam_mb, layer_state, update=update, steps=schedule.steps
+                        norm(x), lam_mb, layer_state, update=update, steps=schedule.max_steps, row_steps=steps
                     )
                     x = x + delta
                     new_states.append(layer_state)
@@ -418,11 +459,10 @@ class TTTTransformerLM(nnx.Module):
                 history = self._close_chunk(
                     schedule, history, (nll_c, entropy_c, scored_c), tokens_c, recon, states[0].count, lam
                 )
-            flops = jnp.where(updated, float(layer_flops), 0.0)
-            return (states, history), (y_c, lam, updated, flops, ttt_loss, seen_features)
+            return (states, history), (y_c, lam, steps, step_flops[steps], ttt_loss, seen_features)
 
         inputs = (per_chunk(h), per_chunk(nll), per_chunk(entropy), per_chunk(~opens), per_chunk(tokens), new_document, given)
-        (states, history), (y, lam, updated, flops, ttt_loss, seen_features) = jax.lax.scan(
+        (states, history), (y, lam, steps, flops, ttt_loss, seen_features) = jax.lax.scan(
             run_chunk, (state.ttt, state.history), inputs
         )
         y = y.swapaxes(0, 1).reshape(B, T, -1)  # [B, T, D]
@@ -430,6 +470,7 @@ class TTTTransformerLM(nnx.Module):
             ttt=states,
             history=history,
             lam=lam[-1],
+            steps=steps[-1],
             hidden=state.hidden.at[:, C].set(h[:, -1]),  # the token before the next chunk
             tokens=state.tokens,
             start=states[0],
@@ -437,7 +478,8 @@ class TTTTransformerLM(nnx.Module):
         return LMOutput(
             logits=self.base.logits(y, frozen=True),
             chunk_lambda=lam.T,
-            chunk_updated=updated.T,
+            chunk_updated=lam.T > 0,
+            chunk_steps=steps.T,
             chunk_features=seen_features.swapaxes(0, 1),
             ttt_flops=flops.sum(0),
             ttt_loss=ttt_loss.T,
@@ -493,22 +535,24 @@ class TTTTransformerLM(nnx.Module):
         opening = count % C == 0
         # A chunk's first token takes its lam from the history. Most steps open no
         # chunk: skip the schedule's work (a gate MLP, a random draw).
-        lam = jax.lax.cond(
-            jnp.any(opening),
-            lambda: jnp.where(opening, self._chunk_lambda(schedule, state.history, count), state.lam),
-            lambda: state.lam,
-        )
+        def decide():
+            lam, steps = self._chunk_lambda(schedule, state.history, count)
+            return jnp.where(opening, lam, state.lam), jnp.where(opening, steps, state.steps)
+
+        lam, steps = jax.lax.cond(jnp.any(opening), decide, lambda: (state.lam, state.steps))
 
         def run(update: bool):
             x, new_states = h, []
             for norm, layer, layer_state in zip(self.ttt_norms, self.ttt, state.ttt):
-                delta, layer_state = layer.step(layer_state, norm(x), lam, update=update)
+                delta, layer_state = layer.step(
+                    layer_state, norm(x), lam, update=update, steps=schedule.max_steps, row_steps=steps
+                )
                 x = x + delta
                 new_states.append(layer_state)
             return x, new_states
 
         y, states = jax.lax.cond(jnp.any(lam > 0), lambda: run(True), lambda: run(False))
-        new_state = dataclasses.replace(state, ttt=states, lam=lam)
+        new_state = dataclasses.replace(state, ttt=states, lam=lam, steps=steps)
         if schedule.reads_history:  # only a gate that reads the features needs the chunk's buffers
             new_state = self._track_chunk(schedule, state, new_state, tokens, h)
         return y, new_state
@@ -524,14 +568,13 @@ class TTTTransformerLM(nnx.Module):
 
         Args:
           tokens, positions: [B]; cache: the base's KV cache; state: the rows'
-            ``DocState``; schedule: where lam comes from (UPDATE_k decodes
-            with one step per mini-batch); attend_keys: see ``model.gpt2.Attention``.
+            ``DocState``; schedule: where lam comes from (UPDATE_k and the
+            policy's steps as the full forward takes them); attend_keys: see
+            ``model.gpt2.Attention``.
 
         Returns:
           ``(logits [B, V], cache, state)``.
         """
-        if schedule.steps != 1:
-            raise ValueError(f"decoding takes one gradient step per mini-batch; schedule.steps is {schedule.steps}")
         _, hidden, cache = self.base(tokens[:, None], positions[:, None], cache, compute_logits=False, attend_keys=attend_keys)
         y, state = self._token(tokens, hidden[:, 0], state, schedule)
         return self.base.logits(y[:, None], frozen=True)[:, 0], cache, state
@@ -552,8 +595,6 @@ class TTTTransformerLM(nnx.Module):
         Returns:
           ``(logits [B, V] at each row's last real token, cache, state)``.
         """
-        if schedule.steps != 1:
-            raise ValueError(f"extend takes one gradient step per mini-batch; schedule.steps is {schedule.steps}")
         _, hidden, cache = self.base(tokens, positions, cache, compute_logits=False)  # hidden [B, T, D]
 
         def one(carry, inputs):

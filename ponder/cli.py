@@ -159,7 +159,8 @@ def _train_ttt(args: argparse.Namespace) -> None:
             raise ValueError(f"--init-from {args.init_from} is a base checkpoint: start stage 2 from it with --base")
         config = model.config
         if args.new_gate:
-            config = dataclasses.replace(config, gate=dataclasses.replace(config.gate, output=GateConfig().output))
+            # A gate that stage 2's loss can train: lam itself (a value gate is fitted by `ponder train gate`).
+            config = dataclasses.replace(config, gate=GateConfig(chunk=config.gate.chunk, output="clip"))
             model.config, model.gate = config, GatingNetwork(config.gate, rngs=nnx.Rngs(args.seed))
         if args.ttt_base_lr is not None:  # the one layer setting a continued run may change
             config = dataclasses.replace(config, ttt=dataclasses.replace(config.ttt, base_lr=args.ttt_base_lr))
@@ -175,7 +176,7 @@ def _train_ttt(args: argparse.Namespace) -> None:
                           base_lr=TTTConfig.base_lr if args.ttt_base_lr is None else args.ttt_base_lr,
                           max_update_norm=args.max_update_norm),
             n_ttt_layers=args.ttt_layers,
-            gate=GateConfig(chunk=args.chunk),
+            gate=GateConfig(chunk=args.chunk, output="clip"),
             eot_id=tokenizer.eot_id,
         )
         model = TTTTransformerLM(config, rngs=nnx.Rngs(args.seed), base=base)
@@ -187,6 +188,47 @@ def _train_ttt(args: argparse.Namespace) -> None:
     stage = TTTStage(seq_len=args.seq_len, chunk=config.gate.chunk, schedule=schedule, beta=args.beta,
                      gamma=args.gamma, window=args.window, **trainable)
     _train_run(args, stage, model, tokenizer)
+
+
+def _trained_ttt(args: argparse.Namespace):
+    """The TTT checkpoint of ``--init-from`` that a gate or policy is trained for, ``--window`` checked against it."""
+    from ponder.model import checkpoint
+    from ponder.model.ttt_lm import TTTTransformerLM
+
+    _check_corpus(args.corpus)
+    model, tokenizer = checkpoint.load(args.init_from)
+    if not isinstance(model, TTTTransformerLM):
+        raise ValueError(f"--init-from {args.init_from} is a base checkpoint: train a TTT layer first (`ponder train ttt`)")
+    config = model.config
+    if args.window > config.base.n_positions or args.window % config.gate.chunk:
+        raise ValueError(f"--window {args.window} must be a multiple of the chunk size {config.gate.chunk} "
+                         f"and at most the base's context of {config.base.n_positions}")
+    return model, tokenizer
+
+
+def _train_gate(args: argparse.Namespace) -> None:
+    from flax import nnx
+
+    from ponder.model.gating import GateConfig, GatingNetwork
+    from ponder.train.stages import ValueGateStage
+
+    model, tokenizer = _trained_ttt(args)
+    config = model.config
+    gate = GateConfig(chunk=config.gate.chunk, hidden=args.gate_hidden)
+    model.config = dataclasses.replace(config, gate=gate)
+    model.gate = GatingNetwork(gate, rngs=nnx.Rngs(args.seed))
+    stage = ValueGateStage(seq_len=args.seq_len, chunk=gate.chunk, window=args.window, rates=(args.min_rate, args.max_rate))
+    _train_run(args, stage, model, tokenizer)
+
+
+def _train_policy(args: argparse.Namespace) -> None:
+    from ponder.train.policy import PolicyConfig, train_policy
+
+    if not 0.0 <= args.budget <= 4.0:
+        raise ValueError(f"--budget {args.budget} must be in [0, 4] (mean gradient steps per chunk)")
+    model, tokenizer = _trained_ttt(args)
+    config = PolicyConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PolicyConfig)})
+    print(f"wrote {train_policy(model, args.corpus, args.run_dir, config, tokenizer=tokenizer)}", file=sys.stderr)
 
 
 def _train_plot(args: argparse.Namespace) -> None:
@@ -207,16 +249,24 @@ def _eval(args: argparse.Namespace) -> None:
         raise ValueError(f"--window {args.window} must be a multiple of the chunk size {model.config.gate.chunk} "
                          f"and at most the context of {model.config.base.n_positions}")
     docs = evaluate.held_out_documents(args.corpus, args.window, args.min_tokens, args.max_tokens, args.max_documents)
-    calibration = None
-    if args.rate is not None and args.rate < 1 and args.calibration_documents:
-        calibration = evaluate.held_out_documents(args.corpus, args.window, args.min_tokens, args.max_tokens,
-                                                  args.calibration_documents, split="train")
-    table = evaluate.evaluate(model, docs, args.window, args.fixed_lambda, args.rate, calibration)
+    rates = (args.rate,) if args.rate is not None else args.rates or evaluate.RATES
+    table = evaluate.evaluate(model, docs, args.window, args.fixed_lambda, rates, args.random_seeds, args.lookahead)
     if args.lines_per_file:
         table["line_completion"] = _line_completion(model, tokenizer, docs, args)
     out = evaluate.write(table, args.out)
     print(evaluate.markdown(table))
     print(f"wrote {out}/eval.json, eval.md and ce_vs_compute.png", file=sys.stderr)
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    """``ponder eval --rates``: comma-separated update rates, each in (0, 1)."""
+    try:
+        rates = tuple(float(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated rates such as 0.25,0.5,0.75, got {text!r}") from None
+    if not rates or not all(0.0 < r < 1.0 for r in rates):
+        raise argparse.ArgumentTypeError(f"each rate must be in (0, 1), got {text!r}")
+    return rates
 
 
 def _line_completion(model, tokenizer, docs, args) -> dict:
@@ -258,8 +308,7 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
                         help="update rate of random / random_learned, target rate of threshold / learned_budget")
     parser.add_argument("--schedule-steps", type=int, default=Schedule.steps, help="k of UPDATE_k (--schedule update)")
     parser.add_argument("--schedule-threshold", type=float, default=Schedule.initial_threshold,
-                        help="starting threshold of threshold (reconstruction loss) / learned_budget (λ); "
-                             "ponder eval --rate reports one for learned_budget")
+                        help="starting threshold of threshold (reconstruction loss) / learned_budget (λ)")
     parser.add_argument("--schedule-gain", type=float, default=Schedule.gain,
                         help="step of the threshold / learned_budget controller")
 
@@ -321,10 +370,13 @@ def _add_eval_command(commands) -> None:
     ev.add_argument("--max-tokens", type=int, default=4096)
     ev.add_argument("--max-documents", type=int, default=20)
     ev.add_argument("--fixed-lambda", type=float, default=1.0)
-    ev.add_argument("--rate", type=float, help="update rate for RANDOM / THRESHOLD / ORACLE (default: LEARNED's); "
-                    "below 1 it also adds the learned gate under that budget (LEARNED_BUDGET, RANDOM_LEARNED)")
-    ev.add_argument("--calibration-documents", type=int, default=10,
-                    help="training-split documents that set LEARNED_BUDGET's controller (0: leave it out)")
+    rates = ev.add_mutually_exclusive_group()
+    rates.add_argument("--rates", type=_rates, metavar="R1,R2,...",
+                       help="target update rates of the budgeted methods, each in (0, 1): a curve of CE against "
+                            "compute (default: 0.25,0.5,0.75, evaluate.RATES)")
+    rates.add_argument("--rate", type=float, help="a single target update rate (shorthand for --rates R)")
+    ev.add_argument("--random-seeds", type=int, default=3, help="seeds of RANDOM, the reference of the CI column")
+    ev.add_argument("--lookahead", type=int, default=1, help="chunks after the one decided that GREEDY_ORACLE scores")
     ev.add_argument("--lines-per-file", type=int, default=12,
                     help="line-completion targets per file, past its first window (0: skip)")
     ev.add_argument("--line-every", type=int, default=100, help="tokens between line-completion targets")
@@ -347,7 +399,8 @@ def _add_train_commands(commands) -> None:
     from ponder.model.gating import GateConfig
     from ponder.model.ttt import TTTConfig
     from ponder.model.ttt_lm import TTTLMConfig
-    from ponder.train.stages import TTTStage
+    from ponder.train.policy import PolicyConfig
+    from ponder.train.stages import TTTStage, ValueGateStage
     from ponder.train.trainer import TrainConfig
 
     train = commands.add_parser("train", help="build a corpus, train the base model or the TTT layer, plot a run")
@@ -393,7 +446,8 @@ def _add_train_commands(commands) -> None:
                      help="continue this TTT checkpoint instead (its layer sizes win over --ttt-*, --chunk, ...; "
                           "--ttt-base-lr changes its learning rate)")
     ttt.add_argument("--new-gate", action="store_true",
-                     help="with --init-from: a fresh gating network of the current kind (e.g. after an UPDATE run)")
+                     help="with --init-from: a fresh λ gate (rectified output, every feature) for stage 2's loss "
+                          "to train (e.g. after an UPDATE run)")
     ttt.add_argument("--gate-only", action="store_true",
                      help="with --init-from: train only the gating network; the TTT layer stays as it is, so "
                           "UPDATE_1's results do not move")
@@ -413,6 +467,25 @@ def _add_train_commands(commands) -> None:
     ttt.add_argument("--beta", type=float, default=TTTStage.beta, help="weight of the TTT reconstruction loss")
     ttt.add_argument("--gamma", type=float, default=TTTStage.gamma, help="weight of mean(lam), the compute penalty")
     ttt.set_defaults(run=_train_ttt)
+
+    gate = stages.add_parser("gate", help="stage 2b: a fresh value gate for a trained TTT layer (the layer stays frozen)")
+    common(gate, TrainConfig.ttt(seq_len=2048, batch_size=2, lr=1e-3, warmup=20))
+    gate.add_argument("--init-from", type=Path, required=True, help="the TTT checkpoint whose gate to replace")
+    gate.add_argument("--window", type=int, default=1024,
+                      help="base attention window in tokens (rows longer than it run window by window)")
+    gate.add_argument("--gate-hidden", type=int, default=GateConfig.hidden, help="width of the gating MLP")
+    gate.add_argument("--min-rate", type=float, default=ValueGateStage.rates[0],
+                      help="the random behaviour's update rate is drawn per row between --min-rate and --max-rate")
+    gate.add_argument("--max-rate", type=float, default=ValueGateStage.rates[1])
+    gate.set_defaults(run=_train_gate)
+
+    policy = stages.add_parser("policy", help="stage 2c: the update policy (PPO-Lagrangian) for a trained TTT layer")
+    policy.add_argument("--init-from", type=Path, required=True, help="the TTT checkpoint to add a policy to")
+    policy.add_argument("--corpus", type=Path, required=True)
+    policy.add_argument("--run-dir", type=Path, required=True)
+    for field in dataclasses.fields(PolicyConfig):
+        policy.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+    policy.set_defaults(run=_train_policy)
 
     plot = stages.add_parser("plot", help="draw a run's loss and lambda curves to a PNG")
     plot.add_argument("--run-dir", type=Path, required=True)

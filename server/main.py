@@ -78,6 +78,9 @@ def run(args, schedule: Schedule) -> None:
     from ponder.server.service import CompletionService, Limits
 
     model, tokenizer = checkpoint.load(args.checkpoint)
+    if schedule.kind == "policy" and getattr(model, "policy", None) is None:
+        raise ValueError(f"--schedule policy needs a checkpoint with an update policy; {args.checkpoint} has none "
+                         "(add one with `ponder train policy`)")
     metrics = ServerMetrics.create()
     config = EngineConfig(
         slots=args.slots, max_new_tokens=args.max_tokens, queue_size=args.queue_size,

@@ -1,5 +1,8 @@
-"""ponder eval: the table's numbers recomputed independently, through the token-by-token decode path."""
+"""ponder eval: the table's numbers recomputed independently (the token-by-token decode path, whole-document
+runs for the greedy oracle), the bootstrap against RANDOM, the files and the command line."""
 
+import functools
+import json
 import math
 
 import jax
@@ -9,7 +12,7 @@ import pytest
 from flax import nnx
 
 from ponder.model.config import GPTConfig
-from ponder.model.document import run_document
+from ponder.model.document import DocumentRun, run_document
 from ponder.model.gating import GateConfig, Schedule
 from ponder.model.gpt2 import KVCache
 from ponder.model.ttt import TTTConfig
@@ -21,6 +24,7 @@ from ponder.train.stages import TTTStage
 BASE = GPTConfig(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=2)
 CONFIG = TTTLMConfig(base=BASE, ttt=TTTConfig(width=64, n_head=4), gate=GateConfig(chunk=16))
 WINDOW = 32
+RATES = (0.5,)  # one rate keeps the fixture to one compilation per schedule; the curve's layout is tested apart
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,7 @@ def fixture():
     nnx.update(model.gate, jax.tree.unflatten(treedef, [x + 0.5 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)]))
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 512, 64).astype(np.int32) for _ in range(2)]
-    return model, docs, evaluate.evaluate(model, docs, WINDOW, fixed_lambda=0.5)
+    return model, docs, evaluate.evaluate(model, docs, WINDOW, fixed_lambda=0.5, rates=RATES, random_seeds=2)
 
 
 def _decode_nll(model, doc, schedule):
@@ -55,72 +59,189 @@ def _decode_nll(model, doc, schedule):
     return np.asarray(nll), np.asarray(lams)
 
 
+def _expected_rows(model):
+    unbudgeted = [(name, None) for name in ("SKIP", "UPDATE_1", "UPDATE_2", "UPDATE_4", "FIXED_0.5", "LEARNED")]
+    methods = ["RANDOM", "THRESHOLD", "LEARNED_BUDGET", "RANDOM_LEARNED", "ORACLE", "GREEDY_ORACLE"]
+    if getattr(model, "policy", None) is not None:
+        methods.append("POLICY")
+    return set(unbudgeted) | {(name, rate) for name in methods for rate in RATES}
+
+
 def test_table_is_recomputed_by_the_decode_path(fixture):
     model, docs, table = fixture
-    rows = table["methods"]
-    assert set(rows) == {"SKIP", "UPDATE_1", "UPDATE_2", "UPDATE_4", "FIXED_0.5", "RANDOM", "THRESHOLD", "LEARNED", "ORACLE"}
+    row = functools.partial(evaluate.find_row, table)
+    assert {(r["method"], r["rate"]) for r in table["methods"]} == _expected_rows(model)
+    assert len(table["methods"]) == len(_expected_rows(model)) and table["rates"] == list(RATES)
     assert table["tokens"] == 2 * 63
     ce, lams = {}, {}
     for name, schedule in [("SKIP", Schedule("skip")), ("UPDATE_1", Schedule("update")), ("LEARNED", Schedule("learned"))]:
         runs = [_decode_nll(model, doc, schedule) for doc in docs]
         ce[name] = float(np.concatenate([nll for nll, _ in runs]).mean())
         lams[name] = np.concatenate([lam for _, lam in runs])
-        assert abs(rows[name]["ce"] - ce[name]) <= 1e-5, name
-        assert math.isclose(rows[name]["perplexity"], math.exp(rows[name]["ce"]))
+        assert abs(row(name)["ce"] - ce[name]) <= 1e-5, name
+        assert math.isclose(row(name)["perplexity"], math.exp(row(name)["ce"]))
     assert ce["UPDATE_1"] != ce["SKIP"]  # the fixture's TTT layer changes predictions
     updated = lams["LEARNED"] >= CONFIG.gate.threshold
-    assert 0 < updated.mean() < 1  # the gate skips some chunks and updates others
-    assert rows["LEARNED"]["updated"] == pytest.approx(updated.mean())
-    assert table["rate"] == pytest.approx(updated.mean())
+    assert row("LEARNED")["updated"] == pytest.approx(updated.mean())
     # FLOPs are counted per updated chunk, the same for every single-step method.
-    assert rows["LEARNED"]["flops_vs_update_1"] == pytest.approx(updated.mean())
-    assert rows["SKIP"]["flops_vs_update_1"] == 0 and rows["UPDATE_1"]["flops_vs_update_1"] == 1
-    assert rows["UPDATE_2"]["flops_vs_update_1"] > 1
+    assert row("LEARNED")["flops_vs_update_1"] == pytest.approx(updated.mean())
+    assert row("SKIP")["flops_vs_update_1"] == 0 and row("UPDATE_1")["flops_vs_update_1"] == 1
+    assert row("UPDATE_2")["flops_vs_update_1"] > 1
     gain = (ce["SKIP"] - ce["LEARNED"]) / (ce["SKIP"] - ce["UPDATE_1"])
-    assert rows["LEARNED"]["gain_vs_update_1"] == pytest.approx(gain, abs=1e-4)
-    oracle_gain = (ce["SKIP"] - ce["LEARNED"]) / (ce["SKIP"] - rows["ORACLE"]["ce"])
-    assert rows["LEARNED"]["gain_vs_oracle"] == pytest.approx(oracle_gain, abs=1e-4)
+    assert row("LEARNED")["gain_vs_update_1"] == pytest.approx(gain, abs=1e-4)
+    assert row("LEARNED")["gain_vs_oracle"] is None and row("LEARNED")["minus_random"] is None
+    for rate in RATES:  # a budgeted row's shares are against ORACLE at its own rate
+        greedy, oracle = row("GREEDY_ORACLE", rate), row("ORACLE", rate)
+        share = (ce["SKIP"] - greedy["ce"]) / (ce["SKIP"] - oracle["ce"])
+        assert greedy["gain_vs_oracle"] == pytest.approx(share, abs=1e-4) and oracle["gain_vs_oracle"] == 1
+        assert oracle["updated"] == rate and oracle["flops_vs_update_1"] == pytest.approx(rate)
 
 
-def test_learned_gate_under_a_budget_is_set_on_calibration_documents(fixture):
-    model, docs, _ = fixture
-    calibration = [np.random.default_rng(1).integers(0, 512, 64).astype(np.int32)]
-    table = evaluate.evaluate(model, docs, WINDOW, rate=0.5, calibration=calibration)
-    rows, budget = table["methods"], table["budget"]
-    assert {"LEARNED_BUDGET", "RANDOM_LEARNED"} <= set(rows) and budget["calibration_documents"] == 1
-    # The controller starts at the median of the learned gate's lam on the calibration document.
-    _, lams = _decode_nll(model, calibration[0], Schedule("learned"))
-    assert budget["initial_threshold"] == pytest.approx(np.quantile(lams, 0.5), abs=1e-6)
-    assert budget["gain"] in evaluate.CONTROLLER_GAINS
-    # Its row is that schedule on the held-out documents, recomputed token by token.
-    schedule = Schedule("learned_budget", rate=0.5, initial_threshold=budget["initial_threshold"], gain=budget["gain"])
-    runs = [_decode_nll(model, doc, schedule) for doc in docs]
-    assert rows["LEARNED_BUDGET"]["ce"] == pytest.approx(float(np.concatenate([nll for nll, _ in runs]).mean()), abs=1e-5)
-    assert rows["LEARNED_BUDGET"]["updated"] == pytest.approx(np.mean(np.concatenate([lam for _, lam in runs]) > 0))
-    assert "LEARNED_BUDGET: threshold on lam starting at" in evaluate.markdown(table)
+def test_budgeted_rows_report_their_realised_rate_and_random_is_a_mean_over_seeds(fixture):
+    model, docs, table = fixture
+    rate = RATES[0]
+    # LEARNED_BUDGET's row is its schedule from the rate alone, recomputed token by token.
+    runs = [_decode_nll(model, doc, Schedule("learned_budget", rate=rate)) for doc in docs]
+    row = evaluate.find_row(table, "LEARNED_BUDGET", rate)
+    assert row["ce"] == pytest.approx(float(np.concatenate([nll for nll, _ in runs]).mean()), abs=1e-5)
+    assert row["updated"] == pytest.approx(np.mean(np.concatenate([lam for _, lam in runs]) > 0))
+    # RANDOM: each seed its own coins; the row is their mean, and the reference of every row at that rate.
+    seeds = [[run_document(model, doc, Schedule("random", rate=rate, seed=s), WINDOW) for doc in docs] for s in range(2)]
+    row = evaluate.find_row(table, "RANDOM", rate)
+    assert row["seed_ce"] == pytest.approx([evaluate.cross_entropy(rs) for rs in seeds], abs=1e-6)
+    assert row["ce"] == pytest.approx(np.mean(row["seed_ce"]), abs=1e-6)
+    assert row["updated"] == pytest.approx(np.mean([evaluate.update_rate(rs) for rs in seeds]))
+    assert row["minus_random"] == {"difference": 0.0, "ci95": [0.0, 0.0]} and not row["beats_random"]
+    oracle = evaluate.find_row(table, "ORACLE", rate)
+    assert oracle["minus_random"]["difference"] == pytest.approx(oracle["ce"] - row["ce"], abs=1e-5)
+    assert oracle["beats_random"] == (oracle["minus_random"]["ci95"][1] < 0)
 
 
 def test_oracle_updates_the_chunks_with_the_largest_own_gain(fixture):
-    model, docs, table = fixture
-    rate = table["rate"]
+    model, docs, _ = fixture
     C = CONFIG.gate.chunk
     for doc in docs:
         skip, _ = _decode_nll(model, doc, Schedule("skip"))
         update, _ = _decode_nll(model, doc, Schedule("update"))
         per_chunk = lambda nll: np.concatenate([[0.0], nll]).reshape(-1, C).mean(-1)
         gain = per_chunk(skip) - per_chunk(update)
-        chosen = evaluate.oracle_lambda(model, doc, WINDOW, rate) > 0
-        k = int(round(rate * len(gain)))
-        assert chosen.sum() == k
-        assert gain[chosen].min(initial=np.inf) >= gain[~chosen].max(initial=-np.inf) - 1e-6
+        measured = evaluate.isolated_gain(run_document(model, doc, Schedule("skip"), WINDOW),
+                                          run_document(model, doc, Schedule("update"), WINDOW), C)
+        np.testing.assert_allclose(measured, gain, atol=1e-5)
+        for rate in (0.25, 0.5, 0.75):
+            chosen = evaluate.oracle_lambda(gain, rate) > 0
+            assert chosen.sum() == int(round(rate * len(gain)))
+            assert gain[chosen].min(initial=np.inf) >= gain[~chosen].max(initial=-np.inf)
 
 
-def test_markdown_and_plot(fixture, tmp_path):
-    *_, table = fixture
-    out = evaluate.write(table, tmp_path)
-    text = (out / "eval.md").read_text()
-    assert "| LEARNED |" in text and "| ORACLE |" in text
-    assert (out / "ce_vs_compute.png").read_bytes()[:4] == b"\x89PNG"
+@pytest.fixture(scope="module")
+def long_document():
+    return np.random.default_rng(2).integers(0, 512, 4 * WINDOW).astype(np.int32)  # 8 chunks over 4 windows
+
+
+def test_greedy_oracle_gain_is_measured_from_the_state_its_choices_left(fixture, long_document):
+    """Each gain of a greedy walk, recomputed from whole-document runs: the choices made so far, then
+    chunk c updated or skipped, then the lookahead updated; the loss of the predictions made in chunks
+    c..c+lookahead (the next chunk's first token included; across a window boundary too)."""
+    model, *_ = fixture
+    doc, C = long_document, CONFIG.gate.chunk
+    oracle = evaluate.GreedyOracle(model, doc, WINDOW, lookahead=1)
+    chosen, gains = oracle.walk(0.0)
+    assert 0 < chosen.sum() < len(chosen) and np.array_equal(chosen, gains >= 0.0)
+    for c in range(oracle.n_chunks):
+        loss = []
+        for branch in (1.0, 0.0):
+            lam = np.concatenate([chosen[:c], [branch], np.ones(oracle.n_chunks - c - 1)]).astype(np.float32)
+            nll = run_document(model, doc, Schedule("skip"), WINDOW, lam).nll  # nll[p]: token p + 1, predicted at p
+            loss.append(nll[c * C : (c + 2) * C].mean())
+        assert gains[c] == pytest.approx(loss[1] - loss[0], abs=1e-5), c
+    # A walk that reuses the previous one's states until their choices part equals a walk from scratch.
+    again, _ = oracle.walk(0.005)
+    fresh, fresh_gains = evaluate.GreedyOracle(model, doc, WINDOW, lookahead=1).walk(0.005)
+    assert np.array_equal(again, fresh) and not np.array_equal(again, chosen)
+    np.testing.assert_allclose(oracle.walk(0.005)[1], fresh_gains, atol=1e-6)
+
+
+def test_greedy_oracle_holds_the_rate_and_beats_skip(fixture, long_document):
+    model, *_ = fixture
+    doc = long_document
+    oracle = evaluate.GreedyOracle(model, doc, WINDOW)
+    skip = run_document(model, doc, Schedule("skip"), WINDOW).nll.mean()
+    for rate in (0.25, 0.5, 0.75):
+        lam = oracle.choose(rate)
+        assert set(np.unique(lam)) <= {0.0, 1.0}
+        assert abs(lam.mean() - rate) <= 1 / oracle.n_chunks
+        assert run_document(model, doc, Schedule("skip"), WINDOW, lam).nll.mean() <= skip
+    with pytest.raises(ValueError, match="whole chunks of 16"):
+        evaluate.GreedyOracle(model, doc[:40], WINDOW)
+
+
+def test_paired_difference_is_token_weighted_and_paired_over_documents():
+    tokens = np.asarray([100, 300, 50, 200, 150, 80, 120, 60])
+    loss = np.random.default_rng(0).uniform(1.0, 4.0, len(tokens)) * tokens  # documents of very different CE
+    same = evaluate.paired_difference(loss, loss, tokens)
+    assert same == {"difference": 0.0, "ci95": [0.0, 0.0]}
+    lower = evaluate.paired_difference(loss - 0.1 * tokens, loss, tokens)
+    assert lower["difference"] == pytest.approx(-0.1) and lower["ci95"] == pytest.approx([-0.1, -0.1])
+    alone = evaluate.paired_difference(loss[:1] - 0.1 * tokens[:1], loss[:1], tokens[:1])  # no spread to measure
+    assert alone["difference"] == pytest.approx(-0.1) and np.isnan(alone["ci95"]).all()
+    # About 0.1 lower on every document: the interval is about the difference, not the spread between
+    # documents (unpaired, the CE per document varies by nats and the interval would hold 0).
+    noise = np.random.default_rng(1).normal(0.0, 0.01, len(tokens)) * tokens
+    got = evaluate.paired_difference(loss - 0.1 * tokens + noise, loss, tokens)
+    assert got["difference"] == pytest.approx((-0.1 * tokens + noise).sum() / tokens.sum())
+    low, high = got["ci95"]
+    assert -0.13 < low < got["difference"] < high < -0.07
+
+
+def _run(nll, updated, flops_per_chunk=1.0):
+    return DocumentRun(np.asarray(nll), np.asarray(updated, np.float32), np.asarray(updated, bool),
+                       flops_per_chunk * float(np.sum(updated)))
+
+
+def test_markdown_json_and_plot_have_a_row_per_method_and_rate(fixture, tmp_path):
+    """The layout of a three-rate curve, from runs made up by hand: 2 documents of 4 chunks, CE falling with
+    the chunks updated; then the fixture's table, whose rows ``write`` keeps one by one."""
+    model, _, fixture_table = fixture
+    rng = np.random.default_rng(0)
+    base = [rng.uniform(2.0, 3.0, 63) for _ in range(2)]
+    made_up = lambda share, updated, flops=1.0: [_run(b - 0.1 * share, updated, flops) for b in base]
+    runs = {("SKIP", None): made_up(0.0, [0, 0, 0, 0]), ("UPDATE_1", None): made_up(1.0, [1, 1, 1, 1]),
+            ("UPDATE_2", None): made_up(1.1, [1, 1, 1, 1], 2.0), ("LEARNED", None): made_up(0.8, [1, 0, 1, 1])}
+    for rate, updated in ((0.25, [1, 0, 0, 0]), (0.5, [1, 0, 1, 0]), (0.75, [1, 1, 1, 0])):
+        for i, name in enumerate(("RANDOM", "LEARNED_BUDGET", "ORACLE", "GREEDY_ORACLE")):
+            runs[name, rate] = made_up(rate * (1 + 0.2 * i), updated)
+    table = evaluate.summarize(runs)
+    row = functools.partial(evaluate.find_row, table)
+    assert table["rates"] == [0.25, 0.5, 0.75] and len(table["methods"]) == len(runs) == 16
+    assert row("UPDATE_2")["flops_vs_update_1"] == 2.0 and row("UPDATE_2")["gain_vs_update_1"] == pytest.approx(1.1)
+    assert row("ORACLE", 0.5)["minus_random"]["difference"] == pytest.approx(-0.1 * 0.5 * 0.4, abs=1e-6)
+    assert row("ORACLE", 0.5)["beats_random"] and row("LEARNED_BUDGET", 0.25)["updated"] == 0.25
+    assert row("GREEDY_ORACLE", 0.75)["gain_vs_oracle"] == pytest.approx(1.6 / 1.4)
+    assert [(r["method"], r["rate"]) for r in table["methods"]][3:7] == [
+        ("LEARNED", None), ("RANDOM", 0.25), ("RANDOM", 0.5), ("RANDOM", 0.75)]  # unbudgeted first, then by method
+    for table, expected in ((table, set(runs)), (fixture_table, _expected_rows(model))):
+        out = evaluate.write(table, tmp_path / str(len(expected)))
+        rows = json.loads((out / "eval.json").read_text())["methods"]
+        assert len(rows) == len(expected) and {(r["method"], r["rate"]) for r in rows} == expected
+        lines = [line for line in (out / "eval.md").read_text().splitlines() if line.startswith("| ")][1:]
+        assert len(lines) == len(rows)
+        for r in rows:
+            rate = "—" if r["rate"] is None else f"{r['rate']:g}"
+            assert sum(line.startswith(f"| {r['method']} | {rate} |") for line in lines) == 1
+        assert (out / "ce_vs_compute.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_parses_rates():
+    from ponder import cli
+
+    parse = lambda *args: cli.build_parser().parse_args(["eval", "--corpus", "c", "--out", "o", *args])
+    args = parse()
+    assert args.rates is None and args.rate is None and args.random_seeds == 3 and args.lookahead == 1
+    assert parse("--rates", "0.1,0.5, 0.9").rates == (0.1, 0.5, 0.9) and parse("--rate", "0.3").rate == 0.3
+    for bad in (["--rates", "0.5,1"], ["--rates", "half"], ["--rates", "0.5", "--rate", "0.5"]):
+        with pytest.raises(SystemExit):
+            parse(*bad)
 
 
 def test_line_completion_targets_and_scores(fixture, code_tokenizer):
@@ -191,7 +312,7 @@ def test_windowed_training_rows_equal_evaluation_window_by_window(fixture, metho
     """Stage 2 with ``window``: a packed row of two documents of two windows each gives, token for
     token, the losses that evaluation computes window by window with the TTT state carried across."""
     model, docs, _ = fixture
-    schedule = evaluate.methods(0.5, 0.5)[method]
+    schedule = evaluate.unbudgeted(0.5)[method]
     row = np.concatenate(docs)[None]  # [1, 128]: two documents, each two windows of 32
     batch = Batch(row, np.concatenate([np.arange(64)] * 2)[None].astype(np.int32),
                   np.repeat([0, 1], 64)[None].astype(np.int32), np.ones_like(row, bool))

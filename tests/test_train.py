@@ -17,7 +17,7 @@ from flax import nnx
 from ponder import cli as ponder_cli
 from ponder.model.checkpoint import load_config
 from ponder.model.config import GPTConfig
-from ponder.model.gating import GateConfig, GatingNetwork
+from ponder.model.gating import GateConfig, GatingNetwork, Schedule
 from ponder.model.tokenizer import Tokenizer
 from ponder.model.ttt import TTTConfig
 from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
@@ -208,6 +208,28 @@ def test_pulse_run_both_stages_with_a_kill_and_resume(tmp_path, capsys):
     fresh_gate = GatingNetwork(before.config.gate, rngs=nnx.Rngs(0))  # what --new-gate started from (seed 0)
     # (Its output kernel starts at zero, so the hidden layer gets no gradient before the output layer moved.)
     assert all(jax.tree.leaves(moved(fresh_gate.out, after.gate.out)))
+    # A value gate fitted to that layer's measured gains, then an update policy (PPO) on top: both load and serve.
+    valued, policy = tmp_path / "value-gate", tmp_path / "policy"
+    window = ["--seq-len", "2048", "--window", "1024", "--batch-size", "1"]
+    result = _ponder("train", "gate", "--init-from", str(longer / "final"), "--corpus", str(data), "--run-dir",
+                     str(valued), "--steps", "2", *window, "--warmup", "1", "--eval-every", "2", "--eval-batches", "1",
+                     "--no-progress")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (valued / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [row["step"] for row in rows] == [1, 2] and all(np.isfinite(row["value_loss"]) for row in rows)
+    result = _ponder("train", "policy", "--init-from", str(valued / "final"), "--corpus", str(data), "--run-dir",
+                     str(policy), "--iterations", "2", *window, "--save-every", "1")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (policy / "log.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in rows] == [1, 2] and all(np.isfinite(row["loss"]) for row in rows)
+    served, _ = checkpoint.load(policy / "final")
+    assert served.config.gate.output == "value" and served.policy is not None
+    assert not any(jax.tree.leaves(moved(before.ttt, served.ttt)))
+    from ponder.model.document import run_document
+
+    document = np.asarray(Tokenizer.load(data / "tokenizer.json").encode_document(src.joinpath("mod0.py").read_text() * 60))
+    run = run_document(served, document[: len(document) // 1024 * 1024], Schedule("policy", rate=0.5), 1024)
+    assert 0 < run.chunk_updated.mean() < 1
     common = ["--corpus", str(data), "--run-dir", str(tmp_path / "bad"), "--seq-len", "2048"]
     for args, message in [
         (["--base", str(base_run / "final"), "--init-from", str(ttt_run / "final")], "give one of --base"),

@@ -14,7 +14,8 @@ from ponder.model.ttt import TTTConfig
 from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
 
 BASE = dataclasses.replace(GPTConfig.tiny(vocab_size=512), n_positions=256, n_embd=64, n_layer=2, n_head=2)
-CONFIG = TTTLMConfig(base=BASE, ttt=TTTConfig(width=64, n_head=4), n_ttt_layers=2, gate=GateConfig(chunk=16))
+CONFIG = TTTLMConfig(base=BASE, ttt=TTTConfig(width=64, n_head=4), n_ttt_layers=2, gate=GateConfig(chunk=16),
+                     policy_hidden=16)
 FIXED = Schedule("fixed", value=1.5)
 
 
@@ -70,24 +71,27 @@ def _close(got, want, tol=1e-5):
 
 
 def _decode(model, tokens, positions, schedule, cache=None, state=None):
-    """Feeds ``tokens`` [B, T] one step at a time; returns logits [B, T, V], lam seen per token, cache, state."""
+    """Feeds ``tokens`` [B, T] one step at a time; returns logits [B, T, V], lam and steps per token
+    (``{"lam": [B, T], "steps": [B, T]}``), cache, state."""
     from ponder.model.gpt2 import KVCache
 
     B = tokens.shape[0]
     cache = KVCache.init(model.config.base, B) if cache is None else cache
     state = model.init_state(B, schedule) if state is None else state
     step = nnx.jit(lambda model, *args: model.step(*args, schedule))
-    logits, lams = [], []
+    logits, lams, steps = [], [], []
     for t in range(tokens.shape[1]):
         out, cache, state = step(model, tokens[:, t], positions[:, t], cache, state)
         logits.append(np.asarray(out))
         lams.append(np.asarray(state.lam))
-    return np.stack(logits, 1), np.stack(lams, 1), cache, state
+        steps.append(np.asarray(state.steps))
+    return np.stack(logits, 1), {"lam": np.stack(lams, 1), "steps": np.stack(steps, 1)}, cache, state
 
 
 @pytest.mark.parametrize("schedule", [
     FIXED, Schedule("learned"), Schedule("threshold", rate=0.5, initial_threshold=9.0, gain=2.0),
-    Schedule("learned_budget", rate=0.5, initial_threshold=1.0, gain=2.0), Schedule("random_learned", rate=0.5, seed=1),
+    Schedule("learned_budget", rate=0.5), Schedule("random_learned", rate=0.5, seed=1), Schedule("update", steps=2),
+    Schedule("policy", rate=0.5), Schedule("policy", explore=True, seed=1),
 ])
 def test_token_by_token_decoding_equals_full_forward(schedule):
     """Every offset inside mini-batches and chunks; lam per chunk and the gating history too."""
@@ -96,12 +100,17 @@ def test_token_by_token_decoding_equals_full_forward(schedule):
     out = model(tokens, positions, schedule)
     base_logits, _, _ = model.base(tokens, positions)
     assert not np.allclose(np.asarray(out.logits), np.asarray(base_logits))  # the TTT path is live
-    logits, lams, _, state = _decode(model, tokens, positions, schedule)
+    logits, per_token, _, state = _decode(model, tokens, positions, schedule)
     assert np.abs(logits - np.asarray(out.logits)).max() <= 1e-5
     C = CONFIG.gate.chunk
-    assert np.abs(lams[:, ::C] - np.asarray(out.chunk_lambda)).max() <= 1e-6
+    assert np.abs(per_token["lam"][:, ::C] - np.asarray(out.chunk_lambda)).max() <= 1e-6
+    np.testing.assert_array_equal(per_token["steps"][:, ::C], out.chunk_steps)
     _close((state.ttt, state.history), (out.state.ttt, out.state.history))
-    if schedule.kind != "fixed":
+    if schedule.kind == "update":
+        assert (np.asarray(out.chunk_steps) == schedule.steps).all()
+    elif schedule.kind == "policy":  # some chunks skip, others take the policy's steps
+        assert 0 in np.asarray(out.chunk_steps) and np.asarray(out.chunk_steps).max() > 0
+    elif schedule.kind != "fixed":
         assert len(np.unique(np.asarray(out.chunk_lambda))) > 1  # the schedule really varies lam
 
 
@@ -139,6 +148,8 @@ def _with_random_gate(model):
     """A gate whose scores straddle 0, so a value gate updates some chunks and skips others."""
     _perturb(model.gate, 0.1, seed=3)
     model.gate.out.bias[...] = jnp.zeros_like(model.gate.out.bias[...])
+    head = model.policy.policy_head.kernel  # and a policy that does not start uniform
+    head[...] = jax.random.normal(jax.random.key(5), head.shape)
     return model
 
 
@@ -297,7 +308,7 @@ def test_packed_documents_do_not_see_each_other():
     assert not np.allclose(np.asarray(unsegmented.logits[:, 32:]), np.asarray(alone.logits), atol=1e-3)
 
 
-@pytest.mark.parametrize("schedule", [FIXED, Schedule("learned")])
+@pytest.mark.parametrize("schedule", [FIXED, Schedule("learned"), Schedule("policy", rate=0.5)])
 def test_extend_equals_token_by_token_decoding(schedule):
     """extend (base in one call, TTT scanned) from mid-chunk offsets, with right-padded rows."""
 

@@ -6,15 +6,17 @@ steps the TTT layer takes per mini-batch of the chunk (``ACTION_STEPS``)::
 
     SKIP = 0 steps, UPDATE_1 = 1, UPDATE_2 = 2, UPDATE_4 = 4
 
-An episode is a document and a step is a chunk. The reward of a chunk is minus the
-cross-entropy of its tokens (nats/token); its cost is the steps taken (UPDATE_1
-costs 1). The budget is a ceiling on the mean cost per chunk.
+An episode is a document and a step is a chunk. The reward of a chunk is what its
+tokens' cross-entropy says (``train.policy`` uses the gain over skipping every
+chunk, in nats/token); its cost is the steps taken (UPDATE_1 costs 1). The budget
+is a ceiling on the mean cost per chunk.
 
 The pieces, all pure except ``ppo_update`` (which updates model and optimiser in
 place, as ``train.trainer``'s step does):
 
-- ``ActorCritic``: policy logits and two critics, one for the reward and one for
-  the cost, as PPO-Lagrangian needs an advantage for each.
+- ``ActorCritic`` (``model.policy``, where the model that serves it finds it):
+  policy logits and two critics, one for the reward and one for the cost, as
+  PPO-Lagrangian needs an advantage for each.
 - ``gae``: generalised advantage estimation over a time-major [T, N] trace, a
   reverse ``lax.scan``; run once on rewards and once on costs.
 - ``ppo_loss``: the clipped surrogate on the Lagrangian advantage
@@ -44,7 +46,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-ACTION_STEPS = (0, 1, 2, 4)  # SKIP, UPDATE_1, UPDATE_2, UPDATE_4: gradient steps per mini-batch, and so the cost
+from ponder.model.policy import ACTION_STEPS, ActorCritic
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,63 +75,6 @@ class PPOConfig:
             raise ValueError(f"PPOConfig.clip_eps must be in (0, 1), got {self.clip_eps!r}")
         if self.epochs < 1 or self.minibatches < 1:
             raise ValueError(f"PPOConfig.epochs and minibatches must be >= 1, got {self.epochs!r}, {self.minibatches!r}")
-
-
-class FeatureStat(nnx.Variable):
-    """A fixed statistic of the input features: saved with the model, never trained (not an ``nnx.Param``)."""
-
-
-class ActorCritic(nnx.Module):
-    """Features [N, n_features] -> (logits [N, n_actions], value_reward [N], value_cost [N]).
-
-    Two trunks: one for the policy, one shared by the two critics. The policy has
-    its own so that the value losses, whose scale follows the returns (nats summed
-    over a document's chunks), do not shape the features the policy reads; separate
-    actor and critic networks are the better default for PPO on small inputs
-    (Andrychowicz et al. 2021, "What Matters in On-Policy RL"). The two critics
-    predict two functions of the same state from the same signals (difficulty,
-    position), so they share a trunk and differ in their last layer.
-
-    Features are standardised inside the model by ``feature_mean`` and
-    ``feature_std`` (identity until ``set_normalisation``), so a checkpoint carries
-    the statistics it was trained with.
-    """
-
-    def __init__(self, n_features: int, n_actions: int = 4, hidden: int = 64, *, rngs: nnx.Rngs):
-        self.feature_mean = FeatureStat(jnp.zeros((n_features,)))
-        self.feature_std = FeatureStat(jnp.ones((n_features,)))
-        # Orthogonal init as in the usual PPO set-up; a 0.01-scaled policy head starts the
-        # policy near uniform, so early rollouts try every action.
-        init = nnx.initializers.orthogonal
-        linear = lambda n_in, n_out, scale: nnx.Linear(n_in, n_out, kernel_init=init(scale), rngs=rngs)
-        self.policy_fc1 = linear(n_features, hidden, np.sqrt(2.0))
-        self.policy_fc2 = linear(hidden, hidden, np.sqrt(2.0))
-        self.policy_head = linear(hidden, n_actions, 0.01)
-        self.value_fc1 = linear(n_features, hidden, np.sqrt(2.0))
-        self.value_fc2 = linear(hidden, hidden, np.sqrt(2.0))
-        self.value_head = linear(hidden, 2, 1.0)  # [reward, cost]
-
-    def set_normalisation(self, mean, std, min_std: float = 1e-6) -> None:
-        """Standardise inputs as ``(features - mean) / std`` from now on.
-
-        Args:
-          mean, std: [n_features] statistics of the training features; a std below
-            ``min_std`` (a constant feature) is raised to it.
-        """
-        mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-        shape = self.feature_mean[...].shape
-        if mean.shape != shape or std.shape != shape:
-            raise ValueError(f"set_normalisation wants mean and std of shape {shape}, got {mean.shape} and {std.shape}")
-        self.feature_mean[...] = mean
-        self.feature_std[...] = jnp.maximum(std, min_std)
-
-    def __call__(self, features):
-        x = (features - self.feature_mean[...]) / self.feature_std[...]  # [N, n_features]
-        h = jnp.tanh(self.policy_fc2(jnp.tanh(self.policy_fc1(x))))  # [N, hidden]
-        logits = self.policy_head(h)  # [N, n_actions]
-        v = jnp.tanh(self.value_fc2(jnp.tanh(self.value_fc1(x))))  # [N, hidden]
-        values = self.value_head(v)  # [N, 2]
-        return logits, values[:, 0], values[:, 1]
 
 
 @jax.jit
