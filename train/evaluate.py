@@ -135,7 +135,7 @@ CARRY_ON = np.asarray([0, 1], np.int32)
 
 @functools.partial(jax.jit, static_argnums=0)
 def _window_cache(graphdef, params, tokens):
-    """The base's KV cache [2 rows, window slots] after a whole window ``tokens`` [2, T].
+    """The base's KV cache (2 rows) after a whole window ``tokens`` [2, T], positions from 0.
 
     The base is frozen, so its cache does not depend on lam; a chunk at
     position p reads only the slots before p, so one cache per window serves
