@@ -305,12 +305,13 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where λ comes from (default: the learned gate)")
     parser.add_argument("--schedule-value", type=float, default=Schedule.value, help="λ of --schedule fixed")
     parser.add_argument("--schedule-rate", type=float, default=Schedule.rate,
-                        help="update rate of random / random_learned, target rate of threshold / learned_budget")
+                        help="update rate of random / random_learned, target rate of threshold / learned_budget / "
+                             "policy (a server's default; a request may set its own)")
     parser.add_argument("--schedule-steps", type=int, default=Schedule.steps, help="k of UPDATE_k (--schedule update)")
     parser.add_argument("--schedule-threshold", type=float, default=Schedule.initial_threshold,
-                        help="starting threshold of threshold (reconstruction loss) / learned_budget (λ)")
+                        help="starting threshold of --schedule threshold (on the reconstruction loss)")
     parser.add_argument("--schedule-gain", type=float, default=Schedule.gain,
-                        help="step of the threshold / learned_budget controller")
+                        help="step of the --schedule threshold controller")
 
 
 def _schedule(args: argparse.Namespace):

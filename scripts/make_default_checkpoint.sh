@@ -13,7 +13,9 @@ $ponder train base --corpus "$runs/corpus" --run-dir "$runs/base" --steps 700 --
 # across windows): (1) a TTT layer updating on every chunk, (2) the same on rows of 4096, (3) more of (2) from a
 # fresh warm-up, (4) a fresh gate trained with the layer; then, from (4) rounded to bfloat16 (the checkpoint bundled
 # until 2026-12-01, which run 5 started from), (5) a lower fast-weight rate, every chunk updating, (6) and (7) more
-# of (5) from fresh warm-ups, (8) a fresh gate trained with the TTT layer frozen.
+# of (5) from fresh warm-ups, (8) a fresh gate trained with the TTT layer frozen; then, from (8) rounded to bfloat16
+# (bundled until 2026-12-03), (9) a value gate fitted to the layer's measured per-chunk gains and (10) an update
+# policy trained by PPO, both with the layer frozen.
 common="--corpus $runs/corpus --window 1024 --eval-batches 4 --checkpoint-every-s 240 --no-progress"
 $ponder train ttt $common --base "$runs/base/final" --run-dir "$runs/ttt-1-update" --schedule update --chunk 64 \
   --steps 1500 --batch-size 2 --seq-len 2048 --lr 3e-3 --warmup 50 --eval-every 250
@@ -33,13 +35,25 @@ $ponder train ttt $common --init-from "$runs/ttt-6-update-lr04/final" --run-dir 
 $ponder train ttt $common --init-from "$runs/ttt-7-update-lr04/final" --new-gate --gate-only --run-dir "$runs/ttt-8-gate" \
   --schedule learned --gamma 0.03 --steps 600 --batch-size 2 --seq-len 2048 --lr 1e-3 --warmup 20 --eval-every 200
 $ponder train plot --run-dir "$runs/base" --out "$runs/base-curves.png"
+$ponder export --checkpoint "$runs/ttt-8-gate/final" --out "$runs/ttt-8-gate-bf16" --storage-dtype bfloat16 --overwrite
+# Run 9 was started for 300 steps and stopped after 77 (the value loss had stopped falling); --stop-after and a
+# --resume that shortens the run to the step reached export exactly that.
+gate_args="--init-from $runs/ttt-8-gate-bf16 --corpus $runs/corpus --run-dir $runs/ttt-9-value-gate --batch-size 2 \
+  --seq-len 2048 --window 1024 --lr 1e-3 --warmup 20 --eval-every 100 --eval-batches 4 --checkpoint-every-s 240 --no-progress"
+$ponder train gate $gate_args --steps 300 --stop-after 77
+$ponder train gate $gate_args --steps 77 --resume
+$ponder train policy --init-from "$runs/ttt-9-value-gate/final" --corpus "$runs/corpus" --run-dir "$runs/ttt-10-policy" \
+  --iterations 30 --batch-size 2 --seq-len 2048 --window 1024 --budget 0.5 --save-every 10
 for run in ttt-1-update ttt-2-update-4096 ttt-3-update-4096 ttt-4-gate ttt-5-update-lr04 ttt-6-update-lr04 \
-           ttt-7-update-lr04 ttt-8-gate; do
+           ttt-7-update-lr04 ttt-8-gate ttt-9-value-gate; do
   $ponder train plot --run-dir "$runs/$run" --out "$runs/$run-curves.png"
 done
 # Evaluated as bundled (bfloat16 weights, loaded as float32).
-$ponder export --checkpoint "$runs/ttt-8-gate/final" --out checkpoints/default --storage-dtype bfloat16 --overwrite
-$ponder eval --checkpoint checkpoints/default --corpus "$runs/corpus" --out "$runs/eval" --fixed-lambda 0.6 --lines-per-file 2
-# The learned gate under a compute budget of half the updates, against RANDOM, THRESHOLD and ORACLE at that rate.
-$ponder eval --checkpoint checkpoints/default --corpus "$runs/corpus" --out "$runs/eval-rate0.5" --fixed-lambda 0.6 \
-  --lines-per-file 0 --rate 0.5
+$ponder export --checkpoint "$runs/ttt-10-policy/final" --out checkpoints/default --storage-dtype bfloat16 --overwrite
+$ponder eval --checkpoint checkpoints/default --corpus "$runs/corpus" --out "$runs/eval" --fixed-lambda 0.6 \
+  --lines-per-file 0
+# The same on a package that no corpus above includes (ponder train corpus leaves it out by default).
+$ponder train corpus --out "$runs/heldout-transformers" --root "$(.venv/bin/python -c 'import transformers, os; print(os.path.dirname(transformers.__file__))')" \
+  --include-held-out --val-fraction 1 --max-mb 12 --tokenizer "$runs/corpus/tokenizer.json"
+$ponder eval --checkpoint checkpoints/default --corpus "$runs/heldout-transformers" --out "$runs/eval-transformers" \
+  --fixed-lambda 0.6 --lines-per-file 0
