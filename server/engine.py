@@ -47,6 +47,7 @@ import collections.abc
 import dataclasses
 import itertools
 import logging
+import numbers
 import threading
 import time
 
@@ -72,6 +73,10 @@ from ponder.server.types import (
 
 log = logging.getLogger("ponder.engine")
 
+# The schedules that read a budget (``GateHistory.target``, model/gating.py): a session's
+# ``update_rate`` sets it; under the others a rate would change nothing, so it is refused.
+BUDGETED = ("random", "random_learned", "threshold", "learned_budget", "policy")
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -84,7 +89,8 @@ class EngineConfig:
       queue_size: jobs waiting for a slot before ``submit`` refuses.
       session_memory_mb: cap on the memory sessions hold (LRU eviction).
       snapshots: chunk-boundary snapshots kept per session.
-      schedule: where λ comes from (the learned gate by default).
+      schedule: where λ comes from (the learned gate by default); its ``rate`` is the budget of a
+        session that was never given an ``update_rate``.
     """
 
     slots: int = 8
@@ -160,10 +166,12 @@ class Engine:
         self._prefilling: list[_Prefilling] = []  # parked between slices, oldest first
         self._in_flight: _Step | None = None  # the decode step whose tokens are not out yet
         self.sessions = SessionStore(self.C, self.eot_id, config.session_memory_mb * 2**20, config.snapshots,
-                                     runner.empty_doc, runner.state_bytes, self.metrics)
+                                     runner.empty_doc, runner.state_bytes, self.metrics, config.schedule.rate)
         self._thread: threading.Thread | None = None
         self._stop = False
         self.metrics.slots.set(config.slots)
+        for action in ("updated", "skipped"):
+            self.metrics.chunks.labels(config.schedule.kind, action)
 
     @property
     def compilations(self) -> int:
@@ -196,6 +204,8 @@ class Engine:
             raise RequestError("max_tokens", f"must be at most {self.config.max_new_tokens}, got {job.max_new_tokens}")
         if not job.tokens:
             raise RequestError("prompt", "holds no tokens")
+        if job.update_rate is not None:
+            self._check_update_rate(job.update_rate)
         with self._lock:
             if len(self._waiting) >= self.config.queue_size:
                 raise QueueFull(f"the queue is full ({len(self._waiting)} requests waiting, limit {self.config.queue_size})")
@@ -207,6 +217,16 @@ class Engine:
             self._waiting.append(job)
             self.metrics.waiting.set(len(self._waiting))
             self._lock.notify()
+
+    def _check_update_rate(self, rate) -> None:
+        """Refuses an ``update_rate`` that is not a number in [0, 1], or that the schedule would not read."""
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate <= 1.0:
+            raise RequestError("update_rate", f"must be a number in [0, 1] (the share of chunks whose fast weights "
+                                              f"update), got {rate!r}")
+        kind = self.config.schedule.kind
+        if kind not in BUDGETED:
+            raise RequestError("update_rate", f"the server's schedule {kind!r} reads no budget: leave update_rate out, "
+                                              f"or serve a budgeted schedule (ponder serve --schedule {' / '.join(BUDGETED)})")
 
     def _jobs(self):
         """Every job waiting, being prefilled or decoding (caller holds the lock)."""
@@ -243,6 +263,12 @@ class Engine:
             session = self.sessions.get(api_key, session_id)
             return None if session is None else list(session.tokens)
 
+    def session_schedule(self, api_key: str, session_id: str) -> Schedule | None:
+        """The schedule the session's committed state ran under (its budget as ``rate``), or None if there is no such session."""
+        with self._lock:
+            session = self.sessions.get(api_key, session_id)
+            return None if session is None else dataclasses.replace(self.config.schedule, rate=session.rate)
+
     # --- Prefill.
 
     def _prefill(self, task: _Prefilling):
@@ -264,6 +290,8 @@ class Engine:
         start = self.sessions.rollback(session, tokens[:commit_end])
         usage, lambdas = Usage(prompt_tokens=L, cached_tokens=start), []
         self.metrics.prompt_tokens.inc(L)
+        if self.config.schedule.kind in BUDGETED:
+            self.metrics.target_update_rate.labels(self.config.schedule.kind).observe(session.rate)
         doc = yield from self._run_chunks(session, tokens, start, commit_end, session.doc, usage, lambdas, commit=True)
         if job.max_new_tokens == 0:
             self.metrics.prefill_tokens.inc(commit_end - start)
@@ -309,7 +337,7 @@ class Engine:
         """Books closed chunks (λ [n], updated [n], their update FLOPs) to the usage, ``lambdas`` and metrics."""
         for value, up in zip(lam.tolist(), updated.tolist()):
             self.metrics.chunk_lambda.observe(value)
-            self.metrics.chunks.labels("updated" if up else "skipped").inc()
+            self.metrics.chunks.labels(self.config.schedule.kind, "updated" if up else "skipped").inc()
             usage.chunks_updated += int(up)
             usage.chunks_skipped += int(not up)
             lambdas.append(value)

@@ -44,6 +44,10 @@ def _usage(usage) -> pb.Usage:
     )
 
 
+def _update_rate(request) -> float | None:
+    return request.update_rate if request.HasField("update_rate") else None
+
+
 class CompletionServicer(pb_grpc.CompletionServicer):
     def __init__(self, service: CompletionService, metrics: ServerMetrics, api_keys: tuple[str, ...]):
         self.service, self.metrics, self.api_keys = service, metrics, api_keys
@@ -99,6 +103,7 @@ class CompletionServicer(pb_grpc.CompletionServicer):
                     session_id=request.session_id or None,
                     document_id=request.document_id or None,
                     reset=request.reset,
+                    update_rate=_update_rate(request),
                     time_budget_s=request.time_budget_ms / 1000 if request.time_budget_ms > 0 else None,
                 ),
                 is_active=context.is_active,
@@ -120,7 +125,7 @@ class CompletionServicer(pb_grpc.CompletionServicer):
         record = RequestRecord(self.metrics, "grpc.Ingest")
         with self._errors(context, record):
             fields = dict(prompt=request.text, max_tokens=0, session_id=request.session_id or None,
-                          document_id=request.document_id or None, reset=request.reset)
+                          document_id=request.document_id or None, reset=request.reset, update_rate=_update_rate(request))
             final = next(item for item in self.service.stream_sync(self._request(context, **fields), context.is_active)
                          if isinstance(item, Final))
             record.done(finish_outcome(final.finish_reason), completed=True)

@@ -2,7 +2,8 @@
 
 One ``ServerMetrics`` per server, on its own registry, so tests can run
 several servers in one process. The engine records the model-side figures
-(λ, chunks, TTT FLOPs, sessions, compilations); the front ends record
+(λ, chunks updated and skipped by schedule, the target update rate of each
+request, TTT FLOPs, sessions, compilations); the front ends record
 requests by outcome and latencies.
 """
 
@@ -23,6 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
 LAMBDA_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
+RATE_BUCKETS = tuple(i / 20 for i in range(21))  # update rates, every 0.05 in [0, 1]
 
 
 @dataclasses.dataclass
@@ -47,7 +49,14 @@ class ServerMetrics:
         m.prefill_tokens = Counter(p + "prefill_tokens", "Prompt tokens computed (not served from a session).", registry=registry)
         m.generated_tokens = Counter(p + "generated_tokens", "Tokens generated.", registry=registry)
         m.chunk_lambda = Histogram(p + "chunk_lambda", "λ of each chunk the TTT layer processed.", buckets=LAMBDA_BUCKETS, registry=registry)
-        m.chunks = Counter(p + "chunks", "Chunks by whether the fast weights were updated.", ["action"], registry=registry)
+        # updated / (updated + skipped) by schedule is the realised update rate.
+        m.chunks = Counter(
+            p + "chunks", "Chunks by schedule and whether the fast weights were updated.", ["schedule", "action"], registry=registry
+        )
+        m.target_update_rate = Histogram(
+            p + "target_update_rate", "Target update rate (budget) each request ran under, by schedule (budgeted schedules).",
+            ["schedule"], buckets=RATE_BUCKETS, registry=registry,
+        )
         m.ttt_flops = Counter(p + "ttt_update_flops", "FLOPs spent on fast-weight updates.", registry=registry)
         m.sessions_active = Gauge(p + "sessions_active", "Sessions held in memory.", registry=registry)
         m.session_bytes = Gauge(p + "session_memory_bytes", "Bytes held by sessions.", registry=registry)
@@ -61,8 +70,6 @@ class ServerMetrics:
         m.slots = Gauge(p + "decode_slots", "Decode slots of the engine.", registry=registry)
         for outcome in ("ok", "client_error", "rejected", "cancelled", "deadline", "error"):
             m.requests.labels("completions", outcome)
-        for action in ("updated", "skipped"):
-            m.chunks.labels(action)
         return m
 
     def render(self) -> tuple[bytes, str]:

@@ -229,9 +229,11 @@ class ModelRunner:
         self._fresh_doc = self._place(self.model.init_state(1, self.schedule))
         self._slots = self.empty_slots()
 
-    def empty_doc(self) -> DocState:
-        """The state of an empty document (shared; never changed in place)."""
-        return self._fresh_doc
+    def empty_doc(self, rate: float) -> DocState:
+        """The state of an empty document whose budget (``GateHistory.target``) is ``rate`` (shared; never changed in place)."""
+        if rate == self.schedule.rate:
+            return self._fresh_doc
+        return self.model.with_target(self._fresh_doc, self._place(np.full((1,), rate, np.float32)))
 
     def state_bytes(self, tree) -> int:
         """Bytes held by the arrays of ``tree`` (states, caches, lists of them; None counts 0)."""

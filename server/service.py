@@ -59,7 +59,7 @@ class CompletionRequest:
       stop: generation ends before the first occurrence of any of these.
       n_indent: llama.cpp's rule: after the first newline, a line indented by
         fewer than this many spaces/tabs ends the completion (0: off).
-      session_id / document_id: see ``server.types.Job``.
+      session_id / document_id / update_rate: see ``server.types.Job``.
       time_budget_s: generation stops (finish reason ``length``) after this long.
       deadline_s: the request fails (finish reason ``deadline``) after this long.
       api_key: the authenticated caller ("" without auth).
@@ -80,6 +80,7 @@ class CompletionRequest:
     session_id: str | None = None
     document_id: str | None = None
     reset: bool = False
+    update_rate: float | None = None
     time_budget_s: float | None = None
     deadline_s: float | None = None
     api_key: str = ""
@@ -181,6 +182,7 @@ class CompletionService:
             commit_limit=commit_limit,
             deadline=deadline,
             reset=request.reset,
+            update_rate=request.update_rate,
             budget_only=request.time_budget_s is not None
             and (request.deadline_s is None or request.time_budget_s <= request.deadline_s),
         )

@@ -8,6 +8,13 @@ session rolls back to the last snapshot at or before the first difference
 (nothing, when the prompt extends the history), and the engine computes
 the rest. ``plan_prompt`` says which part of a prompt may be committed.
 
+A session also holds a budget (``rate``: the target update rate of
+budgeted schedules), which its state carries from the document's start. A
+job that changes it rolls the session back to an empty document at the new
+rate, so that a reused session still computes what a cold start at that
+rate computes. The last rate a session was given outlives its state (a new
+document, an eviction), as the model keeps a row's target across documents.
+
 The store knows nothing of arrays: states and caches are opaque values it
 measures with the ``state_bytes`` function it is given (the runner's), so it
 is tested without a model. It is not thread-safe: the engine calls it under
@@ -38,6 +45,7 @@ class Session:
     cache: Any | None  # base keys/values of the window ``window`` (None: not built)
     window: int  # document position of cache slot 0
     snapshots: list[tuple[int, Any]]  # (boundary, state), ascending
+    rate: float  # the budget ``doc`` and the snapshots were computed under
     counted: int = 0  # its bytes in ``SessionStore.bytes``, as last measured
 
     def commit(self, tokens: list[int], doc, keep: int) -> None:
@@ -95,6 +103,9 @@ def plan_prompt(job: Job, chunk: int, eot_id: int) -> PromptPlan:
     return PromptPlan(tokens, commit_end, scratch_end)
 
 
+RATES_KEPT = 1 << 16  # sessions whose last given rate is remembered (the least recently given go first)
+
+
 class SessionStore:
     """Sessions by ``(api_key, session_id)``, least recently used first, with their bytes counted.
 
@@ -103,16 +114,19 @@ class SessionStore:
       eot_id: the end-of-document token: inside a prompt, it starts a new document.
       memory_bytes: cap on the bytes sessions hold (``evict`` drops the least recently used).
       snapshots: chunk-boundary snapshots kept per session.
-      empty_doc: the state of an empty document (a session's start, or a rollback past every snapshot).
+      empty_doc: the state of an empty document with a given budget (a session's start, a rollback
+        past every snapshot, a new rate).
       state_bytes: the bytes of a state, a cache, or a list of them.
       metrics: session counters and gauges.
+      default_rate: the budget of a session never given one (the schedule's ``rate``).
     """
 
-    def __init__(self, chunk: int, eot_id: int, memory_bytes: float, snapshots: int, empty_doc: Callable[[], Any],
-                 state_bytes: Callable[[Any], int], metrics: ServerMetrics):
+    def __init__(self, chunk: int, eot_id: int, memory_bytes: float, snapshots: int, empty_doc: Callable[[float], Any],
+                 state_bytes: Callable[[Any], int], metrics: ServerMetrics, default_rate: float):
         self.chunk, self.eot_id, self.memory_bytes, self.snapshots = chunk, eot_id, memory_bytes, snapshots
-        self.empty_doc, self.state_bytes, self.metrics = empty_doc, state_bytes, metrics
+        self.empty_doc, self.state_bytes, self.metrics, self.default_rate = empty_doc, state_bytes, metrics, default_rate
         self._sessions: collections.OrderedDict[tuple[str, str], Session] = collections.OrderedDict()
+        self._rates: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()  # the last rate given
         self.bytes = 0  # the sessions' bytes as last measured (``count``)
         self._anonymous = itertools.count(1)
 
@@ -126,14 +140,19 @@ class SessionStore:
     def get(self, api_key: str, session_id: str) -> Session | None:
         return self._sessions.get((api_key, session_id))
 
+    def rate(self, api_key: str, session_id: str) -> float:
+        """The session's budget: the last rate it was given (``default_rate`` if none), held or not."""
+        session = self.get(api_key, session_id)
+        return session.rate if session is not None else self._rates.get((api_key, session_id), self.default_rate)
+
     def committed(self, job: Job) -> int:
         """Tokens of ``job``'s prompt its session may already hold: what a job need not compute (an estimate).
 
-        0 for a session that is new, or that the job resets or moves to another document.
+        0 for a session that is new, or that the job resets, moves to another document or gives another rate.
         """
         session = self.get(job.api_key, job.session_id) if job.session_id is not None else None
         fresh = session is None or job.reset or job.document_id not in (None, session.document_id)
-        return 0 if fresh else len(session.tokens)
+        return 0 if fresh or job.update_rate not in (None, session.rate) else len(session.tokens)
 
     def session_for(self, job: Job) -> Session:
         """The job's session, created or reset as the job asks, and now the most recently used.
@@ -141,7 +160,9 @@ class SessionStore:
         Without a session id (llama.cpp's habit), the key's session sharing the
         longest prefix with the prompt (a chunk at least), or a new
         ``anonymous-N``. A reset, a new document id, or an end-of-document
-        token inside the prompt starts the session afresh.
+        token inside the prompt starts the session afresh; a job's
+        ``update_rate`` other than the rate of the session's state restarts
+        it at that rate, which the session keeps from then on.
         """
         session_id = job.session_id
         if session_id is None:
@@ -152,7 +173,14 @@ class SessionStore:
                     if n > best_len:
                         best, best_len = s, n
             session_id = best.session_id if best is not None else f"anonymous-{next(self._anonymous)}"
-        session = self.get(job.api_key, session_id)
+        key = (job.api_key, session_id)
+        rate = job.update_rate if job.update_rate is not None else self.rate(*key)
+        if job.update_rate is not None or key in self._rates:  # remembered, the most recently used last
+            self._rates[key] = rate
+            self._rates.move_to_end(key)
+            if len(self._rates) > RATES_KEPT:
+                self._rates.popitem(last=False)
+        session = self.get(*key)
         reason = None
         if session is not None and job.reset:
             reason = "explicit"
@@ -166,15 +194,22 @@ class SessionStore:
             session = None
         self.metrics.session_lookups.labels("miss" if session is None else "hit").inc()
         if session is None:
-            session = Session(job.api_key, session_id, job.document_id, [], self.empty_doc(), None, 0, [])
-            self._sessions[(job.api_key, session_id)] = session
+            session = Session(job.api_key, session_id, job.document_id, [], self.empty_doc(rate), None, 0, [], rate)
+            self._sessions[key] = session
+        elif session.rate != rate:
+            # The state carries the budget from the document's start: no committed chunk is what a
+            # cold start at the new rate computes.
+            self.metrics.sessions_reset.labels("rate").inc()
+            session.rate = rate
+            self._restart(session)
         if job.document_id is not None:
             session.document_id = job.document_id
-        self._sessions.move_to_end((job.api_key, session_id))
+        self._sessions.move_to_end(key)
         return session
 
     def reset(self, api_key: str, session_id: str) -> bool:
-        """Forgets a session (an explicit reset). True if it existed."""
+        """Forgets a session (an explicit reset), its rate included. True if it existed."""
+        self._rates.pop((api_key, session_id), None)
         session = self.get(api_key, session_id)
         if session is not None:
             self._drop(session)
@@ -228,9 +263,13 @@ class SessionStore:
         if shared >= len(session.tokens):
             return len(session.tokens)
         keep = [(b, s) for b, s in session.snapshots if b <= shared]
-        session.snapshots = keep
         if keep:
+            session.snapshots = keep
             session.tokens, session.doc = session.tokens[: keep[-1][0]], keep[-1][1]
         else:
-            session.tokens, session.doc = [], self.empty_doc()
+            self._restart(session)
         return len(session.tokens)
+
+    def _restart(self, session: Session) -> None:
+        """Back to an empty document at the session's rate (the base's cache stays: prefills overwrite it)."""
+        session.tokens, session.doc, session.snapshots = [], self.empty_doc(session.rate), []

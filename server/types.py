@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from ponder.model.gating import Schedule
     from ponder.model.ttt_lm import TTTTransformerLM
     from ponder.server.engine import EngineConfig
 
@@ -104,7 +105,9 @@ class Job:
         copy only). None: all of them.
       max_new_tokens: 0 ingests only.
       deadline: ``time.monotonic()`` after which generation stops.
-      stop_ids: token ids that end generation (the end-of-document token always does).
+      update_rate: the session's budget from this job on: the target share of chunks whose fast
+        weights update, in [0, 1], under a schedule that reads one (``server.engine.BUDGETED``).
+        None: the session's last one (a new session: the schedule's ``rate``).
     """
 
     api_key: str
@@ -116,6 +119,7 @@ class Job:
     commit_limit: int | None = None
     deadline: float | None = None
     reset: bool = False
+    update_rate: float | None = None
     budget_only: bool = False  # the deadline is a time budget: reaching it ends generation as ``length``
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -189,6 +193,9 @@ class ServingEngine(Protocol):
 
     def committed_tokens(self, api_key: str, session_id: str) -> list[int] | None:
         """A copy of the session's committed tokens, or None if there is no such session."""
+
+    def session_schedule(self, api_key: str, session_id: str) -> Schedule | None:
+        """The schedule the session's committed state ran under (its budget as ``rate``), or None if there is no such session."""
 
     def session_count(self) -> int:
         """Sessions held in memory."""

@@ -8,11 +8,14 @@ tests without compiling anything:
   one fed, in ``reply`` cycled: every job's tokens are ``reply`` cycled from
   its start, whatever the prompt.
 * Chunks are ``CHUNK`` tokens; each closes with λ = ``LAMBDA`` (the fast
-  weights move) and costs ``FLOPS`` update FLOPs.
-* A document state is the number of tokens it has read, a cache the number
-  of window positions written; every call checks that the state it is handed
-  is the one for where it starts, so an engine that hands back the wrong
-  snapshot fails the request. The window never moves.
+  weights move) and costs ``FLOPS`` update FLOPs. Under a budgeted schedule
+  (``budgeted``), chunk k of a document updates only where its state's
+  target t makes floor((k + 1) t) pass an integer (``budget_updates``), else
+  closes with λ = 0 at no cost: exactly t of the chunks, give or take one.
+* A document state (``FakeDoc``) is the number of tokens it has read and its
+  target, a cache the number of window positions written; every call checks
+  that the state it is handed is the one for where it starts, so an engine
+  that hands back the wrong snapshot fails the request. The window never moves.
 * ``state_bytes`` counts 8 bytes per state or cache.
 * ``delay_s``: each ``extend`` and decode step takes this long (a slow model).
 * ``pause()``: every call waits until ``resume()``, so the engine loop stalls
@@ -22,12 +25,14 @@ tests without compiling anything:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import threading
 import time
 
 import numpy as np
 
-from ponder.server.engine import Engine, EngineConfig
+from ponder.server.engine import BUDGETED, Engine, EngineConfig
 from ponder.server.metrics import ServerMetrics
 from ponder.server.types import DoneEvent, Job, QueueFull
 
@@ -35,6 +40,11 @@ CHUNK = 4
 LAMBDA = 0.5
 FLOPS = 1000.0
 PREFILL_CHUNKS = (4, 2, 1)
+
+
+def budget_updates(chunk_index: int, target: float) -> bool:
+    """Whether chunk ``chunk_index`` of a document updates under a budgeted schedule at ``target``."""
+    return math.floor((chunk_index + 1) * target) > math.floor(chunk_index * target)
 
 
 def chunks_closed(prompt_tokens: int, generated: int) -> int:
@@ -55,6 +65,14 @@ def _check(condition: bool, message: str) -> None:
         raise AssertionError(f"fake runner: {message}")
 
 
+@dataclasses.dataclass(frozen=True)
+class FakeDoc:
+    """A document state: the tokens it has read, and its budget (``GateHistory.target``)."""
+
+    count: int
+    target: float
+
+
 class FakeRunner:
     """``ModelRunner``'s contract, worked out by hand (see the module docstring)."""
 
@@ -62,9 +80,10 @@ class FakeRunner:
     chunk = CHUNK
     chunk_flops = FLOPS
 
-    def __init__(self, reply: list[int], slots: int, eot_id: int = 0, delay_s: float = 0.0):
+    def __init__(self, reply: list[int], slots: int, eot_id: int = 0, delay_s: float = 0.0, budgeted: bool = False):
         _check(len(set(reply)) == len(reply) and eot_id not in reply, "reply tokens must be distinct, without eot")
         self.reply, self.slots, self.eot_id, self.delay_s = list(reply), slots, eot_id, delay_s
+        self.budgeted = budgeted
         self.compilations = 0
         self.serving_thread: threading.Thread | None = None
         self._open, self.held = threading.Event(), threading.Event()  # held: a call waits on a pause
@@ -88,6 +107,10 @@ class FakeRunner:
     def next_token(self, token: int) -> int:
         return self.reply[(self.reply.index(token) + 1) % len(self.reply)]
 
+    def chunk_lambda(self, chunk_index: int, target: float) -> float:
+        """λ of chunk ``chunk_index`` of a document whose state's target is ``target``."""
+        return LAMBDA if not self.budgeted or budget_updates(chunk_index, target) else 0.0
+
     # --- Set-up.
 
     def start(self) -> None:
@@ -96,8 +119,8 @@ class FakeRunner:
     def warmup(self) -> None:
         """Nothing to compile."""
 
-    def empty_doc(self) -> int:
-        return 0
+    def empty_doc(self, rate: float) -> FakeDoc:
+        return FakeDoc(0, rate)
 
     def state_bytes(self, tree) -> int:
         if tree is None:
@@ -117,31 +140,34 @@ class FakeRunner:
     def encode_window(self, cache: int | None, tokens: list[int]) -> int:
         return len(tokens) if tokens or cache is None else cache
 
-    def _check_state(self, doc: int, cache: int, doc_start: int, window: int) -> None:
-        _check(doc == doc_start, f"a state that read {doc} tokens, handed in at document position {doc_start}")
+    def _check_state(self, doc: FakeDoc, cache: int, doc_start: int, window: int) -> None:
+        _check(doc.count == doc_start, f"a state that read {doc.count} tokens, handed in at document position {doc_start}")
         _check(cache is not None and cache >= doc_start - window, f"a cache of {cache} positions at {doc_start - window}")
 
-    def prefill(self, doc: int, cache: int, tokens: list[int], doc_start: int, window: int):
+    def prefill(self, doc: FakeDoc, cache: int, tokens: list[int], doc_start: int, window: int):
         self._call()
         self._check_state(doc, cache, doc_start, window)
         _check(tokens and len(tokens) % CHUNK == 0, f"prefill of {len(tokens)} tokens, not whole chunks")
-        n = len(tokens) // CHUNK
+        first = doc_start // CHUNK
+        lam = np.array([self.chunk_lambda(k, doc.target) for k in range(first, first + len(tokens) // CHUNK)], np.float32)
         end = doc_start + len(tokens)
-        return end, end - window, np.full(n, LAMBDA, np.float32), np.full(n, LAMBDA > 0), FLOPS * n
+        return FakeDoc(end, doc.target), end - window, lam, lam > 0, FLOPS * int((lam > 0).sum())
 
-    def extend(self, job: Job, doc: int, cache: int, doc_start: int, window: int, length: int):
+    def extend(self, job: Job, doc: FakeDoc, cache: int, doc_start: int, window: int, length: int):
         self._call(delay=True)
         self._check_state(doc, cache, doc_start, window)
         _check(1 <= length <= CHUNK and doc_start + length == len(job.tokens), f"extend of {length} tokens at {doc_start}")
         end = doc_start + length
-        return np.array([self.reply[0]], np.int32), np.array([LAMBDA], np.float32), end, end - window
+        lam = self.chunk_lambda((end - 1) // CHUNK, doc.target)
+        return np.array([self.reply[0]], np.int32), np.array([lam], np.float32), FakeDoc(end, doc.target), end - window
 
     # --- Decode slots.
 
-    def insert(self, slot: int, job: Job, doc: int, cache: int, token, window: int, doc_end: int) -> None:
+    def insert(self, slot: int, job: Job, doc: FakeDoc, cache: int, token, window: int, doc_end: int) -> None:
         self._call()
-        _check(not self._active[slot] and doc == doc_end, f"insert into slot {slot} (busy: {self._active[slot]})")
-        self._token[slot], self._count[slot], self._active[slot] = int(np.asarray(token)[0]), doc, True
+        _check(not self._active[slot] and doc.count == doc_end, f"insert into slot {slot} (busy: {self._active[slot]})")
+        self._token[slot], self._count[slot], self._active[slot] = int(np.asarray(token)[0]), doc.count, True
+        self.targets[slot] = doc.target
 
     def release(self, slot: int) -> None:
         _check(self._active[slot], f"release of idle slot {slot}")
@@ -150,6 +176,7 @@ class FakeRunner:
     def reset(self) -> None:
         S = self.slots
         self._token, self._count, self._active = [self.eot_id] * S, [0] * S, [False] * S
+        self.targets = [0.0] * S  # the target of each slot's state (as last inserted)
 
     def decode(self, busy, window_end: int):
         self._call(delay=True)
@@ -157,7 +184,8 @@ class FakeRunner:
             _check(self._active[slot], f"slot {slot} decodes without a job")
             self._count[slot] += 1
             self._token[slot] = self.next_token(self._token[slot])
-        return np.array(self._token, np.int32), np.full(self.slots, LAMBDA, np.float32), np.array(self._count, np.int32)
+        lam = [self.chunk_lambda((count - 1) // CHUNK, target) for count, target in zip(self._count, self.targets)]
+        return np.array(self._token, np.int32), np.array(lam, np.float32), np.array(self._count, np.int32)
 
 
 class RecordingEngine(Engine):
@@ -165,7 +193,8 @@ class RecordingEngine(Engine):
 
     def __init__(self, reply: list[int], *, delay_s: float = 0.0, metrics: ServerMetrics | None = None, **config):
         config = EngineConfig(**{"slots": 4, "queue_size": 8, **config})
-        super().__init__(None, config, metrics, runner=FakeRunner(reply, config.slots, delay_s=delay_s))
+        runner = FakeRunner(reply, config.slots, delay_s=delay_s, budgeted=config.schedule.kind in BUDGETED)
+        super().__init__(None, config, metrics, runner=runner)
         self.jobs: list[Job] = []
         self.start()
 
@@ -186,7 +215,7 @@ class RecordingEngine(Engine):
         old = self.sessions
         with self._lock:
             self.sessions = type(old)(old.chunk, old.eot_id, old.memory_bytes, old.snapshots, old.empty_doc,
-                                      old.state_bytes, old.metrics)
+                                      old.state_bytes, old.metrics, old.default_rate)
         self.ready, self.runner.delay_s = True, 0.0
         self.jobs.clear()
         return self

@@ -7,11 +7,13 @@ session reuse, rollback and slot handling are checked exactly and fast.
 ``test_engine.py`` runs the same engine on a real model.
 """
 
+import math
 import threading
 
 import pytest
-from fake_runner import CHUNK, FLOPS, LAMBDA, RecordingEngine, chunks_closed, full_queue, lambdas_riding
+from fake_runner import CHUNK, FLOPS, LAMBDA, RecordingEngine, budget_updates, chunks_closed, full_queue, lambdas_riding
 
+from ponder.model.gating import Schedule
 from ponder.server.types import DoneEvent, Job, NotReady, QueueFull, RequestError, TokenEvent
 
 REPLY = [11, 12, 13]
@@ -156,6 +158,12 @@ def test_refusals(engine):
         engine.submit(Job("", "s", None, [], 3))
     with full_queue(engine), pytest.raises(QueueFull, match="limit 4"):
         engine.submit(Job("", "s", None, doc(3), 3))
+    for bad in (math.nan, -0.1, 1.5, "0.5", True):
+        with pytest.raises(RequestError, match=r"update_rate: must be a number in \[0, 1\]"):
+            engine.submit(Job("", "s", None, doc(3), 3, update_rate=bad))
+    with pytest.raises(RequestError, match="update_rate: the server's schedule 'learned' reads no budget"):
+        engine.submit(Job("", "s", None, doc(3), 3, update_rate=0.5))
+    assert engine.jobs == []  # nothing refused was queued
     engine.ready = False
     with pytest.raises(NotReady, match="warming up"):
         engine.submit(Job("", "s", None, doc(3), 3))
@@ -174,5 +182,33 @@ def test_eviction_under_the_memory_cap_rebuilds_transparently():
         again, done = run(engine, doc(10), session="e1")
         assert again == first and done.usage.cached_tokens == 0
         assert engine.metrics.session_bytes._value.get() == per_session == engine.sessions.bytes
+    finally:
+        engine.stop(drain_s=1)
+
+
+def test_update_rate_sets_the_sessions_budget_and_reuse_equals_a_cold_start_at_that_rate():
+    engine = RecordingEngine(REPLY, slots=2, schedule=Schedule("learned_budget", rate=0.5))
+    metrics, runner = engine.metrics, engine.runner
+    count = lambda action: metrics.registry.get_sample_value("ponder_chunks_total", {"schedule": "learned_budget", "action": action})
+    try:
+        events, done = run(engine, doc(33), update_rate=0.25)  # 8 chunks committed, the 9th closed while decoding
+        session = engine.sessions.get("", "s")
+        assert session.rate == session.doc.target == 0.25 and {s.target for _, s in session.snapshots} == {0.25}
+        assert runner.targets[0] == 0.25  # the decode slot's state too
+        want = [LAMBDA if budget_updates(k, 0.25) else 0.0 for k in range(9)]
+        assert [lam for e in events for lam in e.chunk_lambda] == want == [0, 0, 0, LAMBDA] * 2 + [0]
+        assert (done.usage.chunks_updated, done.usage.chunks_skipped) == (2, 7) == (count("updated"), count("skipped"))
+        target = lambda stat: metrics.registry.get_sample_value(f"ponder_target_update_rate_{stat}", {"schedule": "learned_budget"})
+        assert (target("count"), target("sum")) == (1, 0.25)
+
+        _, done = run(engine, doc(41))  # no rate: the session's last one, and its committed state is reused
+        assert done.usage.cached_tokens == 32 and session.doc.target == 0.25 and target("sum") == 0.5
+        warm, done = run(engine, doc(41), update_rate=0.75)  # a new rate: computed again from the start ...
+        assert done.usage.cached_tokens == 0 and session.doc.target == 0.75
+        assert metrics.sessions_reset.labels("rate")._value.get() == 1
+        cold, _ = run(engine, doc(41), session="cold", update_rate=0.75)  # ... exactly as a cold start at that rate
+        assert warm == cold and [lam for e in cold for lam in e.chunk_lambda][:4] == [0, LAMBDA, LAMBDA, LAMBDA]
+        run(engine, doc(9), session="new")
+        assert engine.sessions.get("", "new").doc.target == 0.5  # a new session: the schedule's rate
     finally:
         engine.stop(drain_s=1)

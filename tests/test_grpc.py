@@ -20,6 +20,7 @@ from fake_runner import LAMBDA, RecordingEngine, chunks_closed, full_queue
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from ponder.model.gating import Schedule
 from ponder.model.tokenizer import Tokenizer
 from ponder.server.grpc_server import SERVICE_NAME, build_grpc_server
 from ponder.server.metrics import ServerMetrics
@@ -39,9 +40,10 @@ def tokenizer() -> Tokenizer:
 class Stack:
     """A gRPC server over the engine on the fake runner, and a channel to it."""
 
-    def __init__(self, tokenizer, api_keys=()):
+    def __init__(self, tokenizer, api_keys=(), schedule: Schedule | None = None):
         self.metrics = ServerMetrics.create()
-        self.engine = RecordingEngine(tokenizer.encode("hello world\n"), metrics=self.metrics, max_new_tokens=64)
+        self.engine = RecordingEngine(tokenizer.encode("hello world\n"), metrics=self.metrics, max_new_tokens=64,
+                                      schedule=schedule or Schedule())
         service = CompletionService(self.engine, tokenizer)
         address = f"127.0.0.1:{free_port()}"
         self.server = build_grpc_server(service, self.engine, self.metrics, api_keys, address, max_workers=4)
@@ -118,6 +120,9 @@ def test_ingest_and_reset(grpc_stack):
         (pb.CompleteRequest(prompt="x", top_k=-3), "top_k"),
         (pb.CompleteRequest(prompt="x", stop=[""]), "stop"),
         (pb.CompleteRequest(prompt="x", max_tokens=-1), "max_tokens"),
+        (pb.CompleteRequest(prompt="x", update_rate=1.5), "update_rate"),
+        (pb.CompleteRequest(prompt="x", update_rate=float("nan")), "update_rate"),
+        (pb.CompleteRequest(prompt="x", update_rate=0.5), "update_rate"),  # the schedule ('learned') reads no budget
     ],
 )
 def test_bad_fields_are_invalid_argument_naming_the_field(grpc_stack, request_, field):
@@ -127,6 +132,26 @@ def test_bad_fields_are_invalid_argument_naming_the_field(grpc_stack, request_, 
     with pytest.raises(grpc.RpcError) as err:
         grpc_stack.stub.ResetSession(pb.ResetSessionRequest(session_id=""), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "session_id" in err.value.details()
+
+
+def test_update_rate_sets_the_sessions_budget(tokenizer):
+    s = Stack(tokenizer, schedule=Schedule("learned_budget", rate=0.5))
+    try:
+        messages = list(s.stub.Complete(pb.CompleteRequest(prompt="def f():", max_tokens=3, session_id="c", update_rate=0.25),
+                                        timeout=10))
+        assert messages[-1].finish_reason == pb.LENGTH
+        s.stub.Ingest(pb.IngestRequest(text="import os\n" * 10, session_id="i", update_rate=0.75), timeout=10)
+        s.stub.Ingest(pb.IngestRequest(text="import os\n" * 10, session_id="i"), timeout=10)
+        assert [job.update_rate for job in s.engine.jobs] == [0.25, 0.75, None]  # absent: the session's last one
+        assert s.engine.sessions.get("", "c").doc.target == 0.25 and s.engine.sessions.get("", "i").doc.target == 0.75
+        with pytest.raises(grpc.RpcError) as err:
+            s.stub.Ingest(pb.IngestRequest(text="x", session_id="i", update_rate=-1), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "update_rate: must be a number in [0, 1] (the share of chunks whose fast weights update), got -1.0"
+        assert s.engine.sessions.get("", "i").doc.target == 0.75  # nothing lost
+        assert s.count("grpc.Ingest", "client_error") == 1
+    finally:
+        s.close()
 
 
 def test_full_queue_and_warm_up_are_retryable_statuses(grpc_stack):

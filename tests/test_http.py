@@ -10,6 +10,7 @@ checked exactly, without a model.
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
@@ -19,10 +20,11 @@ import httpx
 import pytest
 import uvicorn
 from conftest import free_port
-from fake_runner import LAMBDA, RecordingEngine, chunks_closed, full_queue
+from fake_runner import LAMBDA, RecordingEngine, budget_updates, chunks_closed, full_queue
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ponder.model.gating import Schedule
 from ponder.model.tokenizer import Tokenizer
 from ponder.server.http.app import build_app
 from ponder.server.http.wire import CompletionBody, InfillBody
@@ -334,6 +336,11 @@ def test_infill_return_tokens(open_server, tokenizer):
         ("/infill", {"t_max_predict_ms": 10**400}, ["t_max_predict_ms"]),
         ("/infill", {"input_prefix": "x " * 20000}, ["input_prefix", "16384"]),
         ("/infill", [1, 2], ["JSON object"]),
+        ("/v1/completions", {"prompt": "x", "update_rate": "0.5"}, ["update_rate", "valid number"]),
+        ("/v1/completions", {"prompt": "x", "update_rate": 1.5}, ["update_rate", "[0, 1]", "1.5"]),
+        ("/v1/completions", {"prompt": "x", "update_rate": float("nan")}, ["update_rate", "[0, 1]", "nan"]),
+        ("/infill", {"update_rate": -0.25}, ["update_rate", "[0, 1]"]),
+        ("/infill", {"update_rate": 0.5}, ["update_rate", "schedule 'learned' reads no budget"]),
     ],
 )
 def test_bad_requests_are_400_naming_the_field(open_server, path, body, words):
@@ -391,6 +398,48 @@ def test_unknown_route_and_method_are_json_errors(open_server):
     url, _, _ = open_server
     assert_error(httpx.get(url + "/v2/nothing"), 404)
     assert_error(httpx.get(url + "/v1/completions"), 405)
+
+
+@pytest.fixture(scope="module")
+def budget_server(tokenizer):
+    """(url, engine) of a server whose schedule reads a budget: learned_budget at rate 0.5."""
+    metrics = ServerMetrics.create()
+    engine = RecordingEngine(tokenizer.encode(REPLY), metrics=metrics, schedule=Schedule("learned_budget", rate=0.5))
+    server = Server(build_app(CompletionService(engine, tokenizer), engine, metrics))
+    yield server.url, engine
+    server.stop()
+    engine.stop(drain_s=1)
+
+
+def metric_values(url: str) -> dict[str, float]:
+    """``/metrics`` as ``{'name{labels}': value}``."""
+    r = httpx.get(url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in r.text.splitlines() if line and line[0] != "#"}
+
+
+def test_update_rate_sets_the_sessions_budget_and_metrics_report_the_realised_rate(budget_server):
+    url, engine = budget_server
+    engine.fresh()
+    prompt = "def f(x):\n    return x\n" * 30
+    answers = [
+        httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 3, "session_id": "a", "update_rate": 0.25}),
+        httpx.post(url + "/infill", json={"input_prefix": prompt, "n_predict": 3, "session_id": "b", "update_rate": 0.75}),
+        httpx.post(url + "/v1/completions", json={"prompt": prompt + "y", "max_tokens": 3, "session_id": "a"}),
+    ]
+    ponder = [r.json()["ponder"] for r in answers]
+    assert [job.update_rate for job in engine.jobs] == [0.25, 0.75, None]
+    assert engine.sessions.get("", "a").doc.target == 0.25 and engine.sessions.get("", "b").doc.target == 0.75
+    assert ponder[2]["cached_tokens"] > 0  # no rate: the session keeps its last one and its state
+    for p, rate in zip(ponder[:2], (0.25, 0.75)):  # a fresh document's chunks under the fake runner's budget rule
+        closed = p["chunks_updated"] + p["chunks_skipped"]
+        assert closed > 30 and p["chunks_updated"] == sum(budget_updates(k, rate) for k in range(closed)) == math.floor(closed * rate)
+    values = metric_values(url)
+    updated, skipped = (values[f'ponder_chunks_total{{action="{a}",schedule="learned_budget"}}'] for a in ("updated", "skipped"))
+    assert (updated, skipped) == (sum(p["chunks_updated"] for p in ponder), sum(p["chunks_skipped"] for p in ponder))
+    assert values['ponder_target_update_rate_count{schedule="learned_budget"}'] == 3
+    assert values['ponder_target_update_rate_sum{schedule="learned_budget"}'] == 0.25 + 0.75 + 0.25
+    assert values['ponder_target_update_rate_bucket{le="0.25",schedule="learned_budget"}'] == 2
 
 
 def test_metrics_record_outcomes_and_latency(open_server):

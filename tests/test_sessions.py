@@ -22,8 +22,11 @@ def state_bytes(tree) -> int:
     return 8
 
 
+RATE = 0.5  # the default budget
+
+
 def store(memory_bytes: float = 1e9, snapshots: int = 3) -> SessionStore:
-    return SessionStore(C, EOT, memory_bytes, snapshots, lambda: 0, state_bytes, ServerMetrics.create())
+    return SessionStore(C, EOT, memory_bytes, snapshots, lambda rate: 0, state_bytes, ServerMetrics.create(), RATE)
 
 
 def job(tokens, session="s", key="", **kw) -> Job:
@@ -76,6 +79,27 @@ def test_an_anonymous_job_joins_the_session_sharing_a_chunk_with_it():
     assert s.session_for(job([EOT, 1, 2, 3, 9, 9], None)) is first  # shares 4 tokens: a chunk
     assert s.session_for(job([EOT, 1, 2, 9], None)).session_id == "anonymous-2"  # 3: not enough
     assert s.session_for(job([EOT, 1, 2, 3, 4], None, key="k")).session_id == "anonymous-3"  # another key's
+
+
+def test_a_new_rate_restarts_the_document_and_is_remembered_until_the_session_is_forgotten():
+    s = store()
+    tokens = [EOT, *range(1, 12)]
+    a = s.session_for(job(tokens, "a"))
+    committed(s, a, tokens)
+    assert a.rate == RATE and s.committed(job(tokens, "a")) == 12
+    assert s.committed(job(tokens, "a", update_rate=RATE)) == 12 and s.committed(job(tokens, "a", update_rate=0.25)) == 0
+    assert s.session_for(job(tokens, "a", update_rate=0.25)) is a  # the same session, from an empty document
+    assert (a.rate, a.tokens, a.doc, a.snapshots) == (0.25, [], 0, [])
+    assert s.metrics.sessions_reset.labels("rate")._value.get() == 1
+    committed(s, a, tokens)
+    assert s.session_for(job(tokens, "a")) is a and a.tokens == tokens  # no rate: the session's last one
+    assert s.session_for(job(tokens, "a", update_rate=0.25)) is a and a.tokens == tokens  # the same rate: kept
+    assert s.session_for(job(tokens, "a", document_id="b.py")).rate == 0.25  # a new document keeps the rate
+    s.memory_bytes = 0
+    s.evict(keep=s.session_for(job(tokens, "other")), busy=[])  # "a" is evicted ...
+    assert s.get("", "a") is None and s.session_for(job(tokens, "a")).rate == 0.25  # ... and rebuilt at its rate
+    assert s.reset("", "a") and s.session_for(job(tokens, "a")).rate == RATE  # forgotten with the session
+    assert s.metrics.sessions_reset.labels("rate")._value.get() == 1
 
 
 def test_bytes_are_counted_when_a_prefill_ends():

@@ -147,16 +147,15 @@ class _Endpoints:
         if not session_id:
             raise ApiError(400, "session_id: required query parameter naming the session to show (GET /ui?session_id=ID)",
                            "session_id")
-        tokens = self.engine.committed_tokens(api_key, session_id)
-        if tokens is None:
+        tokens, schedule = self.engine.committed_tokens(api_key, session_id), self.engine.session_schedule(api_key, session_id)
+        if tokens is None or schedule is None:
             raise ApiError(404, f"session_id: no session {session_id!r} for this API key (a completion with that "
                            "session_id creates it)", "session_id", kind="not_found_error")
         from ponder.server.viewer.data import inspect_tokens
         from ponder.server.viewer.page import render_html
 
         def page() -> str:  # a fresh run over the tokens, off the event loop (the engine thread is untouched)
-            inspection = inspect_tokens(self.engine.model, self.service.tokenizer, tokens, self.engine.config.schedule,
-                                        source=f"session {session_id}")
+            inspection = inspect_tokens(self.engine.model, self.service.tokenizer, tokens, schedule, source=f"session {session_id}")
             return render_html(inspection, note="Recomputed for this page from the session's committed tokens.")
 
         html = await anyio.to_thread.run_sync(page)

@@ -54,6 +54,7 @@ class LlamaServing(CompletionEndpoint):
             n_indent=max(body.n_indent, 0),
             session_id=body.session_id or None,
             document_id=body.document_id or None,
+            update_rate=body.update_rate,
             # A budget for generation: an ingestion (n_predict 0) has none, as in llama.cpp.
             time_budget_s=budget / 1000 if budget > 0 and n_predict > 0 else None,
             api_key=api_key,

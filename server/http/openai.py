@@ -56,6 +56,7 @@ class OpenAIServing(CompletionEndpoint):
             stop=stop_sequences(body.stop),
             session_id=body.session_id or None,
             document_id=body.document_id or None,
+            update_rate=body.update_rate,
             api_key=api_key,
         )
         items = await self.start(request, completion, call)

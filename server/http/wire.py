@@ -40,6 +40,10 @@ def _ignored(api: str) -> Any:
 # ponder's session fields, the same in both APIs.
 SessionId = Annotated[str | None, Field(description="ponder: the editor document's session (absent: matched by common prefix).")]
 DocumentId = Annotated[str | None, Field(description="ponder: a new document id resets the session.")]
+UpdateRate = Annotated[float | None, Field(
+    description="ponder: the session's target update rate from this request on, in [0, 1] (the share of chunks whose "
+    "fast weights update), under a budgeted schedule; absent: the session's last one, or the server's --schedule-rate."
+)]
 
 
 class RequestBody(BaseModel):
@@ -84,6 +88,7 @@ class CompletionBody(RequestBody):
     n: int = Field(1, description="Completions per request: ponder returns one, so only 1 is allowed.")
     session_id: SessionId = None
     document_id: DocumentId = None
+    update_rate: UpdateRate = None
     model: Any = _ignored("OpenAI")
     best_of: Any = _ignored("OpenAI")
     logprobs: Any = _ignored("OpenAI")
@@ -138,6 +143,7 @@ class InfillBody(RequestBody):
     )
     session_id: SessionId = None
     document_id: DocumentId = None
+    update_rate: UpdateRate = None
     id_slot: Any = _ignored("llama.cpp")
     cache_prompt: Any = _ignored("llama.cpp")
     samplers: Any = _ignored("llama.cpp")

@@ -29,7 +29,7 @@ class Extra(_message.Message):
     def __init__(self, name: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
-    __slots__ = ("prompt", "suffix", "extra", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "session_id", "document_id", "reset", "time_budget_ms")
+    __slots__ = ("prompt", "suffix", "extra", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "session_id", "document_id", "reset", "time_budget_ms", "update_rate")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SUFFIX_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class CompleteRequest(_message.Message):
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     TIME_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_RATE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     suffix: str
     extra: _containers.RepeatedCompositeFieldContainer[Extra]
@@ -56,7 +57,8 @@ class CompleteRequest(_message.Message):
     document_id: str
     reset: bool
     time_budget_ms: int
-    def __init__(self, prompt: _Optional[str] = ..., suffix: _Optional[str] = ..., extra: _Optional[_Iterable[_Union[Extra, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., document_id: _Optional[str] = ..., reset: _Optional[bool] = ..., time_budget_ms: _Optional[int] = ...) -> None: ...
+    update_rate: float
+    def __init__(self, prompt: _Optional[str] = ..., suffix: _Optional[str] = ..., extra: _Optional[_Iterable[_Union[Extra, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., document_id: _Optional[str] = ..., reset: _Optional[bool] = ..., time_budget_ms: _Optional[int] = ..., update_rate: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "cached_tokens", "generated_tokens", "chunks_updated", "chunks_skipped", "ttt_flops")
@@ -91,16 +93,18 @@ class CompleteResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., chunk_lambda: _Optional[_Iterable[float]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class IngestRequest(_message.Message):
-    __slots__ = ("text", "session_id", "document_id", "reset")
+    __slots__ = ("text", "session_id", "document_id", "reset", "update_rate")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_RATE_FIELD_NUMBER: _ClassVar[int]
     text: str
     session_id: str
     document_id: str
     reset: bool
-    def __init__(self, text: _Optional[str] = ..., session_id: _Optional[str] = ..., document_id: _Optional[str] = ..., reset: _Optional[bool] = ...) -> None: ...
+    update_rate: float
+    def __init__(self, text: _Optional[str] = ..., session_id: _Optional[str] = ..., document_id: _Optional[str] = ..., reset: _Optional[bool] = ..., update_rate: _Optional[float] = ...) -> None: ...
 
 class IngestResponse(_message.Message):
     __slots__ = ("usage", "session_id", "chunk_lambda")
