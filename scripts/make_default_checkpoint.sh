@@ -50,10 +50,9 @@ for run in ttt-1-update ttt-2-update-4096 ttt-3-update-4096 ttt-4-gate ttt-5-upd
 done
 # Evaluated as bundled (bfloat16 weights, loaded as float32).
 $ponder export --checkpoint "$runs/ttt-10-policy/final" --out checkpoints/default --storage-dtype bfloat16 --overwrite
-$ponder eval --checkpoint checkpoints/default --corpus "$runs/corpus" --out "$runs/eval" --fixed-lambda 0.6 \
-  --lines-per-file 0
+$ponder eval --checkpoint checkpoints/default --corpus "$runs/corpus" --out "$runs/eval" --lines-per-file 0
 # The same on a package that no corpus above includes (ponder train corpus leaves it out by default).
 $ponder train corpus --out "$runs/heldout-transformers" --root "$(.venv/bin/python -c 'import transformers, os; print(os.path.dirname(transformers.__file__))')" \
   --include-held-out --val-fraction 1 --max-mb 12 --tokenizer "$runs/corpus/tokenizer.json"
 $ponder eval --checkpoint checkpoints/default --corpus "$runs/heldout-transformers" --out "$runs/eval-transformers" \
-  --fixed-lambda 0.6 --lines-per-file 0
+  --lines-per-file 0
