@@ -73,7 +73,8 @@ def attach_policy(model: TTTTransformerLM, hidden: int, seed: int) -> TTTTransfo
 
 @nnx.jit(static_argnums=(2, 3))
 def rollout(model, batch: Batch, stage: TTTStage, seed: int, target):
-    """Per chunk of each row: features, action index, reward, cost, end of episode, and whether it counts."""
+    """Per chunk of each row: features, action index, reward, cost, whether its episode ends after it, and
+    whether it counts (has a scored token)."""
     positions, attention = stage.attention(batch)
     run = lambda schedule: model(batch.tokens, positions, schedule, segment_ids=batch.segment_ids,
                                  attention_ids=attention, target=target)
@@ -84,8 +85,9 @@ def rollout(model, batch: Batch, stage: TTTStage, seed: int, target):
     steps = acted.chunk_steps  # [B, n]
     action = jnp.searchsorted(jnp.asarray(ACTION_STEPS), steps)
     C = stage.chunk
-    opens = jnp.pad(batch.segment_ids[:, C::C] != batch.segment_ids[:, :-C:C], ((0, 0), (0, 1)), constant_values=True)
-    return acted.chunk_features, action, skip_ce - ce, steps.astype(jnp.float32), opens, weight > 0
+    # An episode (a document) ends after a chunk when the next one opens another document, and at the row's end.
+    ends = jnp.pad(batch.segment_ids[:, C::C] != batch.segment_ids[:, :-C:C], ((0, 0), (0, 1)), constant_values=True)
+    return acted.chunk_features, action, skip_ce - ce, steps.astype(jnp.float32), ends, weight > 0
 
 
 def train_policy(model: TTTTransformerLM, corpus_dir, run_dir, config: PolicyConfig, ppo: PPOConfig = PPOConfig(),
@@ -108,7 +110,7 @@ def train_policy(model: TTTTransformerLM, corpus_dir, run_dir, config: PolicyCon
     for iteration in range(1, config.iterations + 1):
         batch, data_state = packer.next(data_state)
         batch = Batch(*map(jnp.asarray, batch))
-        features, action, reward, cost, opens, valid = rollout(model, batch, stage, config.seed * 100_003 + iteration, target)
+        features, action, reward, cost, ends, valid = rollout(model, batch, stage, config.seed * 100_003 + iteration, target)
         if iteration == 1:  # the features' scale, fixed from the first rollout
             flat = np.asarray(features).reshape(-1, N_FEATURES)
             # A floor on the spread: a feature constant here (the target rate) must not blow up where it differs.
@@ -116,8 +118,7 @@ def train_policy(model: TTTTransformerLM, corpus_dir, run_dir, config: PolicyCon
         B, n = action.shape
         _, value_r, value_c = model.policy(features.reshape(B * n, -1))
         value_r, value_c = value_r.reshape(B, n), value_c.reshape(B, n)
-        # Time-major traces; an episode (a document) ends before a chunk that opens a new one, and at the row's end.
-        ends = jnp.concatenate([opens[:, 1:], jnp.ones((B, 1), bool)], axis=1)
+        # Time-major traces for GAE.
         tm = lambda a: jnp.where(valid, a, 0.0).T
         adv_r, ret_r = gae(tm(reward), value_r.T, ends.T, jnp.zeros((B,)), ppo.gamma, ppo.lam)
         adv_c, ret_c = gae(tm(cost), value_c.T, ends.T, jnp.zeros((B,)), ppo.gamma, ppo.lam)
