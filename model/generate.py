@@ -35,10 +35,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ponder.model.detokenize import TextStream
+from ponder.model.doc_state import DocState
 from ponder.model.gating import Schedule
 from ponder.model.gpt2 import GPT, KVCache
 from ponder.model.tokenizer import Tokenizer
-from ponder.model.ttt_lm import DocState, TTTTransformerLM
+from ponder.model.ttt_lm import TTTTransformerLM
 
 DECODE_BLOCK = 64  # most tokens one decode call produces
 MIN_BUCKET = 16  # shortest prefill bucket

@@ -40,11 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ponder.model.doc_state import DocState
 from ponder.model.gating import Schedule
 from ponder.model.generate import sample
 from ponder.model.gpt2 import GPT, KVCache
 from ponder.model.ttt import TTTConfig
-from ponder.model.ttt_lm import DocState, TTTLMConfig, TTTTransformerLM
+from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
 from ponder.server.metrics import ServerMetrics
 from ponder.server.types import Job
 

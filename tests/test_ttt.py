@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ponder.model.ttt import TTTConfig, TTTLayer, causal_conv, rope
+from ponder.model.fast_weights import causal_conv, rope
+from ponder.model.ttt import TTTConfig, TTTLayer
 
 CONFIG = TTTConfig(width=32, n_head=4, mini_batch=16)
 

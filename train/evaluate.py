@@ -70,10 +70,11 @@ import numpy as np
 import scipy.stats
 from flax import nnx
 
+from ponder.model.doc_state import DocState
 from ponder.model.document import DocumentRun, run_document
 from ponder.model.gating import Schedule
 from ponder.model.gpt2 import KVCache
-from ponder.model.ttt_lm import DocState, TTTTransformerLM
+from ponder.model.ttt_lm import TTTTransformerLM
 
 RATES = (0.25, 0.5, 0.75)  # the budgeted methods' target update rates, by default
 

@@ -49,7 +49,6 @@ from flax import nnx
 from ponder.model.policy import ACTION_STEPS, ActorCritic
 
 
-
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
     """Attributes:
