@@ -289,12 +289,15 @@ def _humaneval(args: argparse.Namespace) -> None:
                                 seed=index, stop=humaneval.STOP)
         return generate_text(model, tokenizer, tokenizer.encode_document(prompt), params).text
 
+    if args.unsafe_no_sandbox and args.allow_code_execution:
+        print("warning: --unsafe-no-sandbox: the model's code runs without isolation, with this user's access to "
+              "the network, files and processes", file=sys.stderr)
     report = humaneval.run(generate, args.out, args.samples, args.k or [1], args.allow_code_execution,
-                           args.max_problems)
+                           args.max_problems, unsafe_no_sandbox=args.unsafe_no_sandbox)
     print(json.dumps(report, indent=2))
     if not args.allow_code_execution:
         print(f"wrote {args.out}/samples.jsonl without running it: pass --allow-code-execution to execute the "
-              "model-written code (sandboxed subprocesses) and score pass@k", file=sys.stderr)
+              "model-written code (in a bubblewrap sandbox) and score pass@k", file=sys.stderr)
 
 
 def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
@@ -392,7 +395,11 @@ def _add_eval_command(commands) -> None:
     he.add_argument("--max-tokens", type=int, default=256)
     he.add_argument("--max-problems", type=int)
     he.add_argument("--allow-code-execution", action="store_true",
-                    help="execute the completions (each in a limited subprocess with no network)")
+                    help="execute the completions, each in a bubblewrap (bwrap) sandbox: no network, no host "
+                         "processes or files, limited CPU, memory and processes")
+    he.add_argument("--unsafe-no-sandbox", action="store_true",
+                    help="with --allow-code-execution where bwrap is missing: run the completions in a plain "
+                         "subprocess, without isolation")
     he.set_defaults(run=_humaneval, k=None)
 
 
@@ -560,10 +567,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_process()
     from ponder.model.checkpoint import CheckpointError
     from ponder.model.hf import ConversionError
+    from ponder.train.humaneval import SandboxUnavailable
 
     try:
         args.run(args)
-    except (CheckpointError, ConversionError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except (CheckpointError, ConversionError, SandboxUnavailable, ValueError, FileNotFoundError,
+            FileExistsError) as err:
         print(f"ponder {args.command}: error: {err}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:

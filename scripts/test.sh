@@ -10,10 +10,11 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet -e '.[test]'
 # System tools the end-to-end tests drive (Debian packages): promtool checks /metrics, a headless
 # Neovim runs the plug-in, headless Chromium renders the λ viewer, nginx routes sessions to replicas,
-# Docker builds and runs the image (debootstrap makes its base image where Docker Hub is out of reach).
+# Docker builds and runs the image (debootstrap makes its base image where Docker Hub is out of reach),
+# bubblewrap sandboxes the HumanEval candidates.
 # Without root or apt those tests skip locally; under CI=true they fail instead.
 missing=()
-for pair in promtool:prometheus nvim:neovim chromium:chromium nginx:nginx curl:curl dockerd:docker.io debootstrap:debootstrap; do
+for pair in promtool:prometheus nvim:neovim chromium:chromium nginx:nginx curl:curl dockerd:docker.io debootstrap:debootstrap bwrap:bubblewrap; do
   command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
