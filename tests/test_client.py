@@ -40,6 +40,7 @@ from ponder.client import (
     Usage,
 )
 from ponder.client.cli import parse_position, split_at
+from ponder.model.gating import Schedule
 from ponder.model.tokenizer import Tokenizer
 from ponder.server.grpc_server import build_grpc_server
 from ponder.server.http.app import build_app
@@ -58,8 +59,8 @@ class ScriptedEngine(RecordingEngine):
     """The engine on the fake runner, plus refusals on demand: ``refuse`` holds exceptions the next submits
     raise (one each), ``fail_after`` makes a job fail after that many tokens; ``submits`` counts every submit."""
 
-    def __init__(self, tokenizer, metrics):
-        super().__init__(tokenizer.encode(REPLY), metrics=metrics, max_new_tokens=64)
+    def __init__(self, tokenizer, metrics, **config):
+        super().__init__(tokenizer.encode(REPLY), metrics=metrics, max_new_tokens=64, **config)
         self.refuse: list[Exception] = []
         self.fail_after: int | None = None
         self.submits = 0
@@ -80,9 +81,9 @@ class ScriptedEngine(RecordingEngine):
 class Stack:
     """HTTP and gRPC servers in this process over one engine and service."""
 
-    def __init__(self, tokenizer, api_keys=()):
+    def __init__(self, tokenizer, api_keys=(), **engine_config):
         metrics = ServerMetrics.create()
-        self.engine = ScriptedEngine(tokenizer, metrics)
+        self.engine = ScriptedEngine(tokenizer, metrics, **engine_config)
         service = CompletionService(self.engine, tokenizer)
         self.http = Server(build_app(service, self.engine, metrics, api_keys=api_keys))
         self.url = self.http.url
@@ -115,6 +116,14 @@ def stacks(tokenizer):
     yield open_stack, keyed_stack
     open_stack.close()
     keyed_stack.close()
+
+
+@pytest.fixture(scope="module")
+def budgeted(tokenizer):
+    """A stack whose schedule reads a budget (learned_budget at 0.5), so requests may set ``update_rate``."""
+    budgeted_stack = Stack(tokenizer, schedule=Schedule("learned_budget", rate=0.5))
+    yield budgeted_stack
+    budgeted_stack.close()
 
 
 @pytest.fixture
@@ -235,6 +244,19 @@ def test_ingest_reset_and_health(api, stack, tokenizer):
         deadline = time.monotonic() + 5  # gRPC health follows readiness within 0.1 s
         while (health := api(stack, "health")) != Health(status):
             assert time.monotonic() < deadline, health
+
+
+def test_update_rate_reaches_the_session(api, budgeted, stack):
+    budgeted.reset()
+    api(budgeted, "complete", "def f():", session="r", max_tokens=2, update_rate=0.25)
+    api(budgeted, "stream", "def f():", session="r", max_tokens=2, update_rate=0.75)
+    api(budgeted, "ingest", "import os\n", session="r", update_rate=0.0)
+    api(budgeted, "complete", "def f():", session="r", max_tokens=2)
+    assert [job.update_rate for job in budgeted.engine.jobs] == [0.25, 0.75, 0.0, None]  # None: the session's last one
+    assert budgeted.engine.session_schedule("", "r").rate == 0.0
+    with pytest.raises(InvalidRequest, match="reads no budget") as caught:
+        api(stack, "complete", "x", update_rate=0.5)
+    assert caught.value.field == "update_rate"
 
 
 # --- Auth and errors.
@@ -391,6 +413,16 @@ def test_cli_complete_ingest_reset_health(stack, tokenizer, source, capsys, tran
     assert stack.engine.committed_tokens("", session) is None and capsys.readouterr().out == f"reset session {session}\n"
     assert ponder_cli.main(["health", *where]) == 0
     assert capsys.readouterr().out.startswith("ok (")
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_cli_update_rate(budgeted, source, transport):
+    where = ["--url", budgeted.url] if transport == "http" else ["--grpc", budgeted.grpc_target]
+    budgeted.reset()
+    assert ponder_cli.main(["complete", f"{source}:4", "--max-tokens", "2", "--update-rate", "0.25", *where]) == 0
+    assert ponder_cli.main(["ingest", str(source), "--update-rate", "0.75", *where]) == 0
+    assert ponder_cli.main(["complete", f"{source}:4", "--max-tokens", "2", *where]) == 0
+    assert [job.update_rate for job in budgeted.engine.jobs] == [0.25, 0.75, None]
 
 
 def test_cli_errors_are_one_line(stack, source, capsys):

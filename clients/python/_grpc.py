@@ -41,11 +41,13 @@ def complete_message(request: Request) -> pb.CompleteRequest:
     return pb.CompleteRequest(
         prompt=request.prefix, suffix=request.suffix, max_tokens=request.max_tokens, temperature=request.temperature,
         seed=request.seed, stop=list(request.stop), session_id=request.session or "", document_id=request.document or "",
+        update_rate=request.update_rate,
     )
 
 
 def ingest_message(request: Request) -> pb.IngestRequest:
-    return pb.IngestRequest(text=request.prefix, session_id=request.session or "", document_id=request.document or "")
+    return pb.IngestRequest(text=request.prefix, session_id=request.session or "", document_id=request.document or "",
+                            update_rate=request.update_rate)
 
 
 def _figures(usage: pb.Usage) -> dict:

@@ -51,6 +51,8 @@ def completion_body(request: Request, stream: bool = False) -> dict:
         body["session_id"] = request.session
     if request.document:
         body["document_id"] = request.document
+    if request.update_rate is not None:
+        body["update_rate"] = request.update_rate
     if stream:
         body |= {"stream": True, "stream_options": {"include_usage": True}}
     return body

@@ -20,6 +20,7 @@ class Request:
     temperature: float = 0.0
     stop: tuple[str, ...] = ()
     seed: int = 0
+    update_rate: float | None = None  # the session's target update rate from this request on; None: its last one
 
 
 class Deadline:

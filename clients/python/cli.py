@@ -86,7 +86,7 @@ def _complete(args: argparse.Namespace) -> None:
     prefix, suffix = split_at(_read(path), line, column, str(path))
     session = str(path.resolve())
     options = dict(session=session, document=session, max_tokens=args.max_tokens, temperature=args.temperature,
-                   stop=tuple(args.stop), timeout=args.timeout)
+                   stop=tuple(args.stop), update_rate=args.update_rate, timeout=args.timeout)
     with _client(args) as ponder:
         if args.stream:
             for item in ponder.stream(prefix, suffix or None, **options):
@@ -104,7 +104,8 @@ def _complete(args: argparse.Namespace) -> None:
 def _ingest(args: argparse.Namespace) -> None:
     session = str(args.file.resolve())
     with _client(args) as ponder:
-        done = ponder.ingest(_read(args.file), session=session, document=session, timeout=args.timeout)
+        done = ponder.ingest(_read(args.file), session=session, document=session, update_rate=args.update_rate,
+                             timeout=args.timeout)
     u = done.usage
     print(f"ingested {args.file} into session {done.session_id}: {u.prompt_tokens} tokens, {u.cached_tokens} already "
           f"cached; chunks {done.chunks_updated} updated / {done.chunks_skipped} skipped")
@@ -140,6 +141,12 @@ def _one_line_errors(name: str, run):
     return wrapped
 
 
+def _update_rate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--update-rate", type=float, metavar="RATE",
+                   help="the file's session's target update rate from now on, in [0, 1] (the share of chunks whose fast "
+                   "weights update), for a server with a budgeted --schedule; default: the session's last one")
+
+
 def _connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=DEFAULT_URL, help=f"the server's HTTP address (default {DEFAULT_URL})")
     p.add_argument("--grpc", metavar="TARGET", help="use gRPC at TARGET (host:port) instead of HTTP")
@@ -160,11 +167,13 @@ def add_commands(commands) -> None:
     complete.add_argument("--max-tokens", type=int, default=64)
     complete.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     complete.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    _update_rate(complete)
     _connection(complete)
     complete.set_defaults(run=_one_line_errors("complete", _complete))
 
     ingest = commands.add_parser("ingest", help="send a file to its session without generating")
     ingest.add_argument("file", type=Path)
+    _update_rate(ingest)
     _connection(ingest)
     ingest.set_defaults(run=_one_line_errors("ingest", _ingest))
 

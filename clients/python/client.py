@@ -84,9 +84,9 @@ class _Base:
         )
 
     @staticmethod
-    def _request(prefix, suffix, session, document, max_tokens, temperature, stop, seed) -> Request:
+    def _request(prefix, suffix, session, document, max_tokens, temperature, stop, seed, update_rate) -> Request:
         stops = (stop,) if isinstance(stop, str) else tuple(stop)
-        return Request(prefix, suffix, session, document, max_tokens, temperature, stops, seed)
+        return Request(prefix, suffix, session, document, max_tokens, temperature, stops, seed, update_rate)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({'url' if self.url else 'grpc'}={self.address!r})"
@@ -136,6 +136,7 @@ class Client(_Base):
         temperature: float = 0.0,
         stop: str | tuple[str, ...] = (),
         seed: int = 0,
+        update_rate: float | None = None,
         timeout: float | None = None,
     ) -> Completion:
         """Completes ``prefix`` (fill-in-the-middle when ``suffix`` is given).
@@ -150,12 +151,15 @@ class Client(_Base):
           temperature: 0 is greedy.
           stop: generation ends before the first of these.
           seed: sampling seed.
+          update_rate: the session's target update rate from this request on, in [0, 1] (the share
+            of chunks whose fast weights update), for a server whose schedule reads a budget
+            (``--schedule learned_budget`` and the like); None: the session's last one.
           timeout: seconds for the whole call, retries included.
 
         Returns:
           The ``Completion``.
         """
-        request = self._request(prefix, suffix, session, document, max_tokens, temperature, stop, seed)
+        request = self._request(prefix, suffix, session, document, max_tokens, temperature, stop, seed, update_rate)
         return self._call(self._transport.complete, request, timeout=timeout)
 
     def stream(
@@ -169,13 +173,14 @@ class Client(_Base):
         temperature: float = 0.0,
         stop: str | tuple[str, ...] = (),
         seed: int = 0,
+        update_rate: float | None = None,
         timeout: float | None = None,
     ) -> Iterator[Delta | Completion]:
         """``complete``, streamed: ``Delta``s as text becomes final, then the ``Completion``.
 
         The request starts when iteration does; leaving the loop early cancels it on the server.
         """
-        request = self._request(prefix, suffix, session, document, max_tokens, temperature, stop, seed)
+        request = self._request(prefix, suffix, session, document, max_tokens, temperature, stop, seed, update_rate)
         items = self._call(_open, self._transport.stream, request, timeout=timeout)
         try:
             yield from items
@@ -183,9 +188,9 @@ class Client(_Base):
             items.close()
 
     def ingest(self, text: str, *, session: str | None = None, document: str | None = None,
-               timeout: float | None = None) -> Ingestion:
-        """Updates a session with ``text`` (the document, or its start) without generating."""
-        request = self._request(text, None, session, document, 0, 0.0, (), 0)
+               update_rate: float | None = None, timeout: float | None = None) -> Ingestion:
+        """Updates a session with ``text`` (the document, or its start) without generating (``update_rate``: as in ``complete``)."""
+        request = self._request(text, None, session, document, 0, 0.0, (), 0, update_rate)
         return self._call(self._transport.ingest, request, timeout=timeout)
 
     def reset(self, session: str, *, timeout: float | None = None) -> bool:
@@ -259,10 +264,11 @@ class AsyncClient(_Base):
         temperature: float = 0.0,
         stop: str | tuple[str, ...] = (),
         seed: int = 0,
+        update_rate: float | None = None,
         timeout: float | None = None,
     ) -> Completion:
         """See ``Client.complete``."""
-        request = self._request(prefix, suffix, session, document, max_tokens, temperature, stop, seed)
+        request = self._request(prefix, suffix, session, document, max_tokens, temperature, stop, seed, update_rate)
         return await self._call(self._transport.complete, request, timeout=timeout)
 
     async def stream(
@@ -276,10 +282,11 @@ class AsyncClient(_Base):
         temperature: float = 0.0,
         stop: str | tuple[str, ...] = (),
         seed: int = 0,
+        update_rate: float | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[Delta | Completion]:
         """See ``Client.stream``."""
-        request = self._request(prefix, suffix, session, document, max_tokens, temperature, stop, seed)
+        request = self._request(prefix, suffix, session, document, max_tokens, temperature, stop, seed, update_rate)
         items = await self._call(_aopen, self._transport.stream, request, timeout=timeout)
         try:
             async for item in items:
@@ -288,9 +295,9 @@ class AsyncClient(_Base):
             await items.aclose()
 
     async def ingest(self, text: str, *, session: str | None = None, document: str | None = None,
-                     timeout: float | None = None) -> Ingestion:
+                     update_rate: float | None = None, timeout: float | None = None) -> Ingestion:
         """See ``Client.ingest``."""
-        request = self._request(text, None, session, document, 0, 0.0, (), 0)
+        request = self._request(text, None, session, document, 0, 0.0, (), 0, update_rate)
         return await self._call(self._transport.ingest, request, timeout=timeout)
 
     async def reset(self, session: str, *, timeout: float | None = None) -> bool:
