@@ -53,11 +53,8 @@ class CompletionServicer(pb_grpc.CompletionServicer):
         self.service, self.metrics, self.api_keys = service, metrics, api_keys
 
     def _api_key(self, context) -> str:
-        """The caller's key ("" without auth); aborts with UNAUTHENTICATED otherwise."""
-        try:
-            return authenticate(dict(context.invocation_metadata()).get("authorization", ""), self.api_keys)
-        except Unauthenticated:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key: send metadata 'authorization: Bearer KEY'")
+        """The caller's key ("" without auth); else ``Unauthenticated`` (``_errors`` answers UNAUTHENTICATED)."""
+        return authenticate(dict(context.invocation_metadata()).get("authorization", ""), self.api_keys)
 
     def _request(self, context, **fields) -> CompletionRequest:
         remaining = context.time_remaining()
@@ -72,6 +69,9 @@ class CompletionServicer(pb_grpc.CompletionServicer):
         """Maps the service's refusals and any unexpected failure to a status with a readable message."""
         try:
             yield
+        except Unauthenticated:
+            record.done("client_error")  # as HTTP counts its 401s
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key: send metadata 'authorization: Bearer KEY'")
         except (RequestError, QueueFull, NotReady) as error:
             record.done("client_error" if isinstance(error, RequestError) else "rejected")
             context.abort(_CODES[type(error)], str(error))
@@ -141,11 +141,62 @@ class CompletionServicer(pb_grpc.CompletionServicer):
             return pb.ResetSessionResponse(existed=existed)
 
 
+class _Malformed:
+    """A request that did not parse, handed to the method in its place."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class MalformedRequests(grpc.ServerInterceptor):
+    """A request that is not a valid message (truncated, a string field that is not UTF-8) is
+    INVALID_ARGUMENT saying what is wrong, and a client error in the metrics; grpc on its own
+    answers INTERNAL and logs a traceback. Every method of every service gets the check."""
+
+    _HANDLERS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+                 (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+        def deserialize(data: bytes):
+            try:
+                return parse(data)
+            except Exception as error:  # protobuf's DecodeError, or whatever a custom parser raises
+                return _Malformed(error)
+
+        def refuse(request, context):
+            if isinstance(request, _Malformed):
+                if service == SERVICE_NAME:
+                    RequestRecord(self.metrics, f"grpc.{method}").done("client_error")
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+            return request
+
+        if handler.request_streaming:
+            def checked(requests, context):
+                return behaviour((refuse(request, context) for request in requests), context)
+        else:
+            def checked(request, context):
+                return behaviour(refuse(request, context), context)
+
+        return self._HANDLERS[handler.request_streaming, handler.response_streaming](
+            checked, request_deserializer=deserialize, response_serializer=handler.response_serializer)
+
+
 def build_grpc_server(
     service: CompletionService, engine, metrics: ServerMetrics, api_keys: tuple[str, ...], address: str, max_workers: int = 16
 ) -> grpc.Server:
     """The gRPC server on ``address`` (not started): Completion, health and reflection."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ponder-grpc"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ponder-grpc"),
+                         interceptors=[MalformedRequests(metrics)])
     pb_grpc.add_CompletionServicer_to_server(CompletionServicer(service, metrics, api_keys), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

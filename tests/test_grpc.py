@@ -9,6 +9,7 @@ tested in ``test_server.py``.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -198,6 +199,12 @@ def test_auth(tokenizer):
             with pytest.raises(grpc.RpcError) as err:
                 list(s.stub.Complete(pb.CompleteRequest(prompt="x", max_tokens=2), metadata=metadata, timeout=10))
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            s.stub.ResetSession(pb.ResetSessionRequest(session_id="d"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # Client errors, as HTTP counts its 401s; the client did not go away.
+        assert s.count("grpc.Complete", "client_error") == 3 and s.count("grpc.ResetSession", "client_error") == 1
+        assert s.count("grpc.Complete", "cancelled") == 0 and s.count("grpc.ResetSession", "cancelled") == 0
         ok = list(s.stub.Complete(pb.CompleteRequest(prompt="x", max_tokens=2), metadata=(("authorization", f"Bearer {KEY}"),)))
         assert ok[-1].usage.generated_tokens == 2 and s.engine.jobs[-1].api_key == KEY
         s.stub.Ingest(pb.IngestRequest(text="x = 1\n", session_id="d"), metadata=(("authorization", f"Bearer {KEY}"),))
@@ -209,6 +216,26 @@ def test_auth(tokenizer):
         assert status in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("method, data", [
+    ("Complete", b"\x0a\x02\xff\xfe"),  # prompt: two bytes that are not UTF-8
+    ("Complete", b"\x0a\x10abc"),  # prompt: 16 bytes announced, 3 sent
+    ("Ingest", b"\x0a\x01\x80"),
+    ("ResetSession", b"\x0a"),
+])
+def test_a_malformed_request_is_invalid_argument_without_a_traceback(grpc_stack, caplog, method, data):
+    before = grpc_stack.count(f"grpc.{method}", "client_error")
+    kind = grpc_stack.channel.unary_stream if method == "Complete" else grpc_stack.channel.unary_unary
+    call = kind(f"/{SERVICE_NAME}/{method}")  # no serializer: the bytes go out as they are
+    with pytest.raises(grpc.RpcError) as err:
+        answer = call(data, timeout=10)
+        list(answer) if method == "Complete" else answer
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert err.value.details().startswith("malformed request: Error parsing message"), err.value.details()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert grpc_stack.count(f"grpc.{method}", "client_error") == before + 1
+    assert not grpc_stack.engine.jobs
 
 
 def test_a_stopped_server_leaves_no_thread_behind(tokenizer):
