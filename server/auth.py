@@ -19,17 +19,17 @@ class Unauthenticated(Exception):
 
 
 def parse_api_keys(flags: Sequence[str] | None, env: str = "") -> tuple[str, ...]:
-    """The server's keys.
+    """The server's keys. A flag and the variable read the same way: keys separated by commas.
 
     Args:
-      flags: the ``--api-key`` values, one key each; if there are any, ``env`` is not read.
-      env: ``$PONDER_API_KEY``: keys separated by commas.
+      flags: the ``--api-key`` values (the flag may be repeated); if there are any, ``env`` is not read.
+      env: ``$PONDER_API_KEY``.
 
     Returns:
-      The keys, stripped, blanks dropped; empty means no authentication.
+      The keys, stripped, blanks and repeats dropped; empty means no authentication.
     """
-    keys = flags if flags else env.split(",")
-    return tuple(k.strip() for k in keys if k.strip())
+    keys = (key.strip() for value in (flags if flags else [env]) for key in value.split(","))
+    return tuple(dict.fromkeys(key for key in keys if key))
 
 
 def authenticate(authorization: str, api_keys: Sequence[str]) -> str:

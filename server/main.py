@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=HttpConfig.max_body_bytes, help="largest HTTP request body")
     p.add_argument(
         "--api-key", action="append", default=None,
-        help="require this bearer token (repeat for several; default: $PONDER_API_KEY, comma-separated; none: no auth)",
+        help="require this bearer token; several: comma-separated (k1,k2) or the flag repeated (default: "
+             "$PONDER_API_KEY, read the same way; none: no auth)",
     )
     p.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "ponder" / "jax"), help="persistent XLA cache ('' to disable)")
     p.add_argument("--drain-s", type=float, default=30.0, help="how long SIGTERM waits for running requests")

@@ -59,3 +59,24 @@ def test_unset_flags_are_the_config_dataclasses_defaults():
         assert preset.seq_len == (256 if stage == "base" else 512)  # the stages differ, as before
     for command in (["serve"], ["inspect", "f.py"], ["train", "ttt", "--corpus", "c", "--run-dir", "r"]):
         assert ponder_cli._schedule(parser.parse_args(command)) == Schedule()
+
+
+@pytest.mark.parametrize("argv, env, keys", [
+    (["--api-key", "k1,k2"], "", ("k1", "k2")),
+    (["--api-key", "k1", "--api-key", " k2 , k3,"], "", ("k1", "k2", "k3")),
+    ([], "k1, k2,,", ("k1", "k2")),
+    (["--api-key", "k3"], "k1,k2", ("k3",)),  # a flag, given, is the whole list
+    ([], "", ()),
+])
+def test_api_keys_from_the_flag_and_the_variable_read_the_same_way(argv, env, keys):
+    from ponder.server.auth import parse_api_keys
+
+    args = ponder_cli.build_parser().parse_args(["serve", *argv])
+    assert parse_api_keys(args.api_key, env) == keys
+
+
+def test_serve_help_says_how_to_give_several_keys(capsys):
+    with pytest.raises(SystemExit):
+        ponder_cli.build_parser().parse_args(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "comma-separated (k1,k2) or the flag repeated" in help_text and "$PONDER_API_KEY, read the same way" in help_text
