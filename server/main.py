@@ -29,13 +29,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The server's flags (``ponder serve`` adds the ``--schedule`` family beside them).
 
     Unset flags are the config dataclasses' defaults: ``EngineConfig`` (slots, queue,
-    session memory, tokens per request), ``Limits`` (prompt length), ``HttpConfig`` (body size).
+    session memory, tokens per request), ``Limits`` (prompt length), ``HttpConfig`` (body size and time).
     """
     from ponder.server.engine import EngineConfig
     from ponder.server.service import Limits
 
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory (default: the bundled one)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 for every interface); on a loopback address, HTTP answers "
+                        "only the Host names localhost, 127.0.0.1 and [::1] (against DNS rebinding)")
     p.add_argument("--port", type=int, default=8080, help="HTTP port")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: no gRPC)")
     p.add_argument("--slots", type=int, default=EngineConfig.slots, help="decode slots (requests generating at once)")
@@ -45,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens, help="longest prompt, in tokens")
     p.add_argument("--max-tokens", type=int, default=EngineConfig.max_new_tokens, help="most tokens one request may generate")
     p.add_argument("--max-body-bytes", type=int, default=HttpConfig.max_body_bytes, help="largest HTTP request body")
+    p.add_argument("--body-timeout-s", type=float, default=HttpConfig.body_timeout_s,
+                   help="seconds an HTTP request body may take to arrive (then 408)")
     p.add_argument(
         "--api-key", action="append", default=None,
         help="require this bearer token; several: comma-separated (k1,k2) or the flag repeated (default: "
@@ -75,6 +79,7 @@ def run(args, schedule: Schedule) -> None:
     from ponder.server.engine import Engine, EngineConfig
     from ponder.server.grpc_server import build_grpc_server
     from ponder.server.http.app import build_app
+    from ponder.server.http.hosts import allowed_hosts
     from ponder.server.metrics import ServerMetrics
     from ponder.server.service import CompletionService, Limits
 
@@ -91,7 +96,8 @@ def run(args, schedule: Schedule) -> None:
     service = CompletionService(engine, tokenizer, Limits(max_prompt_tokens=args.max_prompt_tokens))
     keys = parse_api_keys(args.api_key, os.environ.get("PONDER_API_KEY", ""))
     name = Path(args.checkpoint).name
-    app = build_app(service, engine, metrics, api_keys=keys, max_body_bytes=args.max_body_bytes, model_name=name)
+    app = build_app(service, engine, metrics, api_keys=keys, max_body_bytes=args.max_body_bytes, model_name=name,
+                    body_timeout_s=args.body_timeout_s, allowed_hosts=allowed_hosts(args.host))
     grpc_server = None
     if args.grpc_port:
         grpc_server = build_grpc_server(service, engine, metrics, keys, f"{args.host}:{args.grpc_port}")

@@ -151,6 +151,8 @@ class CompletionService:
             raise RequestError("stop", f"at most {limits.max_stop} sequences of at most {limits.max_stop_chars} characters")
         if any(not s for s in request.stop):
             raise RequestError("stop", "stop sequences must be non-empty strings")
+        if request.suffix is None and not request.extra:
+            self._refuse_unfittable(request)
         prefix = tok.encode(request.prompt)
         if request.suffix is None and not request.extra:
             tokens, commit_limit = [tok.eot_id, *prefix], None
@@ -188,6 +190,15 @@ class CompletionService:
         )
         return job
 
+    def _refuse_unfittable(self, request: CompletionRequest) -> None:
+        """Refuses, before tokenizing it, a plain prompt too long to fit ``max_prompt_tokens``: a token
+        holds at most ``Tokenizer.max_token_bytes`` characters, so more characters than that many times
+        the limit (less the end-of-document token) are more tokens than the limit."""
+        limit, width = self.limits.max_prompt_tokens, self.tokenizer.max_token_bytes
+        if len(request.prompt) > (limit - 1) * width:
+            raise RequestError(request.name("prompt"), f"{len(request.prompt)} characters cannot fit the limit of {limit} "
+                                                       f"tokens (a token holds at most {width} characters)")
+
     # --- Token events to text.
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[TextDelta | Final]:
@@ -197,7 +208,7 @@ class CompletionService:
         before the first item. Closing the iterator early (a client that went
         away) cancels the job.
         """
-        job = self.job(request)
+        job = await asyncio.to_thread(self.job, request)  # tokenizing a long prompt takes a while: not on the event loop
         job.attach(asyncio.get_running_loop())
         self.engine.submit(job)
         folder = _TextFolder(self.tokenizer, request, job)

@@ -34,6 +34,7 @@ from ponder.server.service import CompletionService
 TOKENIZER = Path(__file__).resolve().parent.parent / "checkpoints" / "default" / "tokenizer.json"
 MAX_BODY = 64 << 10
 KEY = "sk-test-key"
+JSON_TYPE = {"Content-Type": "application/json"}  # for bodies sent as bytes (a JSON endpoint refuses other types)
 
 
 class Server:
@@ -345,7 +346,7 @@ def test_infill_return_tokens(open_server, tokenizer):
 )
 def test_bad_requests_are_400_naming_the_field(open_server, path, body, words):
     url, engine, _ = open_server
-    r = httpx.post(url + path, content=json.dumps(body))
+    r = httpx.post(url + path, content=json.dumps(body), headers=JSON_TYPE)
     error = assert_error(r, 400, *words)
     assert error["type"] == "invalid_request_error"
     assert not engine.jobs
@@ -364,19 +365,19 @@ def test_bad_requests_are_400_naming_the_field(open_server, path, body, words):
 def test_undecodable_bodies_are_400(open_server, content, words):
     url, _, _ = open_server
     for path in ("/v1/completions", "/infill"):
-        assert_error(httpx.post(url + path, content=content), 400, *words)
+        assert_error(httpx.post(url + path, content=content, headers=JSON_TYPE), 400, *words)
 
 
 def test_oversized_body_is_413_naming_the_limit(open_server):
     url, _, _ = open_server
     big = json.dumps({"prompt": "x" * MAX_BODY}).encode()
-    assert_error(httpx.post(url + "/v1/completions", content=big), 413, str(MAX_BODY))
+    assert_error(httpx.post(url + "/v1/completions", content=big, headers=JSON_TYPE), 413, str(MAX_BODY))
 
     def chunked():  # no Content-Length: the bytes actually read are counted
         for _ in range(4):
             yield big[: MAX_BODY // 2]
 
-    assert_error(httpx.post(url + "/infill", content=chunked()), 413, str(MAX_BODY))
+    assert_error(httpx.post(url + "/infill", content=chunked(), headers=JSON_TYPE), 413, str(MAX_BODY))
 
 
 def test_queue_full_is_429_and_warming_up_is_503(open_server):
@@ -630,7 +631,7 @@ def test_random_bodies_never_get_a_5xx(open_server, path, model):
         @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
         @given(bodies(model))
         def check(body):
-            r = client.post(path, content=json.dumps(body))
+            r = client.post(path, content=json.dumps(body), headers=JSON_TYPE)
             assert r.status_code < 500, (body, r.text)
             assert r.status_code in (200, 400), (body, r.text)
 

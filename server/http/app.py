@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -24,6 +25,7 @@ from starlette.routing import Route
 from ponder.server.auth import Unauthenticated, authenticate
 from ponder.server.http.config import HttpConfig
 from ponder.server.http.errors import ApiError, ClientGone
+from ponder.server.http.hosts import TrustedHosts
 from ponder.server.http.llama import LlamaServing
 from ponder.server.http.openai import OpenAIServing
 from ponder.server.http.openapi import OPERATIONS, Operation, openapi_document
@@ -44,6 +46,8 @@ def build_app(
     api_keys: tuple[str, ...] = (),
     max_body_bytes: int = HttpConfig.max_body_bytes,
     model_name: str = HttpConfig.model_name,
+    body_timeout_s: float = HttpConfig.body_timeout_s,
+    allowed_hosts: tuple[str, ...] = HttpConfig.allowed_hosts,
 ) -> Starlette:
     """The HTTP front end of ``service``.
 
@@ -56,11 +60,14 @@ def build_app(
         ``/metrics`` and ``/openapi.json`` are always public. The matched key scopes the sessions.
       max_body_bytes: larger request bodies are refused with 413.
       model_name: the name ``/v1/models`` and the answers report.
+      body_timeout_s: a request body not whole after this long is refused with 408.
+      allowed_hosts: the ``Host`` names answered, others refused with 403 (empty: any; ``hosts.allowed_hosts``).
 
     Returns:
       A Starlette app to serve with uvicorn.
     """
-    config = HttpConfig(tuple(api_keys), max_body_bytes, model_name)
+    config = HttpConfig(tuple(api_keys), max_body_bytes, model_name, body_timeout_s=body_timeout_s,
+                        allowed_hosts=tuple(allowed_hosts))
     endpoints = _Endpoints(service, engine, metrics, config)
     handlers: dict[str, Handler] = {
         "completions": OpenAIServing(service, config).completions,
@@ -73,7 +80,8 @@ def build_app(
         "openapi": endpoints.openapi,
     }
     routes = [_route(op, handlers[op.handler], metrics, config.api_keys) for op in OPERATIONS]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    middleware = [Middleware(TrustedHosts, hosts=config.allowed_hosts)] if config.allowed_hosts else []
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error}, middleware=middleware)
 
 
 def _route(op: Operation, handler: Handler, metrics: ServerMetrics, api_keys: Sequence[str]) -> Route:

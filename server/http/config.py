@@ -11,15 +11,22 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class HttpConfig:
-    """The front end's settings (``ponder serve``'s ``--api-key``, ``--max-body-bytes`` and checkpoint name).
+    """The front end's settings (``ponder serve``'s ``--api-key``, ``--max-body-bytes``, ``--body-timeout-s``,
+    ``--host`` and checkpoint name).
 
     Attributes:
       api_keys: bearer tokens, any of which authenticates (empty: no auth).
       max_body_bytes: larger request bodies are refused with 413. 4 MiB holds a long
         file plus its ``input_extra`` snippets with room to spare.
       model_name: the name ``/v1/models`` and the answers report.
+      body_timeout_s: a request body not whole after this long is refused with 408 (a client that
+        sends part of one would hold its connection open).
+      allowed_hosts: the ``Host`` names answered (empty: any); ``ponder serve`` on a loopback
+        address answers only loopback names (``server/http/hosts.py``).
     """
 
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 4 << 20
     model_name: str = "ponder"
+    body_timeout_s: float = 10.0
+    allowed_hosts: tuple[str, ...] = ()

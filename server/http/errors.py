@@ -1,14 +1,17 @@
 """Answers other than 200, and the request checks that produce most of them.
 
-A server never answers 5xx to a client's mistake: the body is capped (413),
-decoded (400 for bad UTF-8 or JSON) and validated (400 naming each
-offending field) before anything runs. The rest of the mapping (the
+A server never answers 5xx to a client's mistake: the body must say it is
+JSON (415: a web page can send other types to a local server without the
+browser asking first), arrive in time (408) and within its cap (413), decode
+(400 for bad UTF-8 or JSON) and validate (400 naming each offending field)
+before anything runs. The rest of the mapping (the
 service's refusals to 400 / 429 / 503, a vanished client to 499, anything
 unexpected to a logged 500) is the router's, in ``app.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import TypeVar
 
 from pydantic import ValidationError
@@ -28,7 +31,8 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
     def response(self) -> Response:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        # A 408's body never arrived whole: the connection cannot carry another request.
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 408: {"Connection": "close"}}.get(self.status)
         detail = ErrorDetail(message=self.message, type=self.kind, param=self.param, code=self.status)
         return json_response(ErrorAnswer(error=detail), self.status, headers)
 
@@ -37,22 +41,39 @@ class ClientGone(Exception):
     """The client disconnected before the answer was ready."""
 
 
-async def read_body(request: Request, model: type[Body], limit: int) -> Body:
+async def read_body(request: Request, model: type[Body], limit: int, timeout_s: float) -> Body:
     """The request's JSON body, validated as ``model``.
 
     Args:
       request: the request; its body is read here.
       model: the endpoint's request model.
       limit: most bytes the body may hold (the server's ``--max-body-bytes``).
+      timeout_s: how long the whole body may take to arrive (the server's ``--body-timeout-s``).
 
     Returns:
       The validated body.
 
     Raises:
-      ApiError: 413 past ``limit`` (declared or actually sent); 400 for a bad
+      ApiError: 415 unless ``Content-Type`` is JSON; 408 for a body still incomplete after
+        ``timeout_s``; 413 past ``limit`` (declared or actually sent); 400 for a bad
         ``Content-Length``, bad UTF-8, bad JSON or a body ``model`` rejects.
     """
-    return _parse(await _read_bytes(request, limit), model)
+    _check_json_type(request.headers.get("content-type"))
+    try:
+        raw = await asyncio.wait_for(_read_bytes(request, limit), timeout_s)
+    except TimeoutError:
+        raise ApiError(408, f"request body: not all of it arrived within {timeout_s:g} s (the server's "
+                            "--body-timeout-s); send the whole body at once", kind="timeout_error") from None
+    return _parse(raw, model)
+
+
+def _check_json_type(content_type: str | None) -> None:
+    """415 unless ``content_type`` is ``application/json`` (or a ``+json`` type), with any parameters."""
+    media = (content_type or "").partition(";")[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        got = f"got {content_type!r}" if content_type else "got none"
+        raise ApiError(415, f"Content-Type: the body must be JSON, sent with the header 'Content-Type: application/json' "
+                            f"({got})")
 
 
 async def _read_bytes(request: Request, limit: int) -> bytes:

@@ -43,8 +43,8 @@ class CompletionEndpoint:
         self.service, self.config = service, config
 
     async def read_body(self, request: Request, model: type[Body]) -> Body:
-        """The request's body as ``model``, within the server's size limit (``errors.read_body``)."""
-        return await read_body(request, model, self.config.max_body_bytes)
+        """The request's body as ``model``, within the server's size and time limits (``errors.read_body``)."""
+        return await read_body(request, model, self.config.max_body_bytes, self.config.body_timeout_s)
 
     async def start(self, request: Request, completion: CompletionRequest, call: RequestRecord) -> AsyncIterator[Item]:
         """Starts ``completion`` and waits for its first item, so that a refusal raises before any answer starts.
