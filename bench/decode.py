@@ -31,6 +31,7 @@ from ponder.model.config import GPTConfig
 from ponder.model.generate import SamplingParams, prefill, stream_tokens
 from ponder.model.gpt2 import KVCache, forward, init_model
 from ponder.model.hf import export_hf
+from ponder.model.sampling import Sampling, ring
 from ponder.model.tokenizer import Tokenizer
 
 
@@ -94,13 +95,14 @@ def main() -> None:
     T = min(args.prefill_tokens, config.n_positions)
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (1, T)), jnp.int32)
     graphdef, state = nnx.split(ours)
-    zeros_f, zeros_i = jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32)
+    zeros_i = jnp.zeros((1,), jnp.int32)
+    rows, recent = Sampling().rows(config.n_positions, T), ring(np.asarray(tokens[0]), config.n_positions)
 
     def ours_prefill_call():
         cache = KVCache.init(config, 1, T)
         _, first = prefill(
-            graphdef, state, tokens, jnp.asarray([T]), zeros_i, cache, jax.random.key(0)[None],
-            zeros_f, zeros_i, zeros_f + 1, no_eot, fresh=True,
+            graphdef, state, tokens, jnp.asarray([T]), zeros_i, cache, jax.random.key(0)[None], rows, recent, no_eot,
+            fresh=True,
         )
         first.block_until_ready()
 

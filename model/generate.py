@@ -14,7 +14,9 @@ The driver (``generate_text`` / ``stream_text``) turns token blocks into text
 with ``detokenize.TextStream``, as the server does: it holds back an incomplete
 UTF-8 sequence and any text that might be the start of a stop sequence, and it
 cuts the output at the first stop sequence.
-Sampling parameters are traced values, so changing them never recompiles.
+Sampling (``ponder.model.sampling``) reads traced controls, so changing them
+never recompiles; each row carries a ring of its latest tokens for the
+repetition penalties.
 
 A TTT model (``stream_ttt_tokens``) prefills the prompt's whole chunks in one
 dual-form forward and steps the rest, then decodes one token per compiled
@@ -32,12 +34,14 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ponder.model.detokenize import TextStream
 from ponder.model.doc_state import DocState
 from ponder.model.gating import Schedule
 from ponder.model.gpt2 import GPT, KVCache
+from ponder.model.sampling import Sampling, accept, ring, sample
 from ponder.model.tokenizer import Tokenizer
 from ponder.model.ttt_lm import TTTTransformerLM
 
@@ -47,82 +51,23 @@ MIN_CACHE = 128  # shortest KV cache
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens.
+class SamplingParams(Sampling):
+    """How to pick tokens (``Sampling``'s controls), how many, and where to stop.
 
     Attributes:
       max_new_tokens: most tokens to generate.
-      temperature: 0 is greedy; otherwise logits are divided by it.
-      top_k: keep the k most likely tokens (0 = all).
-      top_p: keep the smallest set of tokens whose probability reaches p.
-      seed: seed of the sampling RNG; equal seeds give equal samples.
       stop: generation ends before the first occurrence of any of these strings.
     """
 
     max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
     stop: tuple[str, ...] = ()
 
     def __post_init__(self):
+        self.check()
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop sequences must be non-empty strings, got {self.stop!r}")
-
-
-def _argmax(logits):
-    """``jnp.argmax`` over the last axis (the first index of the maximum) as int32.
-
-    XLA on CPU runs argmax's paired (value, index) reduction element by element:
-    157 us over [8, 8192] logits, 4% of an 8-row decode step. A max and then the
-    smallest index holding it are two plain reductions that vectorise (~5x faster).
-    A row with NaN matches nowhere and gets the last index.
-    """
-    V = logits.shape[-1]
-    at_max = logits == logits.max(axis=-1, keepdims=True)
-    first = jnp.where(at_max, jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1), V).min(axis=-1)
-    return jnp.minimum(first, V - 1)
-
-
-# Compiled on its own too: called eagerly (the TTT driver samples between compiled steps), its
-# ``lax.cond`` would be traced and compiled anew on every call.
-@jax.jit
-def sample(logits, keys, temperature, top_k, top_p):
-    """Draws one token per row.
-
-    Args:
-      logits: [B, V] float32.
-      keys: [B] PRNG keys, one per row.
-      temperature, top_p: [B] float32; top_k: [B] int32 (0 = no limit).
-
-    Returns:
-      [B] int32 token ids; rows with temperature 0 take the argmax.
-    """
-    greedy = _argmax(logits)  # [B]
-
-    def draw(_):
-        order = jnp.argsort(-logits, axis=-1)  # [B, V] most likely first
-        ranked = jnp.take_along_axis(logits, order, axis=-1) / jnp.maximum(temperature, 1e-6)[:, None]
-        rank = jnp.arange(logits.shape[-1])[None, :]  # [1, V]
-        keep = (top_k[:, None] == 0) | (rank < top_k[:, None])
-        probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of more likely tokens
-        keep &= (rank == 0) | (mass_before < top_p[:, None])
-        choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, ranked, -jnp.inf))  # [B]
-        drawn = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-        return jnp.where(temperature > 0, drawn, greedy)
-
-    # Skip the sort entirely when every row is greedy.
-    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
 
 
 @jax.tree_util.register_dataclass
@@ -135,10 +80,11 @@ class DecodeState:
     position: jax.Array  # [B] position that ``token`` will take
     done: jax.Array  # [B] bool: row produced end-of-document
     key: jax.Array  # [B] sampling key of each row
+    recent: jax.Array  # [B, W] ring of each row's tokens before ``token`` (``sampling.ring``)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("fresh",), donate_argnames=("cache",))
-def prefill(graphdef, state, tokens, length, start, cache, keys, temperature, top_k, top_p, eot_id, fresh=False):
+def prefill(graphdef, state, tokens, length, start, cache, keys, rows, recent, eot_id, fresh=False):
     """Feeds a right-padded prompt and samples the first new token.
 
     Args:
@@ -147,6 +93,8 @@ def prefill(graphdef, state, tokens, length, start, cache, keys, temperature, to
       start: [B] position of ``tokens[:, 0]`` (tokens before it are in ``cache``).
       cache: KV cache for the rows.
       keys: [B] sampling key of each row.
+      rows: the rows' sampling controls.
+      recent: [B, W] ring of every token of the rows so far, the prompt's included (``sampling.ring``).
       fresh: every row starts its document (``start`` is 0 and ``cache``
         empty): attention skips the cache, with no runtime test for it.
 
@@ -158,12 +106,13 @@ def prefill(graphdef, state, tokens, length, start, cache, keys, temperature, to
     _, hidden, cache = model(tokens, positions, cache, compute_logits=False, attend_keys=0 if fresh else None)  # [B, T, D]
     last_hidden = jnp.take_along_axis(hidden, (length - 1)[:, None, None], axis=1)  # [B, 1, D]
     last = model.logits(last_hidden)[:, 0]  # [B, V]: the head runs on one position per row
-    token = sample(last, jax.vmap(jax.random.fold_in)(keys, start + length), temperature, top_k, top_p)
-    return DecodeState(cache, token, start + length, token == eot_id, keys), token
+    end = start + length
+    token = sample(last, jax.vmap(jax.random.fold_in)(keys, end), rows, recent, end - 1)
+    return DecodeState(cache, token, end, token == eot_id, keys, recent), token
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnames=("decode_state",))
-def decode(graphdef, state, decode_state: DecodeState, n_steps, temperature, top_k, top_p, eot_id):
+def decode(graphdef, state, decode_state: DecodeState, n_steps, rows, eot_id):
     """Generates up to ``n_steps`` (<= DECODE_BLOCK) more tokens per row in one call.
 
     Returns:
@@ -183,10 +132,11 @@ def decode(graphdef, state, decode_state: DecodeState, n_steps, temperature, top
     def step(carry):
         i, ds, out = carry
         logits, _, cache = model(ds.token[:, None], ds.position[:, None], ds.cache)  # [B, 1, V]
-        token = sample(logits[:, 0], step_keys[:, i], temperature, top_k, top_p)
+        recent = accept(ds.recent, ds.position, ds.token)
+        token = sample(logits[:, 0], step_keys[:, i], rows, recent, ds.position)
         token = jnp.where(ds.done, eot_id, token)
         out = out.at[:, i].set(token)
-        ds = DecodeState(cache, token, ds.position + 1, ds.done | (token == eot_id), ds.key)
+        ds = DecodeState(cache, token, ds.position + 1, ds.done | (token == eot_id), ds.key, recent)
         return i + 1, ds, out
 
     out = jnp.full((B, DECODE_BLOCK), eot_id, jnp.int32)
@@ -236,18 +186,16 @@ def stream_tokens(
     graphdef, state = nnx.split(model)
     T = bucket_length(len(prompt), S)
     tokens = jnp.asarray([prompt + [eot_id] * (T - len(prompt))], jnp.int32)  # [1, T]
-    temperature = jnp.full((1,), params.temperature, jnp.float32)
-    top_k = jnp.full((1,), params.top_k, jnp.int32)
-    top_p = jnp.full((1,), params.top_p, jnp.float32)
+    rows = params.rows(config.n_positions, len(prompt))
     ds, first = prefill(
-        graphdef, state, tokens, jnp.asarray([len(prompt)]), jnp.zeros((1,), jnp.int32),
-        KVCache.init(config, 1, S), jax.random.key(params.seed)[None], temperature, top_k, top_p, eot_id, fresh=True,
+        graphdef, state, tokens, jnp.asarray([len(prompt)]), jnp.zeros((1,), jnp.int32), KVCache.init(config, 1, S),
+        jax.random.key(params.seed)[None], rows, ring(prompt, config.n_positions), eot_id, fresh=True,
     )
     yield [int(first[0])]
     remaining = params.max_new_tokens - 1
     while remaining > 0 and not bool(ds.done[0]):
         n = min(block, remaining, DECODE_BLOCK)
-        ds, out, n_done = decode(graphdef, state, ds, n, temperature, top_k, top_p, eot_id)
+        ds, out, n_done = decode(graphdef, state, ds, n, rows, eot_id)
         new = [int(t) for t in out[0, : int(n_done)]]
         if eot_id in new:
             new = new[: new.index(eot_id) + 1]
@@ -297,17 +245,14 @@ def stream_ttt_tokens(
         doc, cache = ttt_prefill(graphdef, state, tokens[:, :whole], positions[:, :whole], doc, cache, schedule)
     for t in range(whole, len(prompt)):
         logits, doc, cache = ttt_step(graphdef, state, tokens[:, t], positions[:, t], doc, cache, schedule)
-    sampling = (
-        jnp.full((1,), params.temperature, jnp.float32),
-        jnp.full((1,), params.top_k, jnp.int32),
-        jnp.full((1,), params.top_p, jnp.float32),
-    )
+    rows, recent = params.rows(config.n_positions, len(prompt)), ring(prompt, config.n_positions)
     key = jax.random.key(params.seed)
     for position in range(len(prompt), len(prompt) + params.max_new_tokens):
-        token = sample(logits, jax.random.fold_in(key, position)[None], *sampling)
+        token = sample(logits, jax.random.fold_in(key, position)[None], rows, recent, np.full((1,), position - 1))
         yield [int(token[0])]
         if int(token[0]) == eot_id:
             return
+        recent[0, position % config.n_positions] = int(token[0])
         logits, doc, cache = ttt_step(graphdef, state, token, positions[:, position], doc, cache, schedule)
 
 

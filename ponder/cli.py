@@ -31,6 +31,11 @@ def _generate(args: argparse.Namespace) -> None:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        repeat_last_n=args.repeat_last_n,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         seed=args.seed,
         stop=tuple(args.stop),
     )
@@ -523,6 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below MIN_P x the likeliest's probability")
+    gen.add_argument("--repeat-penalty", type=float, default=1.0,
+                     help="divide (multiply if negative) the logits of the last --repeat-last-n tokens; 1 = off")
+    gen.add_argument("--repeat-last-n", type=int, default=64, help="tokens the penalties look back; -1 = the context")
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     gen.add_argument("--block", type=int, default=8, help="tokens per compiled decode call while streaming")

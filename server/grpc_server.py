@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ponder.model.sampling import Sampling
 from ponder.server.auth import Unauthenticated, authenticate
 from ponder.server.metrics import RequestRecord, ServerMetrics, finish_outcome
 from ponder.server.service import CompletionRequest, CompletionService, Final
@@ -46,6 +47,21 @@ def _usage(usage) -> pb.Usage:
 
 def _update_rate(request) -> float | None:
     return request.update_rate if request.HasField("update_rate") else None
+
+
+def _sampling(request: pb.CompleteRequest) -> Sampling:
+    """llama.cpp's controls (absent repeat_penalty / repeat_last_n: its defaults), the temperature first."""
+    return Sampling(
+        temperature=request.temperature,
+        top_p=request.top_p if request.top_p > 0 else 1.0,
+        top_k=request.top_k,
+        min_p=request.min_p,
+        repeat_penalty=request.repeat_penalty if request.HasField("repeat_penalty") else 1.0,
+        repeat_last_n=request.repeat_last_n if request.HasField("repeat_last_n") else 64,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        seed=request.seed,
+    )
 
 
 class CompletionServicer(pb_grpc.CompletionServicer):
@@ -95,10 +111,7 @@ class CompletionServicer(pb_grpc.CompletionServicer):
                     suffix=request.suffix if request.HasField("suffix") else None,
                     extra=tuple((e.name, e.text) for e in request.extra),
                     max_tokens=request.max_tokens,
-                    temperature=request.temperature,
-                    top_p=request.top_p if request.top_p > 0 else 1.0,
-                    top_k=request.top_k,
-                    seed=request.seed,
+                    sampling=_sampling(request),
                     stop=tuple(request.stop),
                     session_id=request.session_id or None,
                     document_id=request.document_id or None,

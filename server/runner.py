@@ -42,8 +42,8 @@ from flax import nnx
 
 from ponder.model.doc_state import DocState
 from ponder.model.gating import Schedule
-from ponder.model.generate import sample
 from ponder.model.gpt2 import GPT, KVCache
+from ponder.model.sampling import SamplerRows, Sampling, accept, ring, sample
 from ponder.model.ttt import TTTConfig
 from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
 from ponder.server.metrics import ServerMetrics
@@ -80,9 +80,8 @@ class Slots:
     position: jax.Array  # [S] window position ``token`` takes
     doc_position: jax.Array  # [S] document position ``token`` takes (sampling keys)
     key: jax.Array  # [S] sampling key
-    temperature: jax.Array  # [S]
-    top_k: jax.Array  # [S]
-    top_p: jax.Array  # [S]
+    sampler: SamplerRows  # [S] each slot's sampling controls
+    recent: jax.Array  # [S, W] ring of each slot's document tokens before ``token`` (the penalties' window)
     active: jax.Array  # [S] bool: the slot holds a job (idle slots feed end-of-document at position 0)
 
 
@@ -117,11 +116,14 @@ def _base_fill(model: _Model, params, tokens, positions, cache):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
-def _extend(model: _Model, schedule, params, tokens, positions, length, doc, cache, key, doc_position, sampling):
-    """An open chunk's tokens [1, T] (``length`` real) and the first sampled token: ``(token [1], doc, cache)``."""
+def _extend(model: _Model, schedule, params, tokens, positions, length, doc, cache, key, doc_position, sampler, recent):
+    """An open chunk's tokens [1, T] (``length`` real) and the first sampled token: ``(token [1], doc, cache)``.
+
+    ``recent``: the ring of the document's tokens before ``doc_position``, where the sampled token goes.
+    """
     logits, cache, doc = model.merge(params).extend(tokens, positions, length, cache, doc, schedule)
     keys = jax.vmap(jax.random.fold_in)(key, doc_position)
-    return sample(logits, keys, *sampling), doc, cache
+    return sample(logits, keys, sampler, recent, doc_position - 1), doc, cache
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
@@ -156,9 +158,11 @@ def _decode(model: _Model, schedule, eot_id, attend_keys, params, slots: Slots):
     position = jnp.where(slots.active, slots.position, 0)
     logits, cache, doc = model.step(fed, position, slots.cache, slots.doc, schedule, attend_keys)
     keys = jax.vmap(jax.random.fold_in)(slots.key, slots.doc_position + 1)
-    token = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p)
+    recent = accept(slots.recent, slots.doc_position, fed)
+    token = sample(logits, keys, slots.sampler, recent, slots.doc_position)
     slots = dataclasses.replace(
-        slots, cache=cache, doc=doc, token=token, position=position + 1, doc_position=slots.doc_position + 1
+        slots, cache=cache, doc=doc, token=token, position=position + 1, doc_position=slots.doc_position + 1,
+        recent=recent,
     )
     return slots, token, doc.lam, doc.count
 
@@ -285,9 +289,8 @@ class ModelRunner:
             position=jnp.zeros((S,), jnp.int32),
             doc_position=jnp.zeros((S,), jnp.int32),
             key=jax.random.split(jax.random.key(0), S),
-            temperature=jnp.zeros((S,), jnp.float32),
-            top_k=jnp.zeros((S,), jnp.int32),
-            top_p=jnp.ones((S,), jnp.float32),
+            sampler=jax.tree.map(lambda a: np.repeat(a, S, axis=0), Sampling().rows(self.W, 0)),
+            recent=jnp.zeros((S, self.W), jnp.int32),
             active=jnp.zeros((S,), bool),
         ))
 
@@ -346,7 +349,8 @@ class ModelRunner:
     def extend(self, job: Job, doc: DocState, cache: KVCache, doc_start: int, window: int, length: int):
         """The open chunk ``job.tokens[doc_start : doc_start + length]`` token by token, and the first new token.
 
-        Sampled with the job's sampling parameters, keyed by document position.
+        Sampled with the job's sampling controls, keyed by document position; the repetition
+        penalties read the job's tokens up to there.
 
         Returns:
           ``(token [1], lam [1], doc, cache)``: the first generated token, λ of the state after the
@@ -355,15 +359,11 @@ class ModelRunner:
         tokens = job.tokens[doc_start : doc_start + length]
         T = next(n for n in EXTEND_LENGTHS if n >= len(tokens))
         ids, positions = _row(tokens, doc_start - window, T)
-        s = job.sampling
-        sampling = (
-            np.full((1,), s.temperature, np.float32), np.full((1,), s.top_k, np.int32), np.full((1,), s.top_p, np.float32)
-        )
-        key = jax.random.key(s.seed)[None]
-        doc_position = np.full((1,), doc_start + len(tokens), np.int32)
+        end = doc_start + len(tokens)
         token, doc, cache = _extend(
             self.static, self.schedule, self.params, ids, positions, np.full((1,), len(tokens), np.int32),
-            doc, cache, key, doc_position, sampling,
+            doc, cache, jax.random.key(job.sampling.seed)[None], np.full((1,), end, np.int32),
+            job.sampling.rows(self.W, end), ring(job.tokens[:end], self.W),
         )
         return token, doc.lam, doc, cache
 
@@ -372,17 +372,15 @@ class ModelRunner:
     def insert(self, slot: int, job: Job, doc: DocState, cache: KVCache, token, window: int, doc_end: int) -> None:
         """Puts a job into decode slot ``slot``: ``token`` [1] (from ``extend``) is fed next, at document position ``doc_end``."""
         self._merge_lone()  # the new job joins the others: slot 0 steps with them
-        s = job.sampling
         row = Slots(
             cache=cache,
             doc=doc,
             token=token,
             position=np.full((1,), doc_end - window, np.int32),
             doc_position=np.full((1,), doc_end, np.int32),
-            key=jax.random.key(s.seed)[None],
-            temperature=np.full((1,), s.temperature, np.float32),
-            top_k=np.full((1,), s.top_k, np.int32),
-            top_p=np.full((1,), s.top_p, np.float32),
+            key=jax.random.key(job.sampling.seed)[None],
+            sampler=job.sampling.rows(self.W, doc_end),
+            recent=ring(job.tokens[:doc_end], self.W),
             active=np.ones((1,), bool),
         )
         self._slots = _insert(self._slots, row, slot)

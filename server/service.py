@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 from ponder.model.detokenize import TextStream
+from ponder.model.sampling import SamplingError
 from ponder.model.tokenizer import Tokenizer
 from ponder.server.types import (
     DoneEvent,
@@ -57,24 +58,22 @@ class CompletionRequest:
       extra: ``(name, text)`` snippets of other files, context for this request only.
       max_tokens: most tokens to generate; 0 only updates the session.
       stop: generation ends before the first occurrence of any of these.
+      sampling: how tokens are picked (checked here: a control out of range is a ``RequestError`` naming it).
       n_indent: llama.cpp's rule: after the first newline, a line indented by
         fewer than this many spaces/tabs ends the completion (0: off).
       session_id / document_id / update_rate: see ``server.types.Job``.
       time_budget_s: generation stops (finish reason ``length``) after this long.
       deadline_s: the request fails (finish reason ``deadline``) after this long.
       api_key: the authenticated caller ("" without auth).
-      field_names: the front end's names of ``prompt``/``suffix``/``max_tokens``
-        for error messages (e.g. ``input_prefix``, ``n_predict``).
+      field_names: the front end's names of fields for error messages where they differ
+        (e.g. ``input_prefix``, ``n_predict``, ``repetition_penalty``).
     """
 
     prompt: str = ""
     suffix: str | None = None
     extra: tuple[tuple[str, str], ...] = ()
     max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
+    sampling: Sampling = Sampling()
     stop: tuple[str, ...] = ()
     n_indent: int = 0
     session_id: str | None = None
@@ -139,12 +138,10 @@ class CompletionService:
             raise RequestError(
                 request.name("max_tokens"), f"must be between 0 and {self.max_new_tokens}, got {request.max_tokens}"
             )
-        if not request.temperature >= 0 or request.temperature > 100:
-            raise RequestError("temperature", f"must be between 0 and 100, got {request.temperature}")
-        if not 0 < request.top_p <= 1:
-            raise RequestError("top_p", f"must be in (0, 1], got {request.top_p}")
-        if request.top_k < 0:
-            raise RequestError("top_k", f"must be >= 0, got {request.top_k}")
+        try:
+            request.sampling.check()
+        except SamplingError as error:
+            raise RequestError(request.name(error.field), error.message) from None
         if request.n_indent < 0:
             raise RequestError("n_indent", f"must be >= 0, got {request.n_indent}")
         if len(request.stop) > limits.max_stop or any(len(s) > limits.max_stop_chars for s in request.stop):
@@ -180,7 +177,7 @@ class CompletionService:
             document_id=request.document_id,
             tokens=tokens,
             max_new_tokens=request.max_tokens,
-            sampling=Sampling(request.temperature, request.top_k, request.top_p, request.seed),
+            sampling=request.sampling,
             commit_limit=commit_limit,
             deadline=deadline,
             reset=request.reset,

@@ -16,6 +16,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Protocol
 
+from ponder.model.sampling import Sampling
+
 if TYPE_CHECKING:
     from ponder.model.gating import Schedule
     from ponder.model.ttt_lm import TTTTransformerLM
@@ -36,14 +38,6 @@ class QueueFull(RuntimeError):
 
 class NotReady(RuntimeError):
     """The engine has not finished warming up, or is draining (HTTP 503 / UNAVAILABLE)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
 
 
 @dataclasses.dataclass
@@ -104,6 +98,7 @@ class Job:
         (the rest, e.g. a fill-in-the-middle suffix, is computed on a scratch
         copy only). None: all of them.
       max_new_tokens: 0 ingests only.
+      sampling: how tokens are picked (``ponder.model.sampling.Sampling``).
       deadline: ``time.monotonic()`` after which generation stops.
       update_rate: the session's budget from this job on: the target share of chunks whose fast
         weights update, in [0, 1], under a schedule that reads one (``server.engine.BUDGETED``).

@@ -73,6 +73,32 @@ def test_greedy_and_sampled_tokens_equal_offline_generation(engine, model):
         assert done.finish_reason in ("length", "stop") and done.usage.prompt_tokens == n
 
 
+PENALISED = [
+    Sampling(repeat_penalty=1.6, repeat_last_n=24, presence_penalty=0.5, frequency_penalty=0.4),
+    Sampling(temperature=0.9, seed=4, min_p=0.05, top_p=0.9, repeat_penalty=1.4, repeat_last_n=-1,
+             frequency_penalty=0.8, penalty_scope="generated", temperature_last=True),
+    Sampling(repeat_penalty=1.3, repeat_last_n=200, presence_penalty=1.5),
+]
+
+
+def test_penalties_equal_offline_generation(engine, model):
+    """Each slot's ring of recent tokens (the prompt's, then each generated one) and controls, with the slots
+    busy together, against offline generation; the penalties change the tokens."""
+    rng = np.random.default_rng(12)
+    prompts = [[0, *rng.integers(1, 24, n - 1).tolist()] for n in (70, 33, 150)]  # a small alphabet: tokens repeat
+    jobs = [Job("", f"penalised-{i}", None, prompt, 24, sampling=s) for i, (prompt, s) in enumerate(zip(prompts, PENALISED))]
+    for job in jobs:
+        engine.submit(job)
+    for job, prompt, s in zip(jobs, prompts, PENALISED):
+        got = []
+        while not isinstance(event := job.next_event(timeout=60), DoneEvent):
+            got += event.token_ids
+        params = SamplingParams(max_new_tokens=24, **dataclasses.asdict(s))
+        assert got == [t for piece in stream_ttt_tokens(model, prompt, params, eot_id=0) for t in piece], s
+        plain = SamplingParams(max_new_tokens=24, **dataclasses.asdict(dataclasses.replace(s, repeat_last_n=0)))
+        assert got != [t for piece in stream_ttt_tokens(model, prompt, plain, eot_id=0) for t in piece], s
+
+
 def test_session_reuse_equals_cold_start(engine):
     """Extend, edit inside the history, shrink, grow past the window (W=512), ingest: each equals a cold start."""
     doc = _doc(900, seed=1)
@@ -268,8 +294,9 @@ def test_queue_full_is_refused(model):
 
 def test_no_compilation_after_warm_up(engine):
     before = engine.compilations
-    for n in (3, 17, 64, 65, 129, 300, 513, 777):
-        _run(engine, _doc(n, seed=n), session=f"shapes-{n}", max_new=3, sampling=Sampling(temperature=0.5, seed=n))
+    for i, n in enumerate((3, 17, 64, 65, 129, 300, 513, 777)):  # new sampling values (traced) too
+        sampling = dataclasses.replace(PENALISED[i % 3], temperature=0.5 * (i % 2), seed=n, min_p=n / 1000)
+        _run(engine, _doc(n, seed=n), session=f"shapes-{n}", max_new=3, sampling=sampling)
     _run(engine, _doc(400, seed=1), session="shapes-ingest", max_new=0)
     assert engine.compilations == before
 

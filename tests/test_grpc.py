@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ponder.model.gating import Schedule
+from ponder.model.sampling import Sampling
 from ponder.model.tokenizer import Tokenizer
 from ponder.server.grpc_server import SERVICE_NAME, build_grpc_server
 from ponder.server.metrics import ServerMetrics
@@ -124,6 +125,11 @@ def test_ingest_and_reset(grpc_stack):
         (pb.CompleteRequest(prompt="x", update_rate=1.5), "update_rate"),
         (pb.CompleteRequest(prompt="x", update_rate=float("nan")), "update_rate"),
         (pb.CompleteRequest(prompt="x", update_rate=0.5), "update_rate"),  # the schedule ('learned') reads no budget
+        (pb.CompleteRequest(prompt="x", repeat_penalty=0), "repeat_penalty"),  # set to 0, not absent
+        (pb.CompleteRequest(prompt="x", repeat_last_n=-2), "repeat_last_n"),
+        (pb.CompleteRequest(prompt="x", presence_penalty=2.5), "presence_penalty"),
+        (pb.CompleteRequest(prompt="x", frequency_penalty=float("nan")), "frequency_penalty"),
+        (pb.CompleteRequest(prompt="x", min_p=1.5), "min_p"),
     ],
 )
 def test_bad_fields_are_invalid_argument_naming_the_field(grpc_stack, request_, field):
@@ -133,6 +139,19 @@ def test_bad_fields_are_invalid_argument_naming_the_field(grpc_stack, request_, 
     with pytest.raises(grpc.RpcError) as err:
         grpc_stack.stub.ResetSession(pb.ResetSessionRequest(session_id=""), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "session_id" in err.value.details()
+
+
+def test_sampling_controls_reach_the_job(grpc_stack):
+    """llama.cpp's penalties (a window of the prompt and the completion) with the temperature first; absent
+    ``repeat_penalty`` / ``repeat_last_n`` are llama.cpp's defaults."""
+    request = pb.CompleteRequest(prompt="x", max_tokens=2, temperature=0.5, repeat_penalty=1.25, repeat_last_n=-1,
+                                 presence_penalty=0.5, frequency_penalty=-0.25, min_p=0.125)
+    list(grpc_stack.stub.Complete(request, timeout=10))
+    list(grpc_stack.stub.Complete(pb.CompleteRequest(prompt="x", max_tokens=2), timeout=10))
+    set_, absent = (job.sampling for job in grpc_stack.engine.jobs)
+    assert set_ == Sampling(temperature=0.5, min_p=0.125, repeat_penalty=1.25, repeat_last_n=-1, presence_penalty=0.5,
+                            frequency_penalty=-0.25)
+    assert absent == Sampling()
 
 
 def test_update_rate_sets_the_sessions_budget(tokenizer):

@@ -9,6 +9,7 @@ checked exactly, without a model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import socket
@@ -25,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ponder.model.gating import Schedule
+from ponder.model.sampling import Sampling
 from ponder.model.tokenizer import Tokenizer
 from ponder.server.http.app import build_app
 from ponder.server.http.wire import CompletionBody, InfillBody
@@ -342,6 +344,15 @@ def test_infill_return_tokens(open_server, tokenizer):
         ("/v1/completions", {"prompt": "x", "update_rate": float("nan")}, ["update_rate", "[0, 1]", "nan"]),
         ("/infill", {"update_rate": -0.25}, ["update_rate", "[0, 1]"]),
         ("/infill", {"update_rate": 0.5}, ["update_rate", "schedule 'learned' reads no budget"]),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, ["presence_penalty", "[-2, 2]", "2.5"]),
+        ("/v1/completions", {"prompt": "x", "frequency_penalty": -3}, ["frequency_penalty", "[-2, 2]"]),
+        ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, ["repetition_penalty", "positive"]),
+        ("/v1/completions", {"prompt": "x", "min_p": 1.5}, ["min_p", "[0, 1]"]),
+        ("/infill", {"repeat_penalty": -1.1}, ["repeat_penalty", "positive"]),
+        ("/infill", {"repeat_last_n": -2}, ["repeat_last_n", ">= -1"]),
+        ("/infill", {"min_p": -0.05}, ["min_p", "[0, 1]"]),
+        ("/infill", {"presence_penalty": "high"}, ["presence_penalty"]),
+        ("/infill", {"samplers": 3}, ["samplers"]),
     ],
 )
 def test_bad_requests_are_400_naming_the_field(open_server, path, body, words):
@@ -636,3 +647,30 @@ def test_random_bodies_never_get_a_5xx(open_server, path, model):
             assert r.status_code in (200, 400), (body, r.text)
 
         check()
+
+
+# --- Sampling controls (docs/design.md, "Sampling").
+
+
+def test_sampling_controls_reach_the_job_with_each_apis_definition(open_server):
+    url, engine, _ = open_server
+    controls = {"temperature": 0.5, "min_p": 0.125, "presence_penalty": 0.5, "frequency_penalty": -0.25}
+    for body in ({}, {**controls, "repetition_penalty": 1.25}):
+        assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1, **body}).status_code == 200
+    defaults, openai = (job.sampling for job in engine.jobs[-2:])
+    # OpenAI: presence and frequency count this completion's tokens; vLLM's repetition penalty the whole context.
+    assert defaults == Sampling(repeat_last_n=-1, penalty_scope="generated")
+    assert openai == Sampling(temperature=0.5, min_p=0.125, repeat_penalty=1.25, repeat_last_n=-1, presence_penalty=0.5,
+                              frequency_penalty=-0.25, penalty_scope="generated")
+    llama = {**controls, "repeat_penalty": 1.25, "repeat_last_n": 16, "top_k": 7, "top_p": 0.75}
+    for body in ({}, llama, {**llama, "samplers": ["top_k", "infill"]}, {**llama, "samplers": "epx"}):
+        assert httpx.post(url + "/infill", json={"n_predict": 1, **body}).status_code == 200
+    defaults, chain, listed, letters = (job.sampling for job in engine.jobs[-4:])
+    # llama.cpp: the last repeat_last_n tokens for every penalty, temperature after the filters.
+    assert defaults == Sampling(temperature_last=True)
+    assert chain == Sampling(temperature=0.5, top_k=7, top_p=0.75, min_p=0.125, repeat_penalty=1.25, repeat_last_n=16,
+                             presence_penalty=0.5, frequency_penalty=-0.25, temperature_last=True)
+    # A sampler left out of `samplers` is off, as in llama.cpp's chain.
+    assert listed == dataclasses.replace(chain, top_p=1.0, min_p=0.0, repeat_last_n=0)
+    assert letters == dataclasses.replace(chain, top_k=0, min_p=0.0)
+

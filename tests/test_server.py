@@ -86,6 +86,26 @@ def test_grpc_streaming_equals_offline_generation(live_server, offline):
     assert replies[-1].usage.generated_tokens > 0
 
 
+def test_repetition_penalties_end_the_greedy_loop(live_server, offline):
+    """The bundled model's greedy text repeats one line; vLLM's repetition_penalty (OpenAI API) and llama.cpp's
+    repeat_penalty (``/infill``) leave no line repeated."""
+    prompt = "class Stack:\n    def __init__(self):\n"
+
+    def lines(text: str) -> list[str]:
+        return [line.strip() for line in text.split("\n") if line.strip()]
+
+    def complete(**fields) -> str:
+        body = {"prompt": prompt, "max_tokens": 48, **fields}
+        return httpx.post(live_server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+    looping = lines(complete())
+    assert lines(offline(prompt, 48)) == looping and len(set(looping)) <= len(looping) // 2
+    infill = httpx.post(live_server.url + "/infill", json={"input_prefix": prompt, "n_predict": 48, "repeat_penalty": 1.2},
+                        timeout=60).json()["content"]
+    for text in (complete(repetition_penalty=1.2), infill):
+        assert len(lines(text)) >= 4 and len(set(lines(text))) == len(lines(text)), text
+
+
 def test_metrics_pass_promtool_and_nothing_compiles_after_warm_up(live_server):
     def compilations() -> float:
         text = httpx.get(live_server.url + "/metrics").text
@@ -93,7 +113,8 @@ def test_metrics_pass_promtool_and_nothing_compiles_after_warm_up(live_server):
 
     before = compilations()
     for n in (1, 7, 70, 300, 700):
-        body = {"prompt": "x = 1\n" * n, "max_tokens": 3, "temperature": 0.7, "seed": n}
+        body = {"prompt": "x = 1\n" * n, "max_tokens": 3, "temperature": 0.7, "seed": n,  # sampling values are traced
+                "repetition_penalty": 1 + n / 1000, "presence_penalty": n / 1000, "min_p": n / 1000}
         assert httpx.post(live_server.url + "/v1/completions", json=body, timeout=60).status_code == 200
     assert compilations() == before
     metrics = httpx.get(live_server.url + "/metrics").text

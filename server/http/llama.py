@@ -2,7 +2,9 @@
 
 The body becomes a ``CompletionRequest`` with llama.cpp's readings of its
 values (``n_predict`` -1 or past the server's limit is the limit, a negative
-temperature is greedy, ``top_k <= 0`` keeps every token); the answer is
+temperature is greedy, ``top_k <= 0`` keeps every token, the sampling
+controls in llama.cpp's chain order with ``samplers`` turning off the ones
+it leaves out: docs/design.md, "Sampling"); the answer is
 llama.cpp's (``content`` / ``stop`` / ``stop_type`` / ``timings``), filtered
 by ``response_fields``. With ``stream``, ``data:`` events with ``stop: false``
 precede the final answer, whose ``content`` is then empty.
@@ -15,6 +17,7 @@ import time
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ponder.model.sampling import Sampling
 from ponder.server.http import streaming
 from ponder.server.http.streaming import CompletionEndpoint, sse_event
 from ponder.server.http.wire import (
@@ -24,6 +27,7 @@ from ponder.server.http.wire import (
     InfillTimings,
     PonderDelta,
     PonderFinal,
+    enabled_samplers,
     json_response,
     stop_sequences,
 )
@@ -41,15 +45,24 @@ class LlamaServing(CompletionEndpoint):
         limit = self.service.max_new_tokens
         n_predict = limit if body.n_predict < 0 or body.n_predict > limit else body.n_predict  # llama.cpp clamps to the server's
         budget = body.t_max_predict_ms
+        on = enabled_samplers(body.samplers)
         completion = CompletionRequest(
             prompt=body.input_prefix + body.prompt,
             suffix=body.input_suffix,
             extra=tuple((chunk.filename or "", chunk.text) for chunk in body.input_extra),
             max_tokens=n_predict,
-            temperature=0.0 if body.temperature < 0 else body.temperature,  # llama.cpp: negative is greedy
-            top_p=body.top_p,
-            top_k=max(body.top_k, 0),  # llama.cpp: <= 0 keeps every token
-            seed=body.seed,
+            sampling=Sampling(
+                temperature=0.0 if body.temperature < 0 else body.temperature,  # llama.cpp: negative is greedy
+                top_p=body.top_p if "top_p" in on else 1.0,
+                top_k=max(body.top_k, 0) if "top_k" in on else 0,  # llama.cpp: <= 0 keeps every token
+                min_p=body.min_p if "min_p" in on else 0.0,
+                repeat_penalty=body.repeat_penalty,
+                repeat_last_n=body.repeat_last_n if "penalties" in on else 0,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                temperature_last=True,  # llama.cpp's chain: penalties, top-k, top-p, min-p, then temperature
+                seed=body.seed,
+            ),
             stop=stop_sequences(body.stop),
             n_indent=max(body.n_indent, 0),
             session_id=body.session_id or None,

@@ -4,6 +4,9 @@ The body becomes a ``CompletionRequest``; what the service yields becomes
 one ``text_completion`` object, or with ``stream`` SSE ``data:`` events of
 them ending in ``data: [DONE]`` (and a ``usage`` event before it when
 ``stream_options.include_usage`` asks). ``suffix`` makes it fill-in-the-middle.
+The penalties follow OpenAI (presence and frequency count the completion's
+tokens) and vLLM (``repetition_penalty`` reads prompt and completion):
+docs/design.md, "Sampling".
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import uuid
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ponder.model.sampling import Sampling
 from ponder.server.http import streaming
 from ponder.server.http.errors import ApiError
 from ponder.server.http.streaming import CompletionEndpoint, sse_event
@@ -49,15 +53,26 @@ class OpenAIServing(CompletionEndpoint):
             prompt=prompt,
             suffix=body.suffix,
             max_tokens=body.max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            seed=body.seed,
+            sampling=Sampling(
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                min_p=body.min_p,
+                # vLLM's repetition penalty reads the prompt and the completion; OpenAI's presence and frequency
+                # penalties count what the completion generated ("how often the token was sampled").
+                repeat_penalty=body.repetition_penalty,
+                repeat_last_n=-1,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                penalty_scope="generated",
+                seed=body.seed,
+            ),
             stop=stop_sequences(body.stop),
             session_id=body.session_id or None,
             document_id=body.document_id or None,
             update_rate=body.update_rate,
             api_key=api_key,
+            field_names=(("repeat_penalty", "repetition_penalty"),),
         )
         items = await self.start(request, completion, call)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.config.model_name}

@@ -40,6 +40,14 @@ def _ignored(api: str) -> Any:
 # ponder's session fields, the same in both APIs.
 SessionId = Annotated[str | None, Field(description="ponder: the editor document's session (absent: matched by common prefix).")]
 DocumentId = Annotated[str | None, Field(description="ponder: a new document id resets the session.")]
+# The sampling controls both APIs share (docs/design.md, "Sampling"); ranges are checked by the service.
+MinP = Annotated[float, Field(
+    description="Drop tokens whose probability is below min_p times the likeliest token's, in [0, 1]; 0: off."
+)]
+PresencePenalty = Annotated[float, Field(description="Subtracted once from the logit of every token counted, in [-2, 2].")]
+FrequencyPenalty = Annotated[float, Field(
+    description="Subtracted from a token's logit once for every time it is counted, in [-2, 2]."
+)]
 UpdateRate = Annotated[float | None, Field(
     description="ponder: the session's target update rate from this request on, in [0, 1] (the share of chunks whose "
     "fast weights update), under a budgeted schedule; absent: the session's last one, or the server's --schedule-rate."
@@ -86,18 +94,21 @@ class CompletionBody(RequestBody):
     stream_options: StreamOptions | None = None
     echo: bool = Field(False, description="Put the prompt before the completion in the answer.")
     n: int = Field(1, description="Completions per request: ponder returns one, so only 1 is allowed.")
+    presence_penalty: PresencePenalty = 0.0  # OpenAI's: counts the tokens this completion generated
+    frequency_penalty: FrequencyPenalty = 0.0
+    repetition_penalty: float = Field(
+        1.0, description="vLLM: the logit of a token in the prompt or the completion (their last context window) is "
+        "divided by this if positive, multiplied if negative; > 0, 1: off."
+    )
+    min_p: MinP = 0.0
     session_id: SessionId = None
     document_id: DocumentId = None
     update_rate: UpdateRate = None
     model: Any = _ignored("OpenAI")
     best_of: Any = _ignored("OpenAI")
     logprobs: Any = _ignored("OpenAI")
-    presence_penalty: Any = _ignored("OpenAI")
-    frequency_penalty: Any = _ignored("OpenAI")
     logit_bias: Any = _ignored("OpenAI")
     user: Any = _ignored("OpenAI")
-    min_p: Any = _ignored("vLLM / llama.cpp")
-    repetition_penalty: Any = _ignored("vLLM")
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -141,20 +152,30 @@ class InfillBody(RequestBody):
     response_fields: list[str] | None = Field(
         None, description="Keep only these fields of the final answer; `a/b` names a nested field (key `a/b` in the answer)."
     )
+    min_p: MinP = 0.0
+    repeat_penalty: float = Field(
+        1.0, description="The logit of a token among the last `repeat_last_n` is divided by this if positive, "
+        "multiplied if not; > 0, 1: off."
+    )
+    repeat_last_n: int = Field(
+        64, ge=-INT32, lt=INT32, description="Tokens (prompt and generated) the penalties look back; -1: the context "
+        "window; 0: no penalties."
+    )
+    presence_penalty: PresencePenalty = 0.0
+    frequency_penalty: FrequencyPenalty = 0.0
+    samplers: list[str] | str | None = Field(
+        None, description="llama.cpp's sampler chain, as names or letters: a control whose sampler it leaves out is off "
+        "(`penalties`/`e`, `top_k`/`k`, `top_p`/`p`, `min_p`/`m`); the order is always llama.cpp's default, "
+        "temperature always applies, other samplers are ignored."
+    )
     session_id: SessionId = None
     document_id: DocumentId = None
     update_rate: UpdateRate = None
     id_slot: Any = _ignored("llama.cpp")
     cache_prompt: Any = _ignored("llama.cpp")
-    samplers: Any = _ignored("llama.cpp")
     t_max_prompt_ms: Any = _ignored("llama.cpp")
     n_probs: Any = _ignored("llama.cpp")
-    min_p: Any = _ignored("llama.cpp")
     typical_p: Any = _ignored("llama.cpp")
-    repeat_penalty: Any = _ignored("llama.cpp")
-    repeat_last_n: Any = _ignored("llama.cpp")
-    presence_penalty: Any = _ignored("llama.cpp")
-    frequency_penalty: Any = _ignored("llama.cpp")
     dry_multiplier: Any = _ignored("llama.cpp")
     dry_base: Any = _ignored("llama.cpp")
     dry_allowed_length: Any = _ignored("llama.cpp")
@@ -179,6 +200,21 @@ class InfillBody(RequestBody):
     post_sampling_probs: Any = _ignored("llama.cpp")
     lora: Any = _ignored("llama.cpp")
     model: Any = _ignored("llama.cpp")
+
+
+# llama.cpp's names (a list) and letters (a string) of the samplers ponder implements
+# (common_sampler_types_from_names, with its alternative names, and common_sampler_types_from_chars).
+_SAMPLER_NAMES = {"penalties": "penalties", "top_k": "top_k", "top-k": "top_k", "top_p": "top_p", "top-p": "top_p",
+                  "nucleus": "top_p", "min_p": "min_p", "min-p": "min_p"}
+_SAMPLER_LETTERS = {"e": "penalties", "k": "top_k", "p": "top_p", "m": "min_p"}
+
+
+def enabled_samplers(samplers: list[str] | str | None) -> set[str]:
+    """Which of ponder's controls llama.cpp's ``samplers`` leaves on (absent: all, as llama.cpp's default chain)."""
+    if samplers is None:
+        return set(_SAMPLER_NAMES.values())
+    table = _SAMPLER_LETTERS if isinstance(samplers, str) else _SAMPLER_NAMES
+    return {table[name] for name in samplers if name in table}
 
 
 def stop_sequences(stop: str | list[str]) -> tuple[str, ...]:

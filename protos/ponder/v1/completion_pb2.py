@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aponder/v1/completion.proto\x12\tponder.v1\"#\n\x05\x45xtra\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xc5\x02\n\x0f\x43ompleteRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x13\n\x06suffix\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x1f\n\x05\x65xtra\x18\x03 \x03(\x0b\x32\x10.ponder.v1.Extra\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nsession_id\x18\n \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x0b \x01(\t\x12\r\n\x05reset\x18\x0c \x01(\x08\x12\x16\n\x0etime_budget_ms\x18\r \x01(\x05\x12\x18\n\x0bupdate_rate\x18\x14 \x01(\x01H\x01\x88\x01\x01\x42\t\n\x07_suffixB\x0e\n\x0c_update_rateJ\x04\x08\x0e\x10\x14\"\x98\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x03 \x01(\x05\x12\x16\n\x0e\x63hunks_updated\x18\x04 \x01(\x05\x12\x16\n\x0e\x63hunks_skipped\x18\x05 \x01(\x05\x12\x11\n\tttt_flops\x18\x06 \x01(\x01J\x04\x08\x07\x10\n\"\xb4\x01\n\x10\x43ompleteResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x14\n\x0c\x63hunk_lambda\x18\x03 \x03(\x02\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.ponder.v1.Usage\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.ponder.v1.FinishReason\x12\x12\n\nsession_id\x18\x06 \x01(\tJ\x04\x08\x07\x10\n\"\x85\x01\n\rIngestRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x03 \x01(\t\x12\r\n\x05reset\x18\x04 \x01(\x08\x12\x18\n\x0bupdate_rate\x18\n \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_update_rateJ\x04\x08\x05\x10\n\"a\n\x0eIngestResponse\x12\x1f\n\x05usage\x18\x01 \x01(\x0b\x32\x10.ponder.v1.Usage\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x14\n\x0c\x63hunk_lambda\x18\x03 \x03(\x02J\x04\x08\x04\x10\n\")\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x14ResetSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08*`\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\r\n\tCANCELLED\x10\x03\x12\x0c\n\x08\x44\x45\x41\x44LINE\x10\x04\x32\xe3\x01\n\nCompletion\x12\x45\n\x08\x43omplete\x12\x1a.ponder.v1.CompleteRequest\x1a\x1b.ponder.v1.CompleteResponse0\x01\x12=\n\x06Ingest\x12\x18.ponder.v1.IngestRequest\x1a\x19.ponder.v1.IngestResponse\x12O\n\x0cResetSession\x12\x1e.ponder.v1.ResetSessionRequest\x1a\x1f.ponder.v1.ResetSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aponder/v1/completion.proto\x12\tponder.v1\"#\n\x05\x45xtra\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xe7\x03\n\x0f\x43ompleteRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x13\n\x06suffix\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x1f\n\x05\x65xtra\x18\x03 \x03(\x0b\x32\x10.ponder.v1.Extra\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nsession_id\x18\n \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x0b \x01(\t\x12\r\n\x05reset\x18\x0c \x01(\x08\x12\x16\n\x0etime_budget_ms\x18\r \x01(\x05\x12\x18\n\x0bupdate_rate\x18\x14 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0erepeat_penalty\x18\x15 \x01(\x02H\x02\x88\x01\x01\x12\x1a\n\rrepeat_last_n\x18\x16 \x01(\x05H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x17 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x18 \x01(\x02\x12\r\n\x05min_p\x18\x19 \x01(\x02\x42\t\n\x07_suffixB\x0e\n\x0c_update_rateB\x11\n\x0f_repeat_penaltyB\x10\n\x0e_repeat_last_nJ\x04\x08\x0e\x10\x14\"\x98\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x03 \x01(\x05\x12\x16\n\x0e\x63hunks_updated\x18\x04 \x01(\x05\x12\x16\n\x0e\x63hunks_skipped\x18\x05 \x01(\x05\x12\x11\n\tttt_flops\x18\x06 \x01(\x01J\x04\x08\x07\x10\n\"\xb4\x01\n\x10\x43ompleteResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x14\n\x0c\x63hunk_lambda\x18\x03 \x03(\x02\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.ponder.v1.Usage\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.ponder.v1.FinishReason\x12\x12\n\nsession_id\x18\x06 \x01(\tJ\x04\x08\x07\x10\n\"\x85\x01\n\rIngestRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x03 \x01(\t\x12\r\n\x05reset\x18\x04 \x01(\x08\x12\x18\n\x0bupdate_rate\x18\n \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_update_rateJ\x04\x08\x05\x10\n\"a\n\x0eIngestResponse\x12\x1f\n\x05usage\x18\x01 \x01(\x0b\x32\x10.ponder.v1.Usage\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x14\n\x0c\x63hunk_lambda\x18\x03 \x03(\x02J\x04\x08\x04\x10\n\")\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x14ResetSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08*`\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\r\n\tCANCELLED\x10\x03\x12\x0c\n\x08\x44\x45\x41\x44LINE\x10\x04\x32\xe3\x01\n\nCompletion\x12\x45\n\x08\x43omplete\x12\x1a.ponder.v1.CompleteRequest\x1a\x1b.ponder.v1.CompleteResponse0\x01\x12=\n\x06Ingest\x12\x18.ponder.v1.IngestRequest\x1a\x19.ponder.v1.IngestResponse\x12O\n\x0cResetSession\x12\x1e.ponder.v1.ResetSessionRequest\x1a\x1f.ponder.v1.ResetSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ponder.v1.completion_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1063
-  _globals['_FINISHREASON']._serialized_end=1159
+  _globals['_FINISHREASON']._serialized_start=1225
+  _globals['_FINISHREASON']._serialized_end=1321
   _globals['_EXTRA']._serialized_start=41
   _globals['_EXTRA']._serialized_end=76
   _globals['_COMPLETEREQUEST']._serialized_start=79
-  _globals['_COMPLETEREQUEST']._serialized_end=404
-  _globals['_USAGE']._serialized_start=407
-  _globals['_USAGE']._serialized_end=559
-  _globals['_COMPLETERESPONSE']._serialized_start=562
-  _globals['_COMPLETERESPONSE']._serialized_end=742
-  _globals['_INGESTREQUEST']._serialized_start=745
-  _globals['_INGESTREQUEST']._serialized_end=878
-  _globals['_INGESTRESPONSE']._serialized_start=880
-  _globals['_INGESTRESPONSE']._serialized_end=977
-  _globals['_RESETSESSIONREQUEST']._serialized_start=979
-  _globals['_RESETSESSIONREQUEST']._serialized_end=1020
-  _globals['_RESETSESSIONRESPONSE']._serialized_start=1022
-  _globals['_RESETSESSIONRESPONSE']._serialized_end=1061
-  _globals['_COMPLETION']._serialized_start=1162
-  _globals['_COMPLETION']._serialized_end=1389
+  _globals['_COMPLETEREQUEST']._serialized_end=566
+  _globals['_USAGE']._serialized_start=569
+  _globals['_USAGE']._serialized_end=721
+  _globals['_COMPLETERESPONSE']._serialized_start=724
+  _globals['_COMPLETERESPONSE']._serialized_end=904
+  _globals['_INGESTREQUEST']._serialized_start=907
+  _globals['_INGESTREQUEST']._serialized_end=1040
+  _globals['_INGESTRESPONSE']._serialized_start=1042
+  _globals['_INGESTRESPONSE']._serialized_end=1139
+  _globals['_RESETSESSIONREQUEST']._serialized_start=1141
+  _globals['_RESETSESSIONREQUEST']._serialized_end=1182
+  _globals['_RESETSESSIONRESPONSE']._serialized_start=1184
+  _globals['_RESETSESSIONRESPONSE']._serialized_end=1223
+  _globals['_COMPLETION']._serialized_start=1324
+  _globals['_COMPLETION']._serialized_end=1551
 # @@protoc_insertion_point(module_scope)

@@ -29,7 +29,7 @@ class Extra(_message.Message):
     def __init__(self, name: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
-    __slots__ = ("prompt", "suffix", "extra", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "session_id", "document_id", "reset", "time_budget_ms", "update_rate")
+    __slots__ = ("prompt", "suffix", "extra", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "session_id", "document_id", "reset", "time_budget_ms", "update_rate", "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty", "min_p")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SUFFIX_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,11 @@ class CompleteRequest(_message.Message):
     RESET_FIELD_NUMBER: _ClassVar[int]
     TIME_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_RATE_FIELD_NUMBER: _ClassVar[int]
+    REPEAT_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    REPEAT_LAST_N_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     suffix: str
     extra: _containers.RepeatedCompositeFieldContainer[Extra]
@@ -58,7 +63,12 @@ class CompleteRequest(_message.Message):
     reset: bool
     time_budget_ms: int
     update_rate: float
-    def __init__(self, prompt: _Optional[str] = ..., suffix: _Optional[str] = ..., extra: _Optional[_Iterable[_Union[Extra, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., document_id: _Optional[str] = ..., reset: _Optional[bool] = ..., time_budget_ms: _Optional[int] = ..., update_rate: _Optional[float] = ...) -> None: ...
+    repeat_penalty: float
+    repeat_last_n: int
+    presence_penalty: float
+    frequency_penalty: float
+    min_p: float
+    def __init__(self, prompt: _Optional[str] = ..., suffix: _Optional[str] = ..., extra: _Optional[_Iterable[_Union[Extra, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., document_id: _Optional[str] = ..., reset: _Optional[bool] = ..., time_budget_ms: _Optional[int] = ..., update_rate: _Optional[float] = ..., repeat_penalty: _Optional[float] = ..., repeat_last_n: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., min_p: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "cached_tokens", "generated_tokens", "chunks_updated", "chunks_skipped", "ttt_flops")
