@@ -76,6 +76,7 @@ log = logging.getLogger("ponder.engine")
 # The schedules that read a budget (``GateHistory.target``, model/gating.py): a session's
 # ``update_rate`` sets it; under the others a rate would change nothing, so it is refused.
 BUDGETED = ("random", "random_learned", "threshold", "learned_budget", "policy")
+STOP_JOIN_S = 2.0  # how long ``Engine.stop`` waits for the loop to end its jobs before ending them itself
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +170,7 @@ class Engine:
                                      runner.empty_doc, runner.state_bytes, self.metrics, config.schedule.rate)
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._drain_cut = threading.Event()  # ``end_drain``: stop waiting for running jobs
         self.metrics.slots.set(config.slots)
         for action in ("updated", "skipped"):
             self.metrics.chunks.labels(config.schedule.kind, action)
@@ -238,21 +240,36 @@ class Engine:
             return self.sessions.reset(api_key, session_id)
 
     def stop(self, drain_s: float = 30.0) -> None:
-        """Graceful drain: refuse new jobs, let running and waiting ones finish (at most ``drain_s``), stop."""
+        """Graceful drain: refuse new jobs, let running and waiting ones finish (at most ``drain_s``), stop.
+
+        Every job still here then ends with ``DoneEvent("cancelled")``, its ``cancel_reason``
+        "shutdown" (the service answers UNAVAILABLE / 503): the loop ends them before it returns;
+        any it has not ended ``STOP_JOIN_S`` later (stuck in a model call) are ended from here.
+        """
         self.draining = True
         end = time.monotonic() + drain_s
-        while time.monotonic() < end:
+        while time.monotonic() < end and not self._drain_cut.is_set():
             with self._lock:
                 if not self._waiting and not self._prefilling and not self._running:
                     break
-            time.sleep(0.02)
+            self._drain_cut.wait(0.02)
         with self._lock:
             for job in list(self._jobs()):
                 job.cancel("shutdown")
             self._stop = True
             self._lock.notify()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=STOP_JOIN_S)
+        with self._lock:
+            left = list(self._jobs())  # none, unless the loop is stuck in a model call or failed
+        if left:
+            log.warning("the engine loop did not end %d jobs within %.0f s; ending them without it", len(left), STOP_JOIN_S)
+        for job in left:
+            job.put(DoneEvent("cancelled", Usage(prompt_tokens=len(job.tokens)), job.session_id or ""))
+
+    def end_drain(self) -> None:
+        """Cuts a drain short (a second SIGTERM): ``stop`` stops waiting and ends the jobs left."""
+        self._drain_cut.set()
 
     def session_count(self) -> int:
         return len(self.sessions)
@@ -431,6 +448,22 @@ class Engine:
             self.metrics.cancellations.labels(job.cancel_reason).inc()
         job.put(DoneEvent(reason, Usage(prompt_tokens=len(job.tokens)), job.session_id or ""))
 
+    def _end_remaining(self) -> None:
+        """On stop: ends every job still waiting, being prefilled or decoding, so that no reader waits forever."""
+        with self._lock:
+            for job in self._jobs():
+                job.cancel("shutdown")  # ``stop`` did; a job that slipped in after it too
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self.metrics.waiting.set(0)
+        self._in_flight = None
+        for task in list(self._prefilling):
+            self._advance(task, 0)  # cancelled: it ends, keeping what it committed
+        for slot in list(self._running):
+            self._finish(slot, "cancelled")
+        for job in waiting:
+            self._finish_unstarted(job, "cancelled")
+
     # --- Decoding.
 
     def _emit(self, slot: int, running: _Running, token: int, lambdas: list[float]) -> None:
@@ -506,8 +539,10 @@ class Engine:
             with self._lock:
                 while not self._stop and not self._waiting and not self._prefilling and not self._running:
                     self._lock.wait()
-                if self._stop:
-                    return
+                stopping = self._stop
+            if stopping:
+                self._end_remaining()
+                return
             try:
                 # An iteration: start one waiting job, one more slice of the oldest parked
                 # prompt, one decode step (skipped while more jobs can still join this one).

@@ -2,8 +2,11 @@
 
 The engine warms up in the background while both front ends already listen,
 so ``/health`` answers 503 (and gRPC health NOT_SERVING) until every shape
-is compiled. SIGTERM drains: new requests get 503 / UNAVAILABLE, running
-ones finish (up to ``--drain-s``), then the process exits.
+is compiled. SIGTERM (or Ctrl-C) drains: new requests get 503 / UNAVAILABLE,
+running ones go on for up to ``--drain-s``, then every one still running ends
+with 503 / UNAVAILABLE and the process exits. A second signal ends them at
+once. Whatever is stuck, the process is gone ``Shutdown.GRACE_S`` after the
+drain.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,7 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
              "$PONDER_API_KEY, read the same way; none: no auth)",
     )
     p.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "ponder" / "jax"), help="persistent XLA cache ('' to disable)")
-    p.add_argument("--drain-s", type=float, default=30.0, help="how long SIGTERM waits for running requests")
+    p.add_argument("--drain-s", type=float, default=30.0,
+                   help="how long SIGTERM waits for running requests (then they end with 503 / UNAVAILABLE; "
+                        "a second SIGTERM or Ctrl-C ends them at once)")
     p.add_argument("--log-level", default="info")
 
 
@@ -102,40 +108,104 @@ def run(args, schedule: Schedule) -> None:
     if args.grpc_port:
         grpc_server = build_grpc_server(service, engine, metrics, keys, f"{args.host}:{args.grpc_port}")
         grpc_server.start()
-    threading.Thread(target=engine.start, name="ponder-warmup", daemon=True).start()
+    warmup = threading.Thread(target=engine.start, name="ponder-warmup", daemon=True)
+    warmup.start()
+    shutdown = Shutdown(engine, args.drain_s)
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # SIGTERM / Ctrl-C: refuse new work first
-            engine.draining = True
+        def handle_exit(self, sig, frame):  # SIGTERM / Ctrl-C
+            shutdown.signal(sig)
             super().handle_exit(sig, frame)
             # uvicorn re-raises the signals it caught once serve() returns, which would kill the
             # process before the engine and gRPC have drained; this process exits by itself.
             self._captured_signals.clear()
 
-    http = Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=int(args.drain_s))
-    )
+    # HTTP requests run until the engine ends them (a 503, in-band in a stream) at the drain's end:
+    # uvicorn waits a little longer, so that their answers go out whole.
+    http = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                 timeout_graceful_shutdown=args.drain_s + 1))
     log.info("ponder: HTTP on %s:%d, gRPC on %s, checkpoint %s, %d slots", args.host, args.port,
              args.grpc_port or "off", args.checkpoint, args.slots)
 
-    def sigterm_outside_uvicorn(sig, frame):
-        # uvicorn handles SIGTERM while it serves and puts this handler back when it stops: a
-        # repeated SIGTERM (supervisors send more than one) must not kill the process while the
-        # engine and gRPC still drain. Before serving, SIGTERM ends the process as usual.
+    def signal_outside_uvicorn(sig, frame):
+        # uvicorn handles the signals while it serves and puts this handler back when it stops,
+        # while the engine and gRPC may still drain. Before serving, a signal ends the process.
         if not engine.draining:
             raise SystemExit(128 + sig)
-        log.info("ponder: SIGTERM again; still draining")
+        shutdown.signal(sig)
 
     on_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     if on_main_thread:
-        signal.signal(signal.SIGTERM, sigterm_outside_uvicorn)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal_outside_uvicorn)
     asyncio.run(http.serve())
-    engine.stop(drain_s=args.drain_s)
+    shutdown.begin("the HTTP server stopped")  # no-op after a signal: it began then
+    shutdown.stopped.wait()
     if grpc_server is not None:
-        grpc_server.stop(grace=5).wait()
+        grpc_server.stop(grace=1).wait()  # every call has its final event: they end within one poll
     log.info("ponder: stopped")
     if on_main_thread:
-        # Nothing is left to drain. Python's shutdown puts SIGTERM's default action back while
-        # XLA and gRPC tear down (a few hundred ms), which would turn a repeated SIGTERM into
-        # exit -15; an ignored signal stays ignored.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # Nothing is left to drain. Python's shutdown puts the default actions back while XLA and
+        # gRPC tear down (a few hundred ms), which would turn a late signal into exit -15.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+    if warmup.is_alive():  # stopped while compiling: XLA aborts the process if Python finalizes under it
+        logging.shutdown()
+        os._exit(0)
+
+
+class Shutdown:
+    """What SIGTERM and Ctrl-C do: one drain, one deadline, for the engine and both front ends.
+
+    The first signal makes the engine refuse new jobs and starts ``Engine.stop(drain_s)`` on a
+    thread of its own: running jobs go on until the deadline, then each ends with a final event
+    (503 / UNAVAILABLE), so the HTTP and gRPC calls waiting on them return. A second signal cuts
+    the drain short. A watchdog ends the process ``GRACE_S`` after the deadline (``HURRY_S`` after
+    a second signal) if it is still here, naming the threads that held it (``exit``: ``os._exit``, which
+    joins no thread).
+    """
+
+    GRACE_S = 4.0
+    HURRY_S = 2.0
+
+    def __init__(self, engine, drain_s: float, exit=os._exit):
+        self.engine, self.drain_s, self.exit = engine, drain_s, exit
+        self.stopped = threading.Event()  # the engine has stopped: every job has its final event
+        self._limit: float | None = None  # when the watchdog ends the process
+        self._wake = threading.Event()
+
+    def signal(self, sig: int) -> None:
+        """A SIGTERM or SIGINT (the signal handlers call this): the first begins the drain, the next cuts it short."""
+        name = signal.Signals(sig).name
+        if self._limit is None:
+            self.begin(name)
+            return
+        logging.getLogger("ponder.serve").warning("ponder: %s again: ending the requests still running now", name)
+        self.engine.end_drain()
+        self._limit = min(self._limit, time.monotonic() + self.HURRY_S)
+        self._wake.set()
+
+    def begin(self, reason: str) -> None:
+        """Starts the drain (once)."""
+        if self._limit is not None:
+            return
+        logging.getLogger("ponder.serve").info("ponder: %s: draining for up to %.1f s", reason, self.drain_s)
+        self.engine.draining = True
+        self._limit = time.monotonic() + self.drain_s + self.GRACE_S
+        threading.Thread(target=self._stop, name="ponder-drain", daemon=True).start()
+        threading.Thread(target=self._watch, name="ponder-watchdog", daemon=True).start()
+
+    def _stop(self) -> None:
+        self.engine.stop(drain_s=self.drain_s)
+        self.stopped.set()
+
+    def _watch(self) -> None:
+        while True:
+            self._wake.clear()
+            if not self._wake.wait(max(0.0, self._limit - time.monotonic())) and time.monotonic() >= self._limit:
+                break
+        held = ", ".join(sorted(t.name for t in threading.enumerate() if t is not threading.current_thread()))
+        logging.getLogger("ponder.serve").error("ponder: not stopped by the end of the drain; exiting (threads: %s)", held)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        self.exit(1)

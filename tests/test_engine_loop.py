@@ -9,6 +9,7 @@ session reuse, rollback and slot handling are checked exactly and fast.
 
 import math
 import threading
+import time
 
 import pytest
 from fake_runner import CHUNK, FLOPS, LAMBDA, RecordingEngine, budget_updates, chunks_closed, full_queue, lambdas_riding
@@ -149,6 +150,53 @@ def test_cancel_and_deadline_free_the_slot(engine):
     assert done.finish_reason == "deadline" and 0 < done.usage.generated_tokens < 32
     engine.wait_idle()
     assert engine.metrics.running._value.get() == 0
+
+
+def _final(job: Job):
+    while not isinstance(event := job.next_event(timeout=5), DoneEvent):
+        pass
+    return event
+
+
+def test_a_stopped_engine_ends_every_job_it_holds(engine):
+    """Decoding, parked between prefill slices, or waiting for a slot: each job still here when the drain
+    ends gets its final event (the front ends answer 503 / UNAVAILABLE), so that no reader waits forever."""
+    engine.runner.delay_s = 0.02  # per decode step: the long prompt takes ~20 of them
+    jobs = [Job("", f"decoding-{i}", None, doc(5), 32) for i in range(2)]
+    jobs.append(Job("", "parked", None, doc(5000), 32))  # the third slot
+    for job in jobs:
+        engine.submit(job)
+    end = time.monotonic() + 10
+    while len(engine._running) < 2 or not engine._prefilling:
+        assert time.monotonic() < end, "the jobs never took their slots"
+        time.sleep(0.005)
+    jobs += [Job("", f"waiting-{i}", None, doc(5), 32) for i in range(2)]
+    for job in jobs[3:]:
+        engine.submit(job)
+    with engine._lock:
+        assert len(engine._running) == 2 and len(engine._prefilling) == 1 and len(engine._waiting) == 2
+    engine.stop(drain_s=0.05)
+    for job in jobs:
+        assert _final(job).finish_reason == "cancelled" and job.cancel_reason == "shutdown", job.session_id
+    assert engine.committed_tokens("", "parked")  # what its prefill committed stays
+    assert engine.metrics.registry.get_sample_value("ponder_cancellations_total", {"reason": "shutdown"}) == 5
+
+
+def test_an_engine_stuck_in_a_model_call_still_ends_its_jobs(engine, monkeypatch):
+    import ponder.server.engine
+
+    monkeypatch.setattr(ponder.server.engine, "STOP_JOIN_S", 0.2)
+    engine.runner.delay_s = 0.02
+    job = Job("", "s", None, doc(5), 32)
+    engine.submit(job)
+    assert isinstance(job.next_event(timeout=10), TokenEvent)
+    engine.runner.pause()  # the next model call never returns
+    assert engine.runner.held.wait(5)
+    engine.stop(drain_s=0)
+    assert _final(job).finish_reason == "cancelled" and job.cancel_reason == "shutdown"
+    engine.runner.resume()  # the loop ends the job again: the second final event is dropped
+    engine._thread.join(timeout=5)
+    assert not engine._thread.is_alive() and job.delivered() == []
 
 
 def test_refusals(engine):

@@ -25,6 +25,7 @@ from ponder.server.http.errors import Body, ClientGone, read_body
 from ponder.server.http.wire import ErrorAnswer, ErrorDetail, to_json
 from ponder.server.metrics import RequestRecord, finish_outcome
 from ponder.server.service import CompletionRequest, CompletionService, Final, TextDelta
+from ponder.server.types import NotReady
 
 log = logging.getLogger("ponder.http")
 
@@ -110,7 +111,10 @@ async def _events(items: AsyncIterator[Item], call: RequestRecord, render) -> As
         async for item in items:
             for event in render(item):
                 yield event
-    except Exception as err:  # the status line is gone: say it in the stream
+    except NotReady as err:  # the server shut down mid-stream: the status line is gone, say it in the stream
+        call.done("rejected")
+        yield sse_event(ErrorAnswer(error=ErrorDetail(message=str(err), type="unavailable_error", code=503)))
+    except Exception as err:  # likewise
         log.exception("stream failed")
         call.done("error")
         detail = ErrorDetail(message=f"internal error ({type(err).__name__}: {err})", type="server_error", code=500)
