@@ -31,6 +31,7 @@ from ponder.server.types import (
     DoneEvent,
     ErrorEvent,
     Job,
+    NotReady,
     RequestError,
     Sampling,
     ServingEngine,
@@ -333,6 +334,8 @@ class _TextFolder:
             return self._delta(self._cut(final=False))
         assert isinstance(event, DoneEvent), event
         reason = event.finish_reason
+        if reason == "cancelled" and self.job.cancel_reason == "shutdown":
+            raise NotReady("the server shut down before this request finished (its drain time ran out): send it again")
         if not self.ended:
             self.stream.close()
             self._cut(final=True)

@@ -122,20 +122,30 @@ class Job:
     _events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
     _loop: asyncio.AbstractEventLoop | None = None
     _async_events: asyncio.Queue | None = None
+    _ended: bool = False  # its final event (``DoneEvent`` or ``ErrorEvent``) is out
+    _put_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Deliver events to an asyncio loop (call before submitting)."""
         self._loop, self._async_events = loop, asyncio.Queue()
 
     def put(self, event) -> None:
-        """Engine side: hand an event to the consumer (thread-safe)."""
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._async_events.put_nowait, event)
-            except RuntimeError:  # the consumer's loop has closed: nobody is listening
-                pass
-        else:
-            self._events.put(event)
+        """Engine side: hand an event to the consumer (thread-safe).
+
+        A job has one final event (``DoneEvent`` or ``ErrorEvent``); whatever comes after it is
+        dropped, so an engine that stops can end every job without racing its own loop.
+        """
+        with self._put_lock:
+            if self._ended:
+                return
+            self._ended = isinstance(event, (DoneEvent, ErrorEvent))
+            if self._loop is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self._async_events.put_nowait, event)
+                except RuntimeError:  # the consumer's loop has closed: nobody is listening
+                    pass
+            else:
+                self._events.put(event)
 
     def cancel(self, reason: str = "client") -> None:
         """Frees the job's slot at the engine's next step (thread-safe)."""

@@ -257,6 +257,26 @@ def test_a_malformed_request_is_invalid_argument_without_a_traceback(grpc_stack,
     assert not grpc_stack.engine.jobs
 
 
+def test_a_call_running_when_the_engine_stops_ends_unavailable(tokenizer):
+    """Each call gets a final status when the drain gives up on it: none waits forever (``test_engine_loop.py``
+    checks that jobs in every state get their final event)."""
+    s = Stack(tokenizer)
+    try:
+        s.engine.runner.delay_s = 0.05  # 64 tokens take 3 s
+        calls = [s.stub.Complete(pb.CompleteRequest(prompt="x", max_tokens=64), timeout=30) for _ in range(4)]
+        end = time.monotonic() + 10
+        while len(s.engine.jobs) < len(calls):
+            assert time.monotonic() < end, "the calls never reached the engine"
+            time.sleep(0.01)
+        s.engine.stop(drain_s=0.1)
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as err:
+                list(call)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shut down" in err.value.details()
+    finally:
+        s.close()
+
+
 def test_a_stopped_server_leaves_no_thread_behind(tokenizer):
     def watchers():
         return {t for t in threading.enumerate() if t.name == "ponder-grpc-health"}

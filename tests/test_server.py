@@ -126,7 +126,8 @@ def test_metrics_pass_promtool_and_nothing_compiles_after_warm_up(live_server):
 
 
 def test_sigterm_drains_running_requests(compile_cache):
-    """A stream in flight when SIGTERM arrives completes; then the process exits cleanly."""
+    """A stream in flight when SIGTERM arrives completes; then the process exits cleanly, whatever
+    signals arrive after the stream's end."""
     from conftest import LIVE_SLOTS, LiveServer
 
     server = LiveServer("--slots", LIVE_SLOTS, "--compile-cache", compile_cache).wait_ready()
@@ -145,13 +146,74 @@ def test_sigterm_drains_running_requests(compile_cache):
     reader = threading.Thread(target=stream)
     reader.start()
     assert streaming.wait(timeout=60)
-    # SIGTERM, repeated until the process exits (a supervisor may send it more than once):
-    # none of them may cut the drain short, and the exit stays clean.
-    deadline = time.monotonic() + 90
+    server.process.send_signal(signal.SIGTERM)
+    reader.join(timeout=60)
+    assert result["lines"][-1] == "data: [DONE]"
+    assert len(result["lines"]) > 10  # the stream ran on after the signal
+    # SIGTERM again until the process exits (a supervisor may send more than one): with nothing
+    # left to drain, the exit stays clean however late one arrives.
+    deadline = time.monotonic() + 30
     while server.process.poll() is None and time.monotonic() < deadline:
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.05)
     assert server.stop() == 0, server.output()
-    reader.join(timeout=60)
-    assert result["lines"][-1] == "data: [DONE]"
-    assert len(result["lines"]) > 10  # the stream ran on after the signal
+
+
+def test_grpc_calls_that_outlive_the_drain_end_unavailable_and_the_process_exits(compile_cache):
+    """Issue 21's case: nine long gRPC calls on three slots, SIGTERM, a drain of 1 s.
+    Each call ends (done, or UNAVAILABLE saying why) and the process is gone within the drain and 5 s."""
+    pytest.importorskip("grpc")
+    from conftest import LIVE_SLOTS, LiveServer
+
+    drain_s, calls = 1, 9
+    server = LiveServer("--slots", LIVE_SLOTS, "--compile-cache", compile_cache, "--queue-size", "16",
+                        "--drain-s", str(drain_s))
+    try:
+        server.wait_ready()
+        _outlive_the_drain(server, drain_s, calls)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+
+
+def _outlive_the_drain(server, drain_s: float, calls: int) -> None:
+    import grpc
+    from conftest import LIVE_SLOTS
+
+    from ponder.v1 import completion_pb2, completion_pb2_grpc
+
+    ends, streaming = [], threading.Semaphore(0)
+
+    def call(i: int) -> None:
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            stub = completion_pb2_grpc.CompletionStub(channel)
+            try:
+                for j, reply in enumerate(stub.Complete(completion_pb2.CompleteRequest(prompt=f"# {i}\n" + PROMPT, max_tokens=256),
+                                                        timeout=120)):
+                    if j == 0:
+                        streaming.release()
+                ends.append(("done", reply.finish_reason))
+            except grpc.RpcError as error:
+                ends.append((error.code(), error.details()))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(calls)]
+    for t in threads:
+        t.start()
+    for _ in range(int(LIVE_SLOTS)):  # every slot generating, the rest queued
+        assert streaming.acquire(timeout=120)
+    signalled = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        server.process.wait(timeout=drain_s + 5)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running {drain_s + 5} s after SIGTERM:\n{server.output()[-3000:]}") from None
+    took = time.monotonic() - signalled
+    for t in threads:
+        t.join(timeout=10)
+    assert server.process.returncode == 0, server.output()[-3000:]
+    assert len(ends) == calls, ends
+    cut = [end for end in ends if end[0] != "done"]
+    assert cut, f"every call finished within the drain ({took:.1f} s): nothing outlived it"
+    for code, details in cut:
+        # Ended by the drain's end, or (not yet queued at the signal) refused by a draining server.
+        assert code == grpc.StatusCode.UNAVAILABLE and ("shut down" in details or "shutting down" in details), details

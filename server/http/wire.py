@@ -241,7 +241,7 @@ class PonderDelta(_Answer):
 class PonderFinal(_Answer):
     session_id: str = Field(description="The session the request ran in (send it back to keep the document's state).")
     finish_reason: Literal["stop", "length", "cancelled", "deadline"] = Field(
-        description="ponder's own reason: `cancelled` (superseded, or the server shut down) and `deadline` show as `length`."
+        description="ponder's own reason: `cancelled` (superseded) and `deadline` show as `length`."
     )
     chunk_lambda: list[float] = Field(description="λ of every chunk the TTT layer closed for this request.")
     chunks_updated: int
