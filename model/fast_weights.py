@@ -71,7 +71,7 @@ def rope(x, positions, theta: float):
       x: [..., T, d]; positions: [T] (or broadcastable to x[..., 0]).
     """
     d = x.shape[-1]
-    freqs = theta ** (-jnp.arange(0, d, 2) / d)  # [d/2]
+    freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [d/2]
     angles = positions[..., None] * freqs  # [..., T, d/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     even, odd = x[..., 0::2], x[..., 1::2]

@@ -258,7 +258,7 @@ def chunk_stats(nll, entropy, scored, tokens, seen):
     ce = mean(nll)
     std = jnp.sqrt(jnp.maximum(mean(jnp.square(nll - ce[:, None])), 0.0))
     ordered = jnp.sort(tokens, axis=-1)
-    diversity = (1.0 + (ordered[:, 1:] != ordered[:, :-1]).sum(-1)) / tokens.shape[1]
+    diversity = (1.0 + (ordered[:, 1:] != ordered[:, :-1]).sum(-1, dtype=nll.dtype)) / tokens.shape[1]
     novelty = 1.0 - jnp.take_along_axis(seen, tokens, axis=-1).mean(-1)
     rows = jnp.arange(tokens.shape[0])[:, None]
     stats = ChunkStats(ce, mean(entropy), std, jnp.where(scored, nll, 0.0).max(-1), diversity, novelty)

@@ -71,8 +71,9 @@ def _attention_output(*parts):
 
 def _write(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """Writes ``new`` [B, H, T, hd] into ``cache`` [B, H, S, hd] at row-wise slot ``start`` [B]."""
+    at = lambda *index: tuple(jnp.asarray(i, start.dtype) for i in index)  # one index dtype, under x64 too
     for b in range(new.shape[0]):  # B is static; each row's update happens in place
-        cache = jax.lax.dynamic_update_slice(cache, new[b : b + 1], (b, 0, start[b], 0))
+        cache = jax.lax.dynamic_update_slice(cache, new[b : b + 1], at(b, 0, start[b], 0))
     return cache
 
 

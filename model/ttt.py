@@ -238,7 +238,7 @@ class TTTLayer(nnx.Module):
 
     def tau(self):
         K = self.config.mini_batch
-        return jnp.maximum(0.0, 1.0 / (jnp.arange(K) + 1.0) + self.tau_offset[...])  # [K]
+        return jnp.maximum(0.0, 1.0 / jnp.arange(1, K + 1, dtype=jnp.float32) + self.tau_offset[...])  # [K]
 
     def _apply(self, X, W, b):
         """Fast network with its residual at fixed weights: X [B, H, T, d] -> [B, H, T, d]."""
@@ -324,7 +324,7 @@ class TTTLayer(nnx.Module):
         state = self.init_state(B) if state is None else state
         XQ, XK, target, sigma, history = self.heads(x, state.conv_history, state.count)
         if steps > 1:  # leave the last mini-batch in the buffers, as decoding does
-            row_steps = jnp.full((B,), steps) if row_steps is None else row_steps
+            row_steps = jnp.full((B,), steps, jnp.int32) if row_steps is None else row_steps
             state = dataclasses.replace(
                 state, minibatch_XK=XK[:, :, -K:], minibatch_target=target[:, :, -K:], minibatch_sigma=sigma[:, :, -K:]
             )
@@ -350,7 +350,7 @@ class TTTLayer(nnx.Module):
                 _, XK_mb, target_mb, sigma_mb, lam_mb = inputs
                 W1, b1 = self._extra_steps(XK_mb, target_mb, sigma_mb, lam_mb, W1, b1, steps, row_steps)
             W, b, refused_now = settle(W0, b0, W1, b1, c.max_update_norm)
-            return (W, b, refused + refused_now.sum(-1)), out
+            return (W, b, refused + refused_now.sum(-1, dtype=refused.dtype)), out
 
         inputs = tuple(as_minibatches(a).swapaxes(0, 1) for a in (XQ, XK, target, sigma))  # leading [n]
         carry = (state.W, state.b, state.refused)
@@ -445,7 +445,7 @@ class TTTLayer(nnx.Module):
             sum_b=jax.tree.map(lambda s: at_end(jnp.zeros_like(s), s), sum_b),
             conv_history=history,
             count=state.count + 1,
-            refused=state.refused + jnp.where(end, refused.sum(-1), 0),
+            refused=state.refused + jnp.where(end, refused.sum(-1, dtype=state.refused.dtype), 0),
         )
         return self._output(x[:, None], heads_out[:, :, None])[:, 0], new_state
 

@@ -132,20 +132,20 @@ class TTTTransformerLM(nnx.Module):
         """The state at a document start."""
         B, C, D = batch_size, self.config.gate.chunk, self.config.base.n_embd
         history = GateHistory(
-            features=jnp.zeros((B, N_FEATURES)),
+            features=jnp.zeros((B, N_FEATURES), jnp.float32),
             threshold=jnp.full((B,), schedule.initial_threshold, jnp.float32),
             rate=jnp.full((B,), schedule.rate, jnp.float32),
             target=jnp.full((B,), schedule.rate, jnp.float32),
-            used=jnp.zeros((B,)),
-            scores=jnp.zeros((B, BUDGET_WINDOW)),
+            used=jnp.zeros((B,), jnp.float32),
+            scores=jnp.zeros((B, BUDGET_WINDOW), jnp.float32),
             seen=jnp.zeros((B, self.config.base.vocab_size), bool),
         )
         return DocState(
             ttt=[layer.init_state(B) for layer in self.ttt],
             history=history,
-            lam=jnp.zeros((B,)),
+            lam=jnp.zeros((B,), jnp.float32),
             steps=jnp.zeros((B,), jnp.int32),
-            hidden=jnp.zeros((B, C + 1, D)),
+            hidden=jnp.zeros((B, C + 1, D), jnp.float32),
             tokens=jnp.zeros((B, C), jnp.int32),
             start=self.ttt[0].init_state(B),
         )
@@ -190,11 +190,11 @@ class TTTTransformerLM(nnx.Module):
         if schedule.kind == "learned":
             lam = self.gate(history.features)
         elif schedule.kind == "skip":
-            lam = jnp.zeros((B,))
+            lam = jnp.zeros((B,), jnp.float32)
         elif schedule.kind == "update":
-            lam = jnp.ones((B,))
+            lam = jnp.ones((B,), jnp.float32)
         elif schedule.kind == "fixed":
-            lam = jnp.full((B,), schedule.value)
+            lam = jnp.full((B,), schedule.value, jnp.float32)
         elif schedule.kind == "random":
             lam = coin()
         elif schedule.kind == "random_learned":
@@ -223,7 +223,7 @@ class TTTTransformerLM(nnx.Module):
         else:  # threshold: update when chunk c-1 was hard to reconstruct; a document's first chunk always updates
             recon_before = history.features[:, 2]
             lam = jnp.where((count == 0) | (recon_before > history.threshold), 1.0, 0.0)
-        lam = jnp.where(lam < self.config.gate.threshold, 0.0, lam)  # below the threshold: no update
+        lam = jnp.where(lam < self.config.gate.threshold, 0.0, lam).astype(jnp.float32)  # below threshold: no update
         return lam, jnp.where(lam > 0, steps, 0)
 
     def _close_chunk(self, schedule: Schedule, history: GateHistory, token_losses, tokens, recon, count, lam) -> GateHistory:
@@ -323,7 +323,7 @@ class TTTTransformerLM(nnx.Module):
             rest = token_stats(jax.lax.stop_gradient(base_logits[:, :-1]), tokens[:, 1:])
             nll, entropy = (jnp.concatenate([a, b], axis=1) for a, b in zip(first, rest))  # [B, T] each
         else:  # a schedule that ignores the features keeps the history as it is
-            nll = entropy = jnp.zeros((B, T))
+            nll = entropy = jnp.zeros((B, T), jnp.float32)
         opens = (jnp.arange(T)[None] == 0) & (count[:, None] == 0)  # [B, T]
         if segment_ids is not None:
             opens = opens | jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
@@ -332,8 +332,8 @@ class TTTTransformerLM(nnx.Module):
         fresh = self.with_target(self.init_state(B, schedule), state.history.target)  # a row keeps its budget
         # Update FLOPs of a chunk by its steps per mini-batch (0: skipped).
         step_flops = jnp.asarray([0.0] + [float(sum(layer.update_flops(C, k) for layer in self.ttt))
-                                          for k in range(1, schedule.max_steps + 1)])
-        given = jnp.zeros((n_chunks, B)) if chunk_lambda is None else chunk_lambda.T
+                                          for k in range(1, schedule.max_steps + 1)], jnp.float32)
+        given = jnp.zeros((n_chunks, B), jnp.float32) if chunk_lambda is None else chunk_lambda.T
 
         def run_chunk(carry, inputs):
             h_c, nll_c, entropy_c, scored_c, tokens_c, opens_doc, lam_given = inputs  # h_c [B, C, D]

@@ -351,3 +351,20 @@ def test_config_saved_before_the_gate_output_field_reads_as_sigmoid():
     assert TTTLMConfig.from_dict(BASE, CONFIG.to_dict()) == CONFIG
     with pytest.raises(ValueError, match="gate output must be 'value', 'clip' or 'sigmoid'"):
         GateConfig(output="relu")
+
+
+def test_forward_and_decoding_under_x64():
+    """With ``jax_enable_x64`` on, every counter and float of the state keeps its 32-bit dtype: scan carries
+    and cond branches agree (a refusal count summed to int64 broke the chunk scan), and decoding still equals
+    the full forward."""
+    model = _with_random_gate(_trained_looking(TTTTransformerLM(CONFIG, rngs=nnx.Rngs(0))))
+    schedule = Schedule("policy", explore=True, seed=1)  # skipped chunks, and per-row extra steps
+    tokens, positions = _batch(32)
+    with jax.enable_x64(True):
+        out = model(tokens, positions, schedule)
+        logits, _, _, state = _decode(model, tokens, positions, schedule)
+    assert np.abs(logits - np.asarray(out.logits)).max() <= 1e-5
+    for tree in (out.state, state):
+        dtypes = {np.dtype(leaf.dtype) for leaf in jax.tree.leaves(tree)}
+        assert dtypes <= {np.dtype(np.float32), np.dtype(np.int32), np.dtype(bool)}, dtypes
+    assert 0 in np.asarray(out.chunk_steps) and np.asarray(out.chunk_steps).max() > 1
