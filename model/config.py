@@ -21,12 +21,18 @@ class GPTConfig:
     """Shape and numerics of a GPT-2 style decoder.
 
     Attributes:
-      vocab_size: rows of the token embedding (and of the tied LM head).
+      vocab_size: rows of the token embedding (and of the LM head).
       n_positions: context window; also the length of the KV cache.
       n_embd: model width D.
       n_layer: number of transformer blocks.
       n_head: attention heads; ``n_embd`` must be divisible by it.
       layer_norm_epsilon: epsilon of every LayerNorm (GPT-2 uses 1e-5).
+      tie_word_embeddings: the LM head is ``wte`` (GPT-2); False gives the
+        model its own head ``lm_head`` (Hugging Face's setting of that name).
+      scale_attn_weights: attention scores are divided by sqrt(head_dim)
+        (GPT-2); False leaves them unscaled.
+      scale_attn_by_inverse_layer_idx: block i's scores are further divided
+        by i + 1 (as Hugging Face's setting of that name does).
       dtype: dtype that activations are computed in.
       param_dtype: dtype that parameters are stored in.
     """
@@ -37,6 +43,9 @@ class GPTConfig:
     n_layer: int = 4
     n_head: int = 4
     layer_norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = True
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -49,6 +58,9 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
+        for name in ("tie_word_embeddings", "scale_attn_weights", "scale_attn_by_inverse_layer_idx"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(

@@ -4,7 +4,9 @@ The network is GPT-2 exactly (learned token and position embeddings, pre-LN
 blocks, tanh-GELU MLP, final LayerNorm, LM head tied to ``wte``) and its
 parameters carry GPT-2's names, so Hugging Face weights map one to one
 (``h.N.attn.c_attn.weight`` -> ``h.N.attn.c_attn.kernel``; HF's Conv1D
-already stores weights as ``[in, out]``).
+already stores weights as ``[in, out]``). Three ``GPTConfig`` switches cover
+the variants of Hugging Face's GPT-2 that change the math: an untied head
+(``lm_head``), unscaled attention, and attention scaled by 1 / (layer + 1).
 
 The blocks are separate modules (``h.0`` .. ``h.{L-1}``), applied by a loop
 that unrolls at trace time. Stacking them and running ``lax.scan`` compiles
@@ -100,9 +102,13 @@ def _linear(config: GPTConfig, n_in: int, n_out: int, std: float, rngs: nnx.Rngs
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: GPTConfig, layer: int, *, rngs: nnx.Rngs):
         self.config = config
         D = config.n_embd
+        # Multiplies the scores: 1/sqrt(hd) in GPT-2, then 1/(layer + 1) when configured (as transformers).
+        self.scale = (1.0 / math.sqrt(config.head_dim) if config.scale_attn_weights else 1.0) / (
+            layer + 1 if config.scale_attn_by_inverse_layer_idx else 1
+        )
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2's scaled init
         self.c_attn = _linear(config, D, 3 * D, 0.02, rngs)
         self.c_proj = _linear(config, D, D, residual_std, rngs)
@@ -130,14 +136,13 @@ class Attention(nnx.Module):
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 x [B, T, D]
         heads_first = lambda a: a.reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # [B, H, T, hd]
         q, k, v = heads_first(q), heads_first(k), heads_first(v)
-        scale = 1.0 / math.sqrt(hd)
         causal = positions[:, None, :] <= positions[:, :, None]  # [B, T, T]
         if segment_ids is not None:
             causal &= segment_ids[:, None, :] == segment_ids[:, :, None]
 
         def attend(q_rows, n_keys):
             """Queries ``q_rows`` (a slice of T) against the first ``n_keys`` new keys."""
-            scores = jnp.einsum("bhtd,bhsd->bhts", q[:, :, q_rows], k[:, :, :n_keys]) * scale  # [B, H, t, s]
+            scores = jnp.einsum("bhtd,bhsd->bhts", q[:, :, q_rows], k[:, :, :n_keys]) * self.scale  # [B, H, t, s]
             mask = causal[:, q_rows, :n_keys]
             return jnp.where(mask[:, None], scores.astype(jnp.float32), _MASKED)  # [B, H, t, s]
 
@@ -166,7 +171,7 @@ class Attention(nnx.Module):
 
             def attend_past_and_new():
                 seen = jnp.arange(S)[None, :] < positions[:, :1]  # [B, S]
-                past = jnp.einsum("bhtd,bhsd->bhts", q, past_k) * scale  # [B, H, T, S]
+                past = jnp.einsum("bhtd,bhsd->bhts", q, past_k) * self.scale  # [B, H, T, S]
                 past = jnp.where(seen[:, None, None], past.astype(jnp.float32), _MASKED)
                 return _attention_output((past, past_v), (attend(slice(None), T), v)).transpose(0, 2, 1, 3)  # [B, T, H, hd]
 
@@ -194,9 +199,9 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: GPTConfig, layer: int, *, rngs: nnx.Rngs):
         self.ln_1 = _layer_norm(config, rngs)
-        self.attn = Attention(config, rngs=rngs)
+        self.attn = Attention(config, layer, rngs=rngs)
         self.ln_2 = _layer_norm(config, rngs)
         self.mlp = MLP(config, rngs=rngs)
 
@@ -208,7 +213,7 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
-    """GPT-2 language model with a tied LM head."""
+    """GPT-2 language model; its LM head is ``wte`` unless ``config.tie_word_embeddings`` is False."""
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -228,8 +233,13 @@ class GPT(nnx.Module):
             param_dtype=config.weight_dtype,
             rngs=rngs,
         )
-        self.h = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
+        self.h = nnx.List([Block(config, layer, rngs=rngs) for layer in range(config.n_layer)])
         self.ln_f = _layer_norm(config, rngs)
+        # An untied head is a second [V, D] table, read like wte.
+        self.lm_head = nnx.data(None if config.tie_word_embeddings else nnx.Embed(
+            config.vocab_size, config.n_embd, embedding_init=nnx.initializers.normal(0.02),
+            dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs,
+        ))
 
     def __call__(
         self, tokens, positions, cache: KVCache | None = None, *, compute_logits: bool = True, segment_ids=None,
@@ -269,13 +279,13 @@ class GPT(nnx.Module):
 
 
     def logits(self, hidden, *, frozen: bool = False):
-        """Tied LM head: [B, T, D] -> [B, T, V] float32; ``frozen`` stops gradients to ``wte``."""
+        """LM head: [B, T, D] -> [B, T, V] float32; ``frozen`` stops gradients to its weights."""
         B, T, D = hidden.shape
-        embedding = self.wte.embedding[...]
+        embedding = (self.wte if self.lm_head is None else self.lm_head).embedding[...]  # [V, D]
         if frozen:
             embedding = jax.lax.stop_gradient(embedding)
         if B * T <= 64:
-            # Decode: [V, D] x [B*T, D] -> [V, B*T] reads wte as stored. The
+            # Decode: [V, D] x [B*T, D] -> [V, B*T] reads the table as stored. The
             # [B*T, D] x [D, V] form made XLA transpose all of wte on every
             # decode step on CPU.
             logits = jax.lax.dot_general(embedding, hidden.reshape(B * T, D), (((1,), (1,)), ((), ())))
@@ -290,6 +300,7 @@ class GPT(nnx.Module):
 # parameters (LayerNorms, TTT layers, the gate) are replicated.
 LOGICAL_AXES = {
     ("wte", "embedding"): ("vocab", "embed"),
+    ("lm_head", "embedding"): ("vocab", "embed"),
     ("wpe", "embedding"): (None, "embed"),
     ("attn", "c_attn", "kernel"): ("embed", "heads"),
     ("attn", "c_attn", "bias"): ("heads",),

@@ -3,17 +3,29 @@
 Our parameter names are GPT-2's, so the mapping is a rename:
 ``[transformer.]h.N.attn.c_attn.weight`` <-> ``h.N.attn.c_attn.kernel`` and
 LayerNorm ``weight`` <-> ``scale``. HF's Conv1D stores weights ``[in, out]``
-like ``nnx.Linear``, so no tensor is transposed. The LM head is tied to
-``wte`` on both sides.
+like ``nnx.Linear``, so no tensor is transposed. An untied ``lm_head.weight``
+is ``lm_head.embedding`` ([V, D] both).
 
-When the tokenizer has more ids than the HF vocabulary (GPT-2's BPE plus our
-three fill-in-the-middle tokens), the new embedding rows are set to the mean
-of the existing rows, so the new tokens start as an "average" token. Export
-writes every row, so export -> import is bit-exact.
+Every ``GPT2Config`` setting that changes what a causal LM computes is either
+carried over (``tie_word_embeddings``, ``scale_attn_weights``,
+``scale_attn_by_inverse_layer_idx``, ``layer_norm_epsilon``; ``GPTConfig``
+has the same fields) or refused by name (``_config_from_hf``).
+``reorder_and_upcast_attn`` only computes the scores in float32 and scales
+before the product, which a float32 ponder model does already, so it is
+accepted. Dropout and the sequence-summary head do not act on a causal LM at
+inference.
+
+The token ids mean nothing without their tokenizer: a directory without
+``tokenizer.json`` is refused unless the caller names one. Ids past the HF
+vocabulary are allowed only for the special tokens ponder adds (end of
+document, fill-in-the-middle); their rows of the embedding (and of an untied
+head) are the mean of the existing rows, so each starts as an "average"
+token. Export writes every row, so export -> import is bit-exact.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,6 +38,7 @@ from ponder.model.gpt2 import GPT, abstract_model
 from ponder.model.tokenizer import Tokenizer
 
 _SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+_VOCAB_TABLES = (("wte", "embedding"), ("lm_head", "embedding"))  # [V, D]: padded for ponder's special tokens
 
 
 class ConversionError(ValueError):
@@ -40,6 +53,15 @@ def _config_from_hf(hf: dict, vocab_size: int) -> GPTConfig:
         raise ConversionError(f"config.json: activation_function {act!r} is not tanh-GELU {_SUPPORTED_ACTIVATIONS}")
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise ConversionError(f"config.json: n_inner {hf['n_inner']} is not 4 * n_embd")
+    if hf.get("add_cross_attention", False):
+        raise ConversionError(
+            "config.json: add_cross_attention is true: the model is the decoder of an encoder-decoder pair, "
+            "and ponder has no encoder to feed its cross-attention"
+        )
+    switches = {"tie_word_embeddings": True, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}
+    for name in (*switches, "reorder_and_upcast_attn"):
+        if not isinstance(hf.get(name, False), bool):
+            raise ConversionError(f"config.json: {name} is {hf[name]!r}, expected true or false")
     return GPTConfig(
         vocab_size=vocab_size,
         n_positions=hf["n_positions"],
@@ -47,6 +69,7 @@ def _config_from_hf(hf: dict, vocab_size: int) -> GPTConfig:
         n_layer=hf["n_layer"],
         n_head=hf["n_head"],
         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        **{name: hf.get(name, default) for name, default in switches.items()},
     )
 
 
@@ -71,7 +94,7 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
 
 def _hf_name(our_path: tuple[str, ...]) -> str:
     *parents, leaf = our_path
-    if parents in (["wte"], ["wpe"]):
+    if parents in (["wte"], ["wpe"], ["lm_head"]):
         return f"{parents[0]}.weight"
     return ".".join(parents) + "." + {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
 
@@ -99,38 +122,64 @@ def _nest(flat: dict[tuple[str, ...], np.ndarray]) -> dict:
     return tree
 
 
+def _tokenizer_for(directory: Path, tokenizer: Tokenizer | None, hf_vocab: int) -> Tokenizer:
+    """The tokenizer the directory's token ids belong to, checked against its vocabulary."""
+    if tokenizer is None:
+        if not (directory / "tokenizer.json").is_file():
+            raise ConversionError(
+                f"{directory} has no tokenizer.json, so nothing says what its {hf_vocab} token ids mean: name the "
+                "tokenizer they belong to (`ponder convert --tokenizer gpt2` for GPT-2's BPE, or --tokenizer "
+                "PATH/tokenizer.json)"
+            )
+        tokenizer = Tokenizer.load(directory / "tokenizer.json")
+    foreign = [i for i in range(hf_vocab, len(tokenizer)) if i not in tokenizer.special_ids]
+    if foreign:
+        raise ConversionError(
+            f"the tokenizer has {len(tokenizer)} ids but config.json has vocab_size {hf_vocab}: ids {foreign[0]}.."
+            f"{foreign[-1]} are not ponder's special tokens, so the tokenizer does not belong to this model"
+        )
+    return tokenizer
+
+
 def import_hf(directory: str | Path, tokenizer: Tokenizer | None = None) -> tuple[GPT, Tokenizer]:
     """Builds our model from a ``transformers`` GPT-2 directory.
 
     Args:
       directory: holds ``config.json`` and the weights (safetensors or PyTorch bin).
-      tokenizer: defaults to ``tokenizer.json`` in the directory if present,
-        otherwise GPT-2's BPE.
+      tokenizer: the tokenizer the model's ids belong to; defaults to the
+        directory's ``tokenizer.json`` (a directory without one is refused).
 
     Returns:
       ``(model, tokenizer)`` with ``vocab_size`` covering every tokenizer id.
+
+    Raises:
+      ConversionError: naming the missing file, the setting ponder does not
+        implement, or the tensor whose shape is wrong.
     """
     directory = Path(directory)
     try:
         hf_config = json.loads((directory / "config.json").read_text())
     except FileNotFoundError:
         raise ConversionError(f"{directory} has no config.json") from None
-    if tokenizer is None:
-        has_own = (directory / "tokenizer.json").is_file()
-        tokenizer = Tokenizer.load(directory / "tokenizer.json") if has_own else Tokenizer.gpt2()
+    try:  # refuses what ponder does not implement before reading more
+        hf_vocab = hf_config["vocab_size"]
+        config = _config_from_hf(hf_config, hf_vocab)
+    except KeyError as err:
+        raise ConversionError(f"{directory / 'config.json'} has no {err.args[0]}") from None
+    tokenizer = _tokenizer_for(directory, tokenizer, hf_vocab)
+    config = dataclasses.replace(config, vocab_size=max(hf_vocab, len(tokenizer)))
     tensors = {k.removeprefix("transformer."): v for k, v in _read_tensors(directory).items()}
-    hf_vocab = hf_config["vocab_size"]
-    config = _config_from_hf(hf_config, max(hf_vocab, len(tokenizer)))
     flat = {}
     for path in _our_paths(config):
         name = _hf_name(path)
         if name not in tensors:
             raise ConversionError(f"{directory}: tensor {name} is missing")
         flat[path] = np.asarray(tensors[name], np.float32)
-    wte = flat[("wte", "embedding")]
-    if wte.shape[0] < config.vocab_size:
-        extra = np.repeat(wte.mean(axis=0, keepdims=True), config.vocab_size - wte.shape[0], axis=0)
-        flat[("wte", "embedding")] = np.concatenate([wte, extra])
+    for table in _VOCAB_TABLES:
+        rows = flat.get(table)
+        if rows is not None and rows.shape[0] < config.vocab_size:
+            extra = np.repeat(rows.mean(axis=0, keepdims=True), config.vocab_size - rows.shape[0], axis=0)
+            flat[table] = np.concatenate([rows, extra])
     graphdef, state = nnx.split(abstract_model(config))
     expected = dict(_flatten(nnx.to_pure_dict(state)))
     for path, value in flat.items():
@@ -145,15 +194,24 @@ def import_hf(directory: str | Path, tokenizer: Tokenizer | None = None) -> tupl
 
 
 def export_hf(model: GPT, tokenizer: Tokenizer, directory: str | Path) -> Path:
-    """Writes ``model`` as a ``transformers`` GPT-2 directory (config.json, model.safetensors, tokenizer.json)."""
+    """Writes ``model`` as a ``transformers`` GPT-2 directory (config.json, model.safetensors, tokenizer.json).
+
+    Only a base GPT has a Hugging Face form: for a TTT checkpoint, pass its
+    ``model.base`` (the TTT layers and the gate have no place in it).
+    """
+    if not isinstance(model, GPT):
+        raise ConversionError(
+            f"a {type(model).__name__} has no Hugging Face GPT-2 form; export its base GPT-2 (model.base)"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config: GPTConfig = model.config
     flat = dict(_flatten(nnx.to_pure_dict(nnx.state(model))))
-    tensors = {
-        "transformer." + _hf_name(tuple(str(k) for k in path)): np.ascontiguousarray(np.asarray(v, np.float32))
-        for path, v in flat.items()
-    }
+    tensors = {}
+    for path, value in flat.items():
+        name = _hf_name(tuple(str(k) for k in path))
+        prefix = "" if name.startswith("lm_head.") else "transformer."  # as GPT2LMHeadModel names them
+        tensors[prefix + name] = np.ascontiguousarray(np.asarray(value, np.float32))
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     hf_config = {
         "architectures": ["GPT2LMHeadModel"],
@@ -171,7 +229,9 @@ def export_hf(model: GPT, tokenizer: Tokenizer, directory: str | Path) -> Path:
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
         "initializer_range": 0.02,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "scale_attn_weights": config.scale_attn_weights,
+        "scale_attn_by_inverse_layer_idx": config.scale_attn_by_inverse_layer_idx,
         "bos_token_id": tokenizer.eot_id,
         "eos_token_id": tokenizer.eot_id,
     }

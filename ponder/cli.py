@@ -67,12 +67,23 @@ def _init(args: argparse.Namespace) -> None:
 
 def _convert(args: argparse.Namespace) -> None:
     from ponder.model import checkpoint, hf
+    from ponder.model.tokenizer import Tokenizer
+    from ponder.model.ttt_lm import TTTTransformerLM
 
     if args.from_hf:
-        model, tokenizer = hf.import_hf(args.from_hf)
+        named = None if args.tokenizer is None else (
+            Tokenizer.gpt2() if args.tokenizer == "gpt2" else Tokenizer.load(args.tokenizer)
+        )
+        model, tokenizer = hf.import_hf(args.from_hf, named)
         path = checkpoint.save(args.out, model, tokenizer, overwrite=args.overwrite)
     else:
+        if args.tokenizer is not None:
+            raise ValueError("--tokenizer names the tokenizer of a --from-hf directory; an export writes its own")
         model, tokenizer = checkpoint.load(args.to_hf)
+        if isinstance(model, TTTTransformerLM):
+            print(f"{args.to_hf} is a TTT checkpoint; exporting its frozen base GPT-2 (the TTT layer and gate are "
+                  "not part of the Hugging Face format)", file=sys.stderr)
+            model = model.base
         path = hf.export_hf(model, tokenizer, args.out)
     print(f"wrote {path}", file=sys.stderr)
 
@@ -553,8 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv = commands.add_parser("convert", help="import/export Hugging Face GPT-2 checkpoints")
     source = conv.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-hf", type=Path, help="transformers GPT-2 directory to import")
-    source.add_argument("--to-hf", type=Path, help="ponder checkpoint to export")
+    source.add_argument("--to-hf", type=Path, help="ponder checkpoint to export (a TTT checkpoint: its base GPT-2)")
     conv.add_argument("--out", type=Path, required=True)
+    conv.add_argument("--tokenizer", help="with --from-hf: the tokenizer of a directory without tokenizer.json "
+                      "(gpt2 = GPT-2's BPE, or a tokenizer.json path)")
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(run=_convert)
     _add_train_commands(commands)
