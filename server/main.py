@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-s", type=float, default=30.0,
                    help="how long SIGTERM waits for running requests (then they end with 503 / UNAVAILABLE; "
                         "a second SIGTERM or Ctrl-C ends them at once)")
+    p.add_argument("--ui", action="store_true",
+                   help="serve the λ viewer (GET /ui) without --api-key: any local client may then read any session's "
+                        "text (with keys it is always on, each key seeing its own sessions)")
     p.add_argument("--log-level", default="info")
 
 
@@ -103,7 +106,7 @@ def run(args, schedule: Schedule) -> None:
     keys = parse_api_keys(args.api_key, os.environ.get("PONDER_API_KEY", ""))
     name = Path(args.checkpoint).name
     app = build_app(service, engine, metrics, api_keys=keys, max_body_bytes=args.max_body_bytes, model_name=name,
-                    body_timeout_s=args.body_timeout_s, allowed_hosts=allowed_hosts(args.host))
+                    ui=args.ui, body_timeout_s=args.body_timeout_s, allowed_hosts=allowed_hosts(args.host))
     grpc_server = None
     if args.grpc_port:
         grpc_server = build_grpc_server(service, engine, metrics, keys, f"{args.host}:{args.grpc_port}")

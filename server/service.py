@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Iterator
 from ponder.model.detokenize import TextStream
 from ponder.model.sampling import SamplingError
 from ponder.model.tokenizer import Tokenizer
+from ponder.server.sessions import check_id
 from ponder.server.types import (
     DoneEvent,
     ErrorEvent,
@@ -149,6 +150,8 @@ class CompletionService:
             raise RequestError("stop", f"at most {limits.max_stop} sequences of at most {limits.max_stop_chars} characters")
         if any(not s for s in request.stop):
             raise RequestError("stop", "stop sequences must be non-empty strings")
+        check_id("session_id", request.session_id)
+        check_id("document_id", request.document_id)
         if request.suffix is None and not request.extra:
             self._refuse_unfittable(request)
         prefix = tok.encode(request.prompt)
@@ -245,6 +248,7 @@ class CompletionService:
 
     async def complete(self, request: CompletionRequest) -> Final:
         """The whole completion at once."""
+        check_id("session_id", session_id)
         async for item in self.stream(request):
             if isinstance(item, Final):
                 return item

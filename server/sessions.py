@@ -15,10 +15,18 @@ rate, so that a reused session still computes what a cold start at that
 rate computes. The last rate a session was given outlives its state (a new
 document, an eviction), as the model keeps a row's target across documents.
 
-The store knows nothing of arrays: states and caches are opaque values it
-measures with the ``state_bytes`` function it is given (the runner's), so it
-is tested without a model. It is not thread-safe: the engine calls it under
-its lock.
+A session's bytes are all it keeps: the arrays of its state, cache and
+snapshots, measured with the ``state_bytes`` function the store is given (the
+runner's; the store knows nothing of arrays, so it is tested without a
+model), and the Python objects around them: its ids, its committed tokens
+(a list of ints), its snapshot list, its entry in the store. A remembered
+rate counts too. Ids are bounded (``MAX_ID_CHARS``, checked by the service).
+
+Memory is shared fairly between API keys (docs/design.md, "Sessions"): over
+the cap, the least recently used sessions of the keys holding more than their
+fair share (the cap split evenly among the keys that hold sessions) go first,
+so one key cannot push out every other key's sessions. The store is not
+thread-safe: the engine calls it under its lock.
 """
 
 from __future__ import annotations
@@ -26,11 +34,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from ponder.server.metrics import ServerMetrics
-from ponder.server.types import Job
+from ponder.server.types import Job, RequestError
+
+MAX_ID_CHARS = 400  # a session_id or document_id: a file's path fits; more would be memory a session keeps for nothing
+
+
+def check_id(field: str, value: str | None) -> None:
+    """Refuses a ``session_id`` / ``document_id`` (``field``) longer than ``MAX_ID_CHARS``."""
+    if value is not None and len(value) > MAX_ID_CHARS:
+        raise RequestError(field, f"at most {MAX_ID_CHARS} characters, got {len(value)}")
 
 
 @dataclasses.dataclass(eq=False)
@@ -47,6 +64,7 @@ class Session:
     snapshots: list[tuple[int, Any]]  # (boundary, state), ascending
     rate: float  # the budget ``doc`` and the snapshots were computed under
     counted: int = 0  # its bytes in ``SessionStore.bytes``, as last measured
+    anonymous: bool = False  # made for a job without a session id: only such jobs may join it by prefix
 
     def commit(self, tokens: list[int], doc, keep: int) -> None:
         """Commits ``tokens`` (the whole history, ending on a chunk boundary) with the state after them.
@@ -103,16 +121,30 @@ def plan_prompt(job: Job, chunk: int, eot_id: int) -> PromptPlan:
     return PromptPlan(tokens, commit_end, scratch_end)
 
 
-RATES_KEPT = 1 << 16  # sessions whose last given rate is remembered (the least recently given go first)
+RATES_KEPT = 1 << 14  # sessions per API key whose last given rate is remembered (the least recently given go first)
+INT_BYTES = 32  # a token id as a Python int, as allocated (ids below 257 are shared objects; counted all the same)
+ENTRY_BYTES = 128  # a session's key (a tuple) and its entry in the store's ordered dict
+SNAPSHOT_BYTES = sys.getsizeof((0, None)) + INT_BYTES  # a snapshot's (boundary, state) tuple and its boundary
+RATE_BYTES = 128  # a remembered rate's float and its entry (its session id is counted apart)
+
+
+def python_bytes(session: Session) -> int:
+    """Bytes of the Python objects ``session`` keeps besides its arrays: itself, its ids, its committed
+    tokens, its snapshot list and its entry in the store. (The API key is the server's own string.)"""
+    ids = sum(sys.getsizeof(i) for i in (session.session_id, session.document_id) if i is not None)
+    tokens = sys.getsizeof(session.tokens) + INT_BYTES * len(session.tokens)
+    snapshots = sys.getsizeof(session.snapshots) + SNAPSHOT_BYTES * len(session.snapshots)
+    return sys.getsizeof(session) + sys.getsizeof(session.__dict__) + ENTRY_BYTES + ids + tokens + snapshots
 
 
 class SessionStore:
     """Sessions by ``(api_key, session_id)``, least recently used first, with their bytes counted.
 
     Args:
-      chunk: tokens per chunk: an anonymous job joins a session sharing at least one chunk with it.
+      chunk: tokens per chunk: an anonymous job joins an anonymous session sharing at least one chunk with it.
       eot_id: the end-of-document token: inside a prompt, it starts a new document.
-      memory_bytes: cap on the bytes sessions hold (``evict`` drops the least recently used).
+      memory_bytes: cap on the bytes sessions hold (``evict`` drops the least recently used, of the keys
+        over their fair share first).
       snapshots: chunk-boundary snapshots kept per session.
       empty_doc: the state of an empty document with a given budget (a session's start, a rollback
         past every snapshot, a new rate).
@@ -126,8 +158,10 @@ class SessionStore:
         self.chunk, self.eot_id, self.memory_bytes, self.snapshots = chunk, eot_id, memory_bytes, snapshots
         self.empty_doc, self.state_bytes, self.metrics, self.default_rate = empty_doc, state_bytes, metrics, default_rate
         self._sessions: collections.OrderedDict[tuple[str, str], Session] = collections.OrderedDict()
-        self._rates: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()  # the last rate given
-        self.bytes = 0  # the sessions' bytes as last measured (``count``)
+        # api_key -> session_id -> the last rate given, least recently given first (at most RATES_KEPT per key)
+        self._rates: dict[str, collections.OrderedDict[str, float]] = {}
+        self.bytes = 0  # the sessions' bytes as last measured (``count``), remembered rates included
+        self.key_bytes: collections.Counter[str] = collections.Counter()  # ``bytes`` by API key
         self._anonymous = itertools.count(1)
 
     def __len__(self) -> int:
@@ -143,7 +177,7 @@ class SessionStore:
     def rate(self, api_key: str, session_id: str) -> float:
         """The session's budget: the last rate it was given (``default_rate`` if none), held or not."""
         session = self.get(api_key, session_id)
-        return session.rate if session is not None else self._rates.get((api_key, session_id), self.default_rate)
+        return session.rate if session is not None else self._rates.get(api_key, {}).get(session_id, self.default_rate)
 
     def committed(self, job: Job) -> int:
         """Tokens of ``job``'s prompt its session may already hold: what a job need not compute (an estimate).
@@ -157,9 +191,10 @@ class SessionStore:
     def session_for(self, job: Job) -> Session:
         """The job's session, created or reset as the job asks, and now the most recently used.
 
-        Without a session id (llama.cpp's habit), the key's session sharing the
-        longest prefix with the prompt (a chunk at least), or a new
-        ``anonymous-N``. A reset, a new document id, or an end-of-document
+        Without a session id (llama.cpp's habit), the key's anonymous session
+        (one made for such a job) sharing the longest prefix with the prompt (a
+        chunk at least), or a new ``anonymous-N``. A named session is never
+        joined so: a job without its id must neither change it nor learn it. A reset, a new document id, or an end-of-document
         token inside the prompt starts the session afresh; a job's
         ``update_rate`` other than the rate of the session's state restarts
         it at that rate, which the session keeps from then on.
@@ -168,18 +203,15 @@ class SessionStore:
         if session_id is None:
             best, best_len = None, self.chunk - 1
             for (key, _), s in self._sessions.items():
-                if key == job.api_key:
+                if key == job.api_key and s.anonymous:
                     n = common_prefix(s.tokens, job.tokens)
                     if n > best_len:
                         best, best_len = s, n
             session_id = best.session_id if best is not None else f"anonymous-{next(self._anonymous)}"
         key = (job.api_key, session_id)
         rate = job.update_rate if job.update_rate is not None else self.rate(*key)
-        if job.update_rate is not None or key in self._rates:  # remembered, the most recently used last
-            self._rates[key] = rate
-            self._rates.move_to_end(key)
-            if len(self._rates) > RATES_KEPT:
-                self._rates.popitem(last=False)
+        if job.update_rate is not None or session_id in self._rates.get(job.api_key, {}):
+            self._remember_rate(job.api_key, session_id, rate)
         session = self.get(*key)
         reason = None
         if session is not None and job.reset:
@@ -194,7 +226,8 @@ class SessionStore:
             session = None
         self.metrics.session_lookups.labels("miss" if session is None else "hit").inc()
         if session is None:
-            session = Session(job.api_key, session_id, job.document_id, [], self.empty_doc(rate), None, 0, [], rate)
+            session = Session(job.api_key, session_id, job.document_id, [], self.empty_doc(rate), None, 0, [], rate,
+                              anonymous=job.session_id is None)
             self._sessions[key] = session
         elif session.rate != rate:
             # The state carries the budget from the document's start: no committed chunk is what a
@@ -207,9 +240,36 @@ class SessionStore:
         self._sessions.move_to_end(key)
         return session
 
+    def _remember_rate(self, api_key: str, session_id: str, rate: float) -> None:
+        """Remembers ``rate`` as the session's last (the most recently given last; the key's oldest past RATES_KEPT go)."""
+        rates = self._rates.setdefault(api_key, collections.OrderedDict())
+        if session_id not in rates:
+            self._add_bytes(api_key, sys.getsizeof(session_id) + RATE_BYTES)
+        rates[session_id] = rate
+        rates.move_to_end(session_id)
+        if len(rates) > RATES_KEPT:
+            self._forget_rate(api_key, next(iter(rates)))
+
+    def _forget_rate(self, api_key: str, session_id: str) -> None:
+        rates = self._rates.get(api_key, {})
+        if rates.pop(session_id, None) is not None:
+            self._add_bytes(api_key, -(sys.getsizeof(session_id) + RATE_BYTES))
+            if not rates:
+                del self._rates[api_key]
+
+    def _add_bytes(self, api_key: str, size: int) -> None:
+        self.bytes += size
+        self.key_bytes[api_key] += size
+        if not self.key_bytes[api_key]:
+            del self.key_bytes[api_key]  # a key holding nothing takes no share
+
+    def fair_share(self) -> float:
+        """The bytes each API key holding sessions may keep before its sessions are evicted first."""
+        return self.memory_bytes / max(len(self.key_bytes), 1)
+
     def reset(self, api_key: str, session_id: str) -> bool:
         """Forgets a session (an explicit reset), its rate included. True if it existed."""
-        self._rates.pop((api_key, session_id), None)
+        self._forget_rate(api_key, session_id)
         session = self.get(api_key, session_id)
         if session is not None:
             self._drop(session)
@@ -219,11 +279,13 @@ class SessionStore:
 
     def _drop(self, session: Session) -> None:
         if self._sessions.pop((session.api_key, session.session_id), None) is not None:
-            self.bytes -= session.counted
+            self._add_bytes(session.api_key, -session.counted)
 
     def measure(self, session: Session) -> int:
-        """Bytes ``session`` holds: its cache, snapshots and state, and 8 per committed token."""
-        return self.state_bytes((session.cache, [s for _, s in session.snapshots], session.doc)) + 8 * len(session.tokens)
+        """Bytes ``session`` holds: the arrays of its cache, snapshots and state, and its Python objects
+        (``python_bytes``)."""
+        arrays = self.state_bytes((session.cache, [s for _, s in session.snapshots], session.doc))
+        return arrays + python_bytes(session)
 
     def count(self, session: Session) -> None:
         """Brings ``bytes`` up to date with ``session``, which a prefill has just changed.
@@ -234,19 +296,23 @@ class SessionStore:
         """
         if self.get(session.api_key, session.session_id) is session:  # not dropped meanwhile
             size = self.measure(session)
-            self.bytes += size - session.counted
+            self._add_bytes(session.api_key, size - session.counted)
             session.counted = size
 
     def evict(self, keep: Session, busy: list[Session]) -> None:
-        """Drops least recently used sessions until the cap holds (never ``keep`` or one in ``busy``)."""
-        for key in list(self._sessions):
-            if self.bytes <= self.memory_bytes:
-                break
-            session = self._sessions[key]
-            if session is keep or session in busy:  # sessions compare by identity
-                continue
-            self._drop(session)
-            self.metrics.sessions_evicted.inc()
+        """Drops sessions until the cap holds, never ``keep`` or one in ``busy``: the least recently used
+        of the keys holding more than their ``fair_share`` first, then the least recently used of any key."""
+        for fair in (True, False):
+            for key in list(self._sessions):
+                if self.bytes <= self.memory_bytes:
+                    break
+                session = self._sessions.get(key)
+                if session is None or session is keep or session in busy:  # sessions compare by identity
+                    continue
+                if fair and self.key_bytes[session.api_key] <= self.fair_share():
+                    continue
+                self._drop(session)
+                self.metrics.sessions_evicted.inc()
         self._update_gauges()
 
     def _update_gauges(self) -> None:

@@ -18,6 +18,14 @@ def gpt2_tokenizer() -> Tokenizer:
 
 
 @pytest.fixture(scope="session")
+def bundled_tokenizer() -> Tokenizer:
+    """The bundled checkpoint's tokenizer: the front ends' tests run it over the fake runner."""
+    from pathlib import Path
+
+    return Tokenizer.load(Path(__file__).resolve().parent.parent / "checkpoints" / "default" / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
 def code_tokenizer() -> Tokenizer:
     """A small code vocabulary trained on a slice of the standard library."""
     from ponder.train.corpus import default_roots, python_sources
@@ -136,8 +144,8 @@ def compile_cache(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def live_server(compile_cache):
-    """``ponder serve`` on the bundled checkpoint (3 slots, the session's compile cache)."""
-    server = LiveServer("--slots", LIVE_SLOTS, "--compile-cache", compile_cache, "--queue-size", "8")
+    """``ponder serve`` on the bundled checkpoint (3 slots, the session's compile cache, the λ viewer on)."""
+    server = LiveServer("--slots", LIVE_SLOTS, "--compile-cache", compile_cache, "--queue-size", "8", "--ui")
     try:
         yield server.wait_ready()
     finally:

@@ -62,6 +62,23 @@ def test_replica_pods_probe_health_and_outlast_the_drain(manifests):
     assert {p["containerPort"] for p in container["ports"]} == {8080, 50051}
 
 
+def test_replicas_fail_closed_without_their_api_keys(manifests):
+    """Issue 21: the API-key Secret was optional, so a missing Secret served without auth behind the
+    LoadBalancer. Every Secret a pod reads is required, and the replicas read their keys from one."""
+    refs = []
+    workloads = [m for key, m in manifests.items() if key[0] in ("StatefulSet", "Deployment")]
+    for workload in workloads:
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            for env in container.get("env", []):
+                if "secretKeyRef" in env.get("valueFrom", {}):
+                    refs.append((container["name"], env["name"], env["valueFrom"]["secretKeyRef"]))
+            for source in container.get("envFrom", []):
+                assert not source.get("secretRef", {}).get("optional", False), source
+    assert ("ponder", "PONDER_API_KEY") in [(container, name) for container, name, _ in refs]
+    for container, name, ref in refs:
+        assert ref.get("optional", False) is False, f"{container}: {name} must not be optional (fail closed)"
+
+
 def test_router_mounts_the_generated_config(manifests):
     generated = manifests["kustomization"]["configMapGenerator"][0]
     assert generated["files"] == ["nginx.conf"]

@@ -15,6 +15,7 @@ import pytest
 from fake_runner import CHUNK, FLOPS, LAMBDA, RecordingEngine, budget_updates, chunks_closed, full_queue, lambdas_riding
 
 from ponder.model.gating import Schedule
+from ponder.server.sessions import Session, python_bytes
 from ponder.server.types import DoneEvent, Job, NotReady, QueueFull, RequestError, TokenEvent
 
 REPLY = [11, 12, 13]
@@ -221,7 +222,9 @@ def test_refusals(engine):
 
 
 def test_eviction_under_the_memory_cap_rebuilds_transparently():
-    per_session = 8 + 8 + 8 + 8 * 8  # cache, 1 snapshot (one call of 2 chunks), state, 8 committed tokens
+    like = Session("", "e1", None, [], None, None, 0, [], 0.5)  # a session as the prefill below leaves it:
+    like.commit(doc(10)[:8], None, keep=16)  # 8 committed tokens, 1 snapshot (one call of 2 chunks)
+    per_session = 8 + 8 + 8 + python_bytes(like)  # cache, snapshot, state; the Python objects
     engine = RecordingEngine(REPLY, slots=2, session_memory_mb=1.5 * per_session / 2**20)
     try:
         first, _ = run(engine, doc(10), session="e1")

@@ -1,13 +1,19 @@
 """The session store on its own: LRU order, byte accounting, eviction, rollback, prompt plans.
 
 States are plain ints here (the number of tokens a state has read) and
-measure 8 bytes each, so every byte count is worked out by hand.
+measure 8 bytes each, so the arrays' part of every byte count is worked out
+by hand; the Python objects around them are checked against what Python
+allocated (tracemalloc).
 """
+
+import gc
+import tracemalloc
 
 import pytest
 
+from ponder.server import sessions
 from ponder.server.metrics import ServerMetrics
-from ponder.server.sessions import SessionStore, common_prefix, plan_prompt
+from ponder.server.sessions import SessionStore, common_prefix, plan_prompt, python_bytes
 from ponder.server.types import Job
 
 C = 4  # tokens per chunk
@@ -81,6 +87,21 @@ def test_an_anonymous_job_joins_the_session_sharing_a_chunk_with_it():
     assert s.session_for(job([EOT, 1, 2, 3, 4], None, key="k")).session_id == "anonymous-3"  # another key's
 
 
+def test_a_job_without_a_session_id_never_joins_a_named_session():
+    """Issue 21: a sessionless request sharing a document's start with a named session rolled it back and
+    learnt its id. It gets an anonymous session of its own; the named one is untouched."""
+    s = store()
+    tokens = [EOT, *range(1, 16)]
+    named = s.session_for(job(tokens, "k1-doc-B", key="k1"))
+    committed(s, named, tokens)
+    other = s.session_for(job(tokens[:9] + [99], None, key="k1"))
+    assert other is not named and other.session_id == "anonymous-1" and other.anonymous and not named.anonymous
+    assert named.tokens == tokens and s.get("k1", "k1-doc-B") is named
+    committed(s, other, tokens[:9] + [99])
+    assert s.session_for(job(tokens[:8] + [7], None, key="k1")) is other  # anonymous sessions are still joined
+    assert s.session_for(job(tokens, "anonymous-1", key="k1")) is other  # and reached by the id a reply gave
+
+
 def test_a_new_rate_restarts_the_document_and_is_remembered_until_the_session_is_forgotten():
     s = store()
     tokens = [EOT, *range(1, 12)]
@@ -107,25 +128,98 @@ def test_bytes_are_counted_when_a_prefill_ends():
     a = s.session_for(job([EOT, *range(1, 8)], "a"))
     a.cache = 8  # one cache (8 bytes here)
     committed(s, a, [EOT, *range(1, 8)])  # 8 tokens: 2 chunks, 2 snapshots
-    assert s.measure(a) == 8 + 2 * 8 + 8 + 8 * 8  # cache, snapshots, state, tokens
-    assert s.bytes == a.counted == s.measure(a)
+    assert s.measure(a) == 8 + 2 * 8 + 8 + python_bytes(a)  # cache, snapshots, state; the Python objects
+    assert s.bytes == a.counted == s.measure(a) == s.key_bytes[""]
+    eight = python_bytes(a)
     committed(s, a, [EOT, *range(1, 12)])  # 12 tokens: 3 snapshots, 2 kept
     assert [b for b, _ in a.snapshots] == [8, 12]
-    assert s.bytes == 8 + 2 * 8 + 8 + 12 * 8
+    assert s.bytes == 8 + 2 * 8 + 8 + python_bytes(a) and python_bytes(a) == eight + 4 * (8 + sessions.INT_BYTES)
     s.reset("", "a")
-    assert s.bytes == 0 and s.metrics.session_bytes._value.get() == 0
+    assert s.bytes == 0 and s.metrics.session_bytes._value.get() == 0 and not s.key_bytes
+
+
+def test_bytes_count_every_object_a_session_keeps():
+    """Issue 21: sessions with 4 MB ids raised RSS 12x more than the bytes counted. Every object a session
+    keeps (ids, committed tokens, snapshots, its entry in the store) is counted: the count covers what
+    Python allocated for them, and overstates it by little."""
+    s = store(snapshots=3)
+    warm = s.session_for(job([EOT, 1], "warm"))  # the metrics' first use allocates their children
+    s.reset("", warm.session_id)
+    del warm
+
+    def fill():
+        for i in range(50):
+            tokens = [EOT, *range(1000 + 100 * i, 1063 + 100 * i)]  # 64 tokens, ids past the ints Python shares
+            session = s.session_for(job(tokens, f"{i:0400d}", document_id=f"{i:0397d}.py"))
+            committed(s, session, tokens)
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        fill()
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    arrays = sum(state_bytes((x.cache, [st for _, st in x.snapshots], x.doc)) for x in s)  # no memory here: ints
+    counted = s.bytes - arrays
+    assert kept <= counted <= 1.25 * kept, (kept, counted)
+
+
+def test_remembered_rates_are_counted_and_kept_per_key(monkeypatch):
+    monkeypatch.setattr(sessions, "RATES_KEPT", 2)
+    s = store()
+    for name in ("a1", "a2"):
+        s.session_for(job([EOT, 1], name, key="a", update_rate=0.25))
+    s.session_for(job([EOT, 1], "b1", key="b", update_rate=0.75))
+    entry = sessions.RATE_BYTES + len("a1") + 49  # the float and its entry, the session id (an ASCII str)
+    assert s.key_bytes == {"a": 2 * entry, "b": entry} and s.bytes == 3 * entry  # before any prefill ends
+    for name in ("a3", "a4"):  # key a's least recently given rate goes; key b's is kept
+        s.session_for(job([EOT, 1], name, key="a", update_rate=0.25))
+    s.memory_bytes = 0
+    s.evict(keep=None, busy=[])  # the sessions go, their rates stay
+    assert len(s) == 0 and s.key_bytes == {"a": 2 * entry, "b": entry}
+    assert s.rate("a", "a1") == s.rate("a", "a2") == RATE and s.rate("b", "b1") == 0.75
+    assert s.rate("a", "a3") == s.rate("a", "a4") == 0.25
+    s.reset("a", "a3")
+    assert s.rate("a", "a3") == RATE and s.key_bytes == {"a": entry, "b": entry}
+
+
+def test_a_key_over_its_fair_share_is_evicted_first():
+    """Issue 21: one key filling the cache evicted every other key's sessions. Over the cap, the keys holding
+    more than the cap split among the keys go first; within a key, the least recently used."""
+    s = store()
+
+    def add(key, name):
+        session = s.session_for(job([EOT, 1, 2, 3, 4], name, key=key))
+        committed(s, session, [EOT, 1, 2, 3])
+        s.evict(keep=session, busy=[])
+        return session
+
+    a = [add("a", f"a{i}") for i in range(2)]  # the least recently used of all
+    per_session = s.measure(a[0])
+    s.memory_bytes = 6 * per_session
+    b = [add("b", f"b{i}") for i in range(10)]
+    assert list(s) == [*a, *b[-4:]] and s.bytes == 6 * per_session  # a's two stay; b keeps the rest of the cap
+    assert s.fair_share() == 3 * per_session and s.key_bytes == {"a": 2 * per_session, "b": 4 * per_session}
+    c = add("c", "c0")  # a third key: b, now over its share (2 sessions), gives way
+    assert list(s) == [*a, *b[-3:], c]
+    s.reset("a", "a0"), s.reset("a", "a1")
+    assert s.fair_share() == 3 * per_session
 
 
 def test_eviction_drops_least_recently_used_but_never_the_kept_or_busy():
-    per_session = 8 + 8 + 8 + 4 * 8  # cache, one snapshot, state, 4 tokens
-    s = store(memory_bytes=3 * per_session)
-    sessions = []
+    s = store()
+    made = []
     for name in "abcd":
         session = s.session_for(job([EOT, 1, 2, 3, 4], name))
         session.cache = 8
         committed(s, session, [EOT, 1, 2, 3])
-        sessions.append(session)
-    a, b, c, d = sessions
+        made.append(session)
+    a, b, c, d = made
+    per_session = 8 + 8 + 8 + python_bytes(a)  # cache, one snapshot, state; the Python objects
+    s.memory_bytes = 3 * per_session
     assert s.bytes == 4 * per_session
     s.evict(keep=a, busy=[b])  # a and b stay though least recently used; c goes, then the cap holds
     assert list(s) == [a, b, d] and s.bytes == 3 * per_session

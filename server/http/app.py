@@ -14,8 +14,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-import anyio
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
@@ -23,12 +23,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ponder.server.auth import Unauthenticated, authenticate
+from ponder.server.engine import BUDGETED
 from ponder.server.http.config import HttpConfig
 from ponder.server.http.errors import ApiError, ClientGone
 from ponder.server.http.hosts import TrustedHosts
 from ponder.server.http.llama import LlamaServing
 from ponder.server.http.openai import OpenAIServing
 from ponder.server.http.openapi import OPERATIONS, Operation, openapi_document
+from ponder.server.http.request_schema import ServedLimits
+from ponder.server.http.ui import SessionPages
 from ponder.server.http.wire import Health, ModelCard, ModelList, SessionReset, json_response
 from ponder.server.metrics import RequestRecord, ServerMetrics
 from ponder.server.service import CompletionService
@@ -46,6 +49,7 @@ def build_app(
     api_keys: tuple[str, ...] = (),
     max_body_bytes: int = HttpConfig.max_body_bytes,
     model_name: str = HttpConfig.model_name,
+    ui: bool = HttpConfig.ui,
     body_timeout_s: float = HttpConfig.body_timeout_s,
     allowed_hosts: tuple[str, ...] = HttpConfig.allowed_hosts,
 ) -> Starlette:
@@ -60,13 +64,14 @@ def build_app(
         ``/metrics`` and ``/openapi.json`` are always public. The matched key scopes the sessions.
       max_body_bytes: larger request bodies are refused with 413.
       model_name: the name ``/v1/models`` and the answers report.
+      ui: serve ``/ui`` on a server without ``api_keys`` (``--ui``); with keys it is always on.
       body_timeout_s: a request body not whole after this long is refused with 408.
       allowed_hosts: the ``Host`` names answered, others refused with 403 (empty: any; ``hosts.allowed_hosts``).
 
     Returns:
       A Starlette app to serve with uvicorn.
     """
-    config = HttpConfig(tuple(api_keys), max_body_bytes, model_name, body_timeout_s=body_timeout_s,
+    config = HttpConfig(tuple(api_keys), max_body_bytes, model_name, ui=ui, body_timeout_s=body_timeout_s,
                         allowed_hosts=tuple(allowed_hosts))
     endpoints = _Endpoints(service, engine, metrics, config)
     handlers: dict[str, Handler] = {
@@ -112,9 +117,24 @@ def _route(op: Operation, handler: Handler, metrics: ServerMetrics, api_keys: Se
             call.done("error")
             return ApiError(500, f"internal error ({type(err).__name__}: {err})", kind="server_error").response()
 
-    # A session id may hold slashes (editors use the file's path): it matches them, %2F-encoded or not.
-    path = op.path.replace("{session_id}", "{session_id:path}")
+    # A session id is any text a body may carry: slashes (editors use the file's path), %2F-encoded or not, newlines.
+    path = op.path.replace("{session_id}", "{session_id:any}")
     return Route(path, endpoint, methods=[op.method], name=op.handler)
+
+
+class _AnyText(Convertor[str]):
+    """A path segment that matches any text, ``/`` and newlines included (Starlette's ``path`` stops at a newline)."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("any", _AnyText())
 
 
 def _api_key(request: Request, api_keys: Sequence[str]) -> str:
@@ -129,7 +149,9 @@ def _api_key(request: Request, api_keys: Sequence[str]) -> str:
 async def _http_error(request: Request, err: HTTPException) -> Response:
     """Starlette's own 404 / 405, in the same JSON shape as every other error."""
     kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-    return ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}", kind=kind).response()
+    response = ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}", kind=kind).response()
+    response.headers.update(err.headers or {})  # a 405's Allow
+    return response
 
 
 class _Endpoints:
@@ -138,7 +160,10 @@ class _Endpoints:
     def __init__(self, service: CompletionService, engine, metrics: ServerMetrics, config: HttpConfig):
         self.service, self.engine, self.metrics, self.config = service, engine, metrics, config
         self.started = int(time.time())
-        self.document = openapi_document(config.model_name)
+        limits = ServedLimits(service.max_new_tokens, engine.config.schedule.kind in BUDGETED, service.limits.max_stop,
+                              service.limits.max_stop_chars)
+        self.document = openapi_document(config.model_name, bool(config.api_keys), limits)
+        self.pages = SessionPages(engine, service.tokenizer, bool(config.api_keys) or config.ui, config.ui_max_tokens)
 
     async def models(self, request: Request, api_key: str, call: RequestRecord) -> Response:
         call.done("ok")
@@ -151,22 +176,7 @@ class _Endpoints:
         return json_response(SessionReset(session_id=session_id, existed=existed))
 
     async def ui(self, request: Request, api_key: str, call: RequestRecord) -> Response:
-        session_id = request.query_params.get("session_id", "")
-        if not session_id:
-            raise ApiError(400, "session_id: required query parameter naming the session to show (GET /ui?session_id=ID)",
-                           "session_id")
-        tokens, schedule = self.engine.committed_tokens(api_key, session_id), self.engine.session_schedule(api_key, session_id)
-        if tokens is None or schedule is None:
-            raise ApiError(404, f"session_id: no session {session_id!r} for this API key (a completion with that "
-                           "session_id creates it)", "session_id", kind="not_found_error")
-        from ponder.server.viewer.data import inspect_tokens
-        from ponder.server.viewer.page import render_html
-
-        def page() -> str:  # a fresh run over the tokens, off the event loop (the engine thread is untouched)
-            inspection = inspect_tokens(self.engine.model, self.service.tokenizer, tokens, schedule, source=f"session {session_id}")
-            return render_html(inspection, note="Recomputed for this page from the session's committed tokens.")
-
-        html = await anyio.to_thread.run_sync(page)
+        html = await self.pages.page(api_key, request.query_params.get("session_id", ""))
         call.done("ok")
         return Response(html, media_type="text/html")
 

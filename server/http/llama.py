@@ -101,7 +101,7 @@ class LlamaServing(CompletionEndpoint):
             tokens_cached=u.cached_tokens, has_new_line="\n" in final.text, timings=_timings(final, call),
             ponder=PonderFinal.of(final),
         ).model_dump(mode="json")
-        return answer if body.response_fields is None else _pick_fields(answer, body.response_fields)
+        return _pick_fields(answer, body.response_fields) if body.response_fields else answer  # []: all, as llama.cpp
 
 
 def _timings(final: Final, call: RequestRecord) -> InfillTimings:

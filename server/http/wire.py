@@ -22,6 +22,8 @@ import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.responses import Response
 
+from ponder.server.sessions import MAX_ID_CHARS
+
 if TYPE_CHECKING:
     from ponder.server.service import Final, TextDelta
 
@@ -38,8 +40,11 @@ def _ignored(api: str) -> Any:
 
 
 # ponder's session fields, the same in both APIs.
-SessionId = Annotated[str | None, Field(description="ponder: the editor document's session (absent: matched by common prefix).")]
-DocumentId = Annotated[str | None, Field(description="ponder: a new document id resets the session.")]
+SessionId = Annotated[str | None, Field(
+    max_length=MAX_ID_CHARS, description="ponder: the editor document's session (absent: one of the key's anonymous sessions, "
+    "matched by common prefix)."
+)]
+DocumentId = Annotated[str | None, Field(max_length=MAX_ID_CHARS, description="ponder: a new document id resets the session.")]
 # The sampling controls both APIs share (docs/design.md, "Sampling"); ranges are checked by the service.
 MinP = Annotated[float, Field(
     description="Drop tokens whose probability is below min_p times the likeliest token's, in [0, 1]; 0: off."
@@ -57,7 +62,9 @@ UpdateRate = Annotated[float | None, Field(
 class RequestBody(BaseModel):
     """A request body: unknown fields and wrong types are errors (strict JSON types, no coercion).
 
-    ``null`` stands for a field's default, as both reference APIs read it.
+    ``null`` stands for a field's default, as both reference APIs read it. An
+    integer field takes a number with no fractional part (``16.0``), which JSON
+    Schema counts as an integer.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -65,7 +72,11 @@ class RequestBody(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_is_default(cls, data):
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            return data
+        ints = {name for name, field in cls.model_fields.items() if field.annotation is int}
+        whole = lambda k, v: k in ints and isinstance(v, float) and v.is_integer()
+        return {k: int(v) if whole(k, v) else v for k, v in data.items() if v is not None}
 
     @classmethod
     def ignored_fields(cls) -> list[str]:
@@ -150,7 +161,8 @@ class InfillBody(RequestBody):
     stop: str | list[str] = Field([], description="Generation ends before the first occurrence of any of these.")
     return_tokens: bool = Field(False, description="Include the generated token ids in `tokens`.")
     response_fields: list[str] | None = Field(
-        None, description="Keep only these fields of the final answer; `a/b` names a nested field (key `a/b` in the answer)."
+        None, description="Keep only these fields of the final answer; `a/b` names a nested field (key `a/b` in the answer); "
+        "absent or empty: every field."
     )
     min_p: MinP = 0.0
     repeat_penalty: float = Field(
