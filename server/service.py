@@ -248,7 +248,6 @@ class CompletionService:
 
     async def complete(self, request: CompletionRequest) -> Final:
         """The whole completion at once."""
-        check_id("session_id", session_id)
         async for item in self.stream(request):
             if isinstance(item, Final):
                 return item
@@ -256,6 +255,7 @@ class CompletionService:
 
     def reset(self, api_key: str, session_id: str) -> bool:
         """Drops a session's state (the next request starts a fresh document). True if it existed."""
+        check_id("session_id", session_id)
         return self.engine.reset_session(api_key, session_id)
 
 
