@@ -11,8 +11,8 @@ past its edge.
 Behind the server, as in ``test_http.py``: the real service, tokenizer and
 engine on the fake runner, so a request costs microseconds and the fuzz
 stays well within a minute; the λ viewer's model run is a stand-in (its real
-page is tested in ``test_viewer.py``). The same run against ``ponder serve``
-on the bundled model found nothing either (README, "Limits").
+page is tested in ``test_viewer.py``). Against ``ponder serve`` itself:
+``st run http://127.0.0.1:8080/openapi.json --checks all -n 50 --seed 1``.
 """
 
 from __future__ import annotations
