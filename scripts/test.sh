@@ -23,4 +23,5 @@ if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0
     || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1; } \
     || echo "warning: could not install ${missing[*]}; the tests that need them skip (fail under CI=true)" >&2
 fi
-exec .venv/bin/python -m pytest "$@"
+# One worker per core, each taking whole files (module fixtures such as a live server stay per file).
+exec .venv/bin/python -m pytest -n auto --dist loadfile "$@"
