@@ -49,13 +49,18 @@ def _doc(n, seed=0):
     return [0, *np.random.default_rng(seed).integers(1, 512, n - 1).tolist()]
 
 
+# A guard against a hang, not a speed limit: the first step of a new batch shape compiles, which takes
+# minutes on a loaded 2-core machine (a 60 s guard failed under CI with two workers).
+EVENT_TIMEOUT_S = 300
+
+
 def _run(engine, tokens, session="s", max_new=8, key="", **kw):
     """Submits a job and collects ``(tokens, lambdas, done_event)``."""
     job = Job(key, session, kw.pop("document_id", None), list(tokens), max_new, **kw)
     engine.submit(job)
     out, lambdas = [], []
     while True:
-        event = job.next_event(timeout=60)
+        event = job.next_event(timeout=EVENT_TIMEOUT_S)
         if isinstance(event, DoneEvent):
             return out, lambdas, event
         assert isinstance(event, TokenEvent), event
@@ -91,7 +96,7 @@ def test_penalties_equal_offline_generation(engine, model):
         engine.submit(job)
     for job, prompt, s in zip(jobs, prompts, PENALISED):
         got = []
-        while not isinstance(event := job.next_event(timeout=60), DoneEvent):
+        while not isinstance(event := job.next_event(timeout=EVENT_TIMEOUT_S), DoneEvent):
             got += event.token_ids
         params = SamplingParams(max_new_tokens=24, **dataclasses.asdict(s))
         assert got == [t for piece in stream_ttt_tokens(model, prompt, params, eot_id=0) for t in piece], s
@@ -177,10 +182,10 @@ def test_a_lone_stream_joined_and_left_mid_generation_is_exact(engine):
     got = [[], []]
     engine.submit(jobs[0])
     while len(got[0]) < 3:  # two decode steps alone (the first token comes from the prefill)
-        got[0] += jobs[0].next_event(timeout=60).token_ids
+        got[0] += jobs[0].next_event(timeout=EVENT_TIMEOUT_S).token_ids
     engine.submit(jobs[1])
     for tokens, job in zip(got, jobs):
-        while not isinstance(event := job.next_event(timeout=60), DoneEvent):
+        while not isinstance(event := job.next_event(timeout=EVENT_TIMEOUT_S), DoneEvent):
             tokens += event.token_ids
     assert got == want
 
@@ -206,12 +211,12 @@ def test_eviction_rebuilds_transparently(model):
 def test_cancel_frees_the_slot_within_one_step(engine):
     job = Job("", "cancel", None, _doc(20, seed=30), MAX_NEW)
     engine.submit(job)
-    first = job.next_event(timeout=60)
+    first = job.next_event(timeout=EVENT_TIMEOUT_S)
     assert isinstance(first, TokenEvent)
     job.cancel()
     seen = 0
     while True:
-        event = job.next_event(timeout=60)
+        event = job.next_event(timeout=EVENT_TIMEOUT_S)
         if isinstance(event, DoneEvent):
             break
         seen += len(event.token_ids)
@@ -224,9 +229,9 @@ def test_cancel_frees_the_slot_within_one_step(engine):
 def test_a_newer_request_supersedes_the_older(engine):
     old = Job("", "typing", None, _doc(20, seed=31), MAX_NEW)
     engine.submit(old)
-    assert isinstance(old.next_event(timeout=60), TokenEvent)
+    assert isinstance(old.next_event(timeout=EVENT_TIMEOUT_S), TokenEvent)
     got, _, done = _run(engine, _doc(21, seed=31), session="typing")
-    while not isinstance(event := old.next_event(timeout=60), DoneEvent):
+    while not isinstance(event := old.next_event(timeout=EVENT_TIMEOUT_S), DoneEvent):
         pass
     assert event.finish_reason == "cancelled" and old.cancel_reason == "superseded"
     assert done.finish_reason in ("length", "stop")
@@ -250,12 +255,12 @@ def test_a_long_prompt_is_prefilled_in_slices_between_other_work(engine):
     _wait_until_parked(engine, cold)
     keystroke = Job("", "warm", None, warm_doc + [5], 2)
     engine.submit(keystroke)
-    first = keystroke.next_event(timeout=60)
+    first = keystroke.next_event(timeout=EVENT_TIMEOUT_S)
     assert isinstance(first, TokenEvent) and first.token_ids
     with pytest.raises(queue.Empty):  # the cold document has not produced its first token yet
         cold.next_event(timeout=0)
     got = []
-    while not isinstance(event := cold.next_event(timeout=60), DoneEvent):
+    while not isinstance(event := cold.next_event(timeout=EVENT_TIMEOUT_S), DoneEvent):
         got += event.token_ids
     assert event.usage.cached_tokens == 0
     alone, _, _ = _run(engine, cold_doc, session="cold-alone", max_new=4)
@@ -268,7 +273,7 @@ def test_a_superseded_long_prompt_keeps_what_it_committed(engine):
     engine.submit(old)
     _wait_until_parked(engine, old)
     got, _, done = _run(engine, doc + [9], session="long-typing", max_new=4)  # waits for the session, then goes on
-    while not isinstance(event := old.next_event(timeout=60), DoneEvent):
+    while not isinstance(event := old.next_event(timeout=EVENT_TIMEOUT_S), DoneEvent):
         pass
     assert event.finish_reason == "cancelled" and old.cancel_reason == "superseded"
     assert done.usage.cached_tokens > 0  # the slices the old job committed
@@ -282,7 +287,7 @@ def test_queue_full_is_refused(model):
     try:
         jobs = [Job("", f"q{i}", None, _doc(10, seed=i), MAX_NEW) for i in range(2)]
         engine.submit(jobs[0])
-        assert isinstance(jobs[0].next_event(timeout=60), TokenEvent)  # holds the only slot
+        assert isinstance(jobs[0].next_event(timeout=EVENT_TIMEOUT_S), TokenEvent)  # holds the only slot
         engine.submit(jobs[1])  # waits
         with pytest.raises(QueueFull, match="limit 1"):
             engine.submit(Job("", "q2", None, _doc(10), 4))
