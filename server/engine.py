@@ -25,8 +25,8 @@ when the prompt extends the history), then
   job's ``commit_limit``) run in dual form and are committed, a snapshot
   after each call;
 * the rest (a fill-in-the-middle suffix, the open chunk, always at least
-  the last token) runs on a scratch copy: ``extend`` for the open chunk,
-  which also samples the first new token;
+  the last token) runs on a scratch copy, in the committed end's window if
+  it fits (``_scratch_window``): ``extend`` for the open chunk samples the first new token;
 * the scratch state is inserted into a decode slot. Generated tokens never
   reach the session.
 
@@ -59,7 +59,7 @@ from ponder.model.ttt_lm import TTTTransformerLM
 from ponder.server import scheduler
 from ponder.server.metrics import ServerMetrics
 from ponder.server.runner import ModelRunner
-from ponder.server.sessions import Session, SessionStore, plan_prompt
+from ponder.server.sessions import Session, SessionStore, common_prefix, plan_prompt
 from ponder.server.types import (
     DoneEvent,
     ErrorEvent,
@@ -115,6 +115,8 @@ class _Prefilling:
     slot: int
     steps: collections.abc.Generator | None = None  # ``Engine._prefill``: yields tokens per call, returns its result
     session: Session | None = None
+    usage: Usage | None = None  # what the prefill has done so far (None before it starts)
+    started: float = dataclasses.field(default_factory=time.monotonic)  # when it took its slot
 
 
 @dataclasses.dataclass
@@ -124,9 +126,10 @@ class _Running:
     job: Job
     session: Session
     usage: Usage
-    generated: int
+    generated: int  # tokens emitted (a final end-of-document included)
     last_token_time: float
     window_end: int  # window position of the next token fed, plus one
+    first_token_time: float
 
 
 @dataclasses.dataclass
@@ -305,45 +308,62 @@ class Engine:
         tokens = job.tokens = plan.tokens  # an end-of-document token inside the prompt opens a new document there
         L, commit_end, scratch_end = len(tokens), plan.commit_end, plan.scratch_end
         start = self.sessions.rollback(session, tokens[:commit_end])
-        usage, lambdas = Usage(prompt_tokens=L, cached_tokens=start), []
+        usage, lambdas = Usage(prompt_tokens=L, cached_tokens=start, context_tokens=start), []
+        task.usage = usage
         self.metrics.prompt_tokens.inc(L)
         if self.config.schedule.kind in BUDGETED:
             self.metrics.target_update_rate.labels(self.config.schedule.kind).observe(session.rate)
         doc = yield from self._run_chunks(session, tokens, start, commit_end, session.doc, usage, lambdas, commit=True)
         if job.max_new_tokens == 0:
             self.metrics.prefill_tokens.inc(commit_end - start)
+            usage.truncated = session.window > 0
             return session, usage, lambdas, None
-        doc = yield from self._run_chunks(session, tokens, commit_end, scratch_end, doc, usage, lambdas, commit=False)
-        self._ensure_window(session, tokens, scratch_end)
+        window = self._scratch_window(commit_end, L + job.max_new_tokens)
+        doc = yield from self._run_chunks(session, tokens, commit_end, scratch_end, doc, usage, lambdas, commit=False,
+                                          window=window)
+        self._ensure_window(session, tokens, scratch_end, usage, window)
         window = session.window
         token, lam, doc, session.cache = self.runner.extend(job, doc, session.cache, scratch_end, window, L - scratch_end)
+        usage.computed_tokens, usage.context_tokens = usage.computed_tokens + L - scratch_end, L
+        usage.truncated = window > 0
         self.metrics.prefill_tokens.inc(L - start)
         if L // C > scratch_end // C:  # the extend closed a chunk
             self._count_decoded_chunk(usage, lambdas, float(np.asarray(lam)[0]))
         return session, usage, lambdas, (token, doc, session.cache, window, L)
 
-    def _ensure_window(self, session: Session, tokens: list[int], position: int) -> None:
-        """Makes the session's cache encode the window of the block holding ``position``."""
-        start = self.runner.window_start(position)
+    def _scratch_window(self, commit_end: int, end: int) -> int | None:
+        """The window of positions ``commit_end`` to ``end`` (scratch and generation): the committed end's if they fit
+        in it, else None (each block's own), so that a suffix reaching the next block does not move the session's
+        window (the next request would re-read a window to move it back). A cold start computes the same."""
+        start = self.runner.window_start(commit_end)
+        return start if end - start <= self.runner.W else None
+
+    def _ensure_window(self, session: Session, tokens: list[int], position: int, usage: Usage, start: int | None = None) -> None:
+        """Makes the session's cache encode the window at ``start`` (default: that of the block holding ``position``)."""
+        start = self.runner.window_start(position) if start is None else start
         if session.cache is not None and session.window == start:
             return
         session.cache = self.runner.encode_window(session.cache, tokens[start:position])  # the base re-reads them
         session.window = start
+        usage.reencoded_tokens += position - start
 
-    def _run_chunks(self, session: Session, tokens: list[int], begin: int, end: int, doc, usage: Usage, lambdas, commit: bool):
+    def _run_chunks(self, session: Session, tokens: list[int], begin: int, end: int, doc, usage: Usage, lambdas, commit: bool,
+                    window: int | None = None):
         """Whole chunks ``tokens[begin:end]`` in dual form from ``doc``; returns the state after them.
 
         A generator: it yields the tokens of each call once the call is done.
         With ``commit``, the session's committed tokens and snapshots follow
         after every call, so the session is whole between calls. Calls never
-        cross a window block and take the largest bucket first.
+        cross a window block and take the largest bucket first. ``window``:
+        the window every call runs in (default: each block's own).
         """
         p = begin
         while p < end:
-            self._ensure_window(session, tokens, p)
+            self._ensure_window(session, tokens, p, usage, window)
             n = self.runner.prefill_size(p, end)
             doc, session.cache, lam, updated, flops = self.runner.prefill(doc, session.cache, tokens[p : p + n], p, session.window)
             self._count_chunks(usage, lambdas, lam, updated, flops)
+            usage.computed_tokens, usage.context_tokens = usage.computed_tokens + n, usage.context_tokens + n
             p += n
             if commit:
                 session.commit(tokens[:p], doc, self.config.snapshots)
@@ -400,7 +420,9 @@ class Engine:
         if job.cancelled.is_set() or (job.deadline is not None and time.monotonic() > job.deadline):
             task.steps.close()
             self._unpark(task)
-            self._finish_unstarted(job, "cancelled" if job.cancelled.is_set() else "deadline")
+            if task.usage is not None:  # cut short in its prefill: what it did
+                task.usage.prompt_s, task.usage.truncated = time.monotonic() - task.started, task.session.window > 0
+            self._finish_unstarted(job, "cancelled" if job.cancelled.is_set() else "deadline", task.usage)
             return
         try:
             done = 0
@@ -431,22 +453,30 @@ class Engine:
         job = task.job
         with self._lock:
             self.sessions.evict(keep=session, busy=[p.session for p in self._prefilling])
+        usage.prompt_s = time.monotonic() - task.started
         if first is None:
             job.put(TokenEvent([], lambdas))
             job.put(DoneEvent("length", usage, session.session_id))
             return
         token, doc, cache, window, doc_end = first
         self.runner.insert(task.slot, job, doc, cache, token, window, doc_end)
-        running = _Running(job, session, usage, 0, time.monotonic(), doc_end - window + 1)
+        now = time.monotonic()
+        running = _Running(job, session, usage, 0, now, doc_end - window + 1, now)
         with self._lock:
             self._running[task.slot] = running
             self.metrics.running.set(len(self._running))
         self._emit(task.slot, running, int(np.asarray(token)[0]), lambdas)
 
-    def _finish_unstarted(self, job: Job, reason: str) -> None:
+    def _finish_unstarted(self, job: Job, reason: str, usage: Usage | None = None) -> None:
+        """Ends a job cut short in its prefill, or one that never reached a slot (``usage`` None): its context is
+        then what its session (without an id: the key's best match) has committed of its prompt."""
         if reason == "cancelled":
             self.metrics.cancellations.labels(job.cancel_reason).inc()
-        job.put(DoneEvent(reason, Usage(prompt_tokens=len(job.tokens)), job.session_id or ""))
+        if usage is None:
+            with self._lock:
+                held = [s for s in self.sessions if s.api_key == job.api_key and job.session_id in (None, s.session_id)]
+                usage = Usage(len(job.tokens), context_tokens=max((common_prefix(s.tokens, job.tokens) for s in held), default=0))
+        job.put(DoneEvent(reason, usage, job.session_id or ""))
 
     def _end_remaining(self) -> None:
         """On stop: ends every job still waiting, being prefilled or decoding, so that no reader waits forever."""
@@ -489,6 +519,8 @@ class Engine:
         with self._lock:
             running = self._running.pop(slot)
             self.metrics.running.set(len(self._running))
+        running.usage.generation_s = time.monotonic() - running.first_token_time
+        running.usage.context_tokens += running.generated - 1  # every token emitted but the last was fed back
         if reason == "cancelled":
             self.metrics.cancellations.labels(running.job.cancel_reason).inc()
         running.job.put(DoneEvent(reason, running.usage, running.session.session_id))

@@ -3,16 +3,12 @@
 HTTP and gRPC parse their wire formats into a ``CompletionRequest`` and
 stream what ``CompletionService.stream`` yields back out. The service owns
 what the engine must not know about: text. It tokenizes the request (a
-document opens with the end-of-document token; fill-in-the-middle uses the
-PSM layout the model was trained on, ``Tokenizer.fim_prompt``: ``<eot>
-<fim_prefix> prefix <fim_suffix> suffix <fim_middle>``), checks the limits, detokenizes the
-engine's token events (holding back incomplete UTF-8), applies stop
-sequences and cancels the job when one is hit.
-
-Snippets of other files (``extra``, llama.cpp's ``input_extra``) are context
-for one completion: they go after the suffix, in the part of the prompt that
-is computed on a scratch copy, so rotating them never throws the document's
-session away.
+document opens with the end-of-document token; a fill-in-the-middle prompt,
+snippets of other files included, is laid out by ``server/prompts.py`` so
+that what repeats between an editor's requests comes first), checks the
+limits, detokenizes the engine's token events (holding back incomplete
+UTF-8), applies stop sequences, ``n_indent`` and llama.cpp's generation time
+limit, and cancels the job when one of them ends it.
 """
 
 from __future__ import annotations
@@ -27,6 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 from ponder.model.detokenize import TextStream
 from ponder.model.sampling import SamplingError
 from ponder.model.tokenizer import Tokenizer
+from ponder.server.prompts import fim_tokens
 from ponder.server.sessions import check_id
 from ponder.server.types import (
     DoneEvent,
@@ -64,7 +61,9 @@ class CompletionRequest:
       n_indent: llama.cpp's rule: after the first newline, a line indented by
         fewer than this many spaces/tabs ends the completion (0: off).
       session_id / document_id / update_rate: see ``server.types.Job``.
-      time_budget_s: generation stops (finish reason ``length``) after this long.
+      time_budget_s: generation stops (finish reason ``length``) this long after the request arrived.
+      generation_budget_s: llama.cpp's ``t_max_predict_ms``: generation stops (finish reason ``length``)
+        at a newline generated more than this long after the first generated token.
       deadline_s: the request fails (finish reason ``deadline``) after this long.
       api_key: the authenticated caller ("" without auth).
       field_names: the front end's names of fields for error messages where they differ
@@ -83,6 +82,7 @@ class CompletionRequest:
     reset: bool = False
     update_rate: float | None = None
     time_budget_s: float | None = None
+    generation_budget_s: float | None = None
     deadline_s: float | None = None
     api_key: str = ""
     field_names: tuple[tuple[str, str], ...] = ()
@@ -154,16 +154,9 @@ class CompletionService:
         check_id("document_id", request.document_id)
         if request.suffix is None and not request.extra:
             self._refuse_unfittable(request)
-        prefix = tok.encode(request.prompt)
-        if request.suffix is None and not request.extra:
-            tokens, commit_limit = [tok.eot_id, *prefix], None
+            tokens, commit_limit = tok.encode_document(request.prompt), None
         else:
-            after = request.suffix or ""
-            for name, text in request.extra:
-                after += f"\n\n# {name}\n{text}" if name else f"\n\n{text}"
-            tokens = [tok.eot_id, *tok.fim_prompt(prefix, tok.encode(after))]
-            # The document is what precedes <fim_suffix> (text never encodes to it); the suffix and extras are scratch.
-            commit_limit = tokens.index(tok.fim_suffix_id)
+            tokens, commit_limit = fim_tokens(tok, request.prompt, request.suffix or "", request.extra)
         if len(tokens) > limits.max_prompt_tokens:
             raise RequestError(
                 request.name("prompt"),
@@ -275,6 +268,7 @@ class _TextFolder:
         self.pending_ids, self.pending_lam = [], []
         self.ended: str | None = None  # the finish reason of a cut made here
         self.stop_sequence = ""
+        self.first_token_at: float | None = None  # when the engine handed out the first generated token
 
     def _delta(self, upto: int) -> list[TextDelta]:
         if upto <= self.emitted and not self.pending_ids and not self.pending_lam:
@@ -298,6 +292,13 @@ class _TextFolder:
         if not final:
             self.job.cancel("stop")
         return len(stream.text)
+
+    def _out_of_time(self, event: TokenEvent, out: list[TextDelta]) -> bool:
+        """llama.cpp's ``t_max_predict_ms`` (its server's ``process_token``): text going out for this token holds a
+        newline, and the token came more than the budget after the first generated token."""
+        budget = self.request.generation_budget_s
+        return (budget is not None and any("\n" in delta.text for delta in out)
+                and event.at - self.first_token_at > budget)
 
     def feed_all(self, events: list) -> Iterator[TextDelta | Final]:
         """``feed`` for several events at once, their deltas joined into one: a stream whose reader
@@ -331,11 +332,17 @@ class _TextFolder:
             self.pending_lam += event.chunk_lambda
             if self.ended:  # tokens the engine made before it saw the cancel
                 return self._delta(self.emitted)
+            if self.first_token_at is None and event.token_ids:
+                self.first_token_at = event.at
             new = [t for t in event.token_ids if t != self.tokenizer.eot_id]
             self.ids += new
             self.pending_ids += new
             self.stream.add(new)
-            return self._delta(self._cut(final=False))
+            out = self._delta(self._cut(final=False))
+            if not self.ended and self._out_of_time(event, out):
+                self.ended = "length"
+                self.job.cancel("stop")
+            return out
         assert isinstance(event, DoneEvent), event
         reason = event.finish_reason
         if reason == "cancelled" and self.job.cancel_reason == "shutdown":

@@ -51,6 +51,17 @@ class Usage:
       chunks_updated / chunks_skipped: chunks the TTT layer closed for this
         request (prefill and generation), by whether the fast weights moved.
       ttt_flops: fast-weight update FLOPs spent for this request.
+      computed_tokens: prompt tokens run through the model for this request (the rest were cached;
+        fewer than ``prompt_tokens - cached_tokens`` when the request ended during its prefill).
+      reencoded_tokens: earlier tokens the base re-read to move its attention window (no TTT).
+      context_tokens: tokens in the request's context when it ended: the prompt tokens cached or
+        computed, then each generated token fed back (llama.cpp's ``tokens_cached``, its ``n_past``).
+        Only the committed part outlives the request (docs/design.md, "Sessions").
+      truncated: the base's attention window no longer started at the document's start (earlier
+        tokens were seen by the fast weights only).
+      prompt_s: from the job's start in a slot to its first token (the prompt phase; time waiting in
+        the queue is not counted); a job that ended in it, to that end.
+      generation_s: from the first token to the end.
     """
 
     prompt_tokens: int = 0
@@ -59,14 +70,21 @@ class Usage:
     chunks_updated: int = 0
     chunks_skipped: int = 0
     ttt_flops: float = 0.0
+    computed_tokens: int = 0
+    reencoded_tokens: int = 0
+    context_tokens: int = 0
+    truncated: bool = False
+    prompt_s: float = 0.0
+    generation_s: float = 0.0
 
 
 @dataclasses.dataclass
 class TokenEvent:
-    """New tokens of a job, and λ of the chunks that closed since the last event."""
+    """New tokens of a job, λ of the chunks that closed since the last event, and when the engine handed them out."""
 
     token_ids: list[int]
     chunk_lambda: list[float]
+    at: float = dataclasses.field(default_factory=time.monotonic, compare=False)
 
 
 @dataclasses.dataclass

@@ -161,6 +161,7 @@ def offline():
     from ponder.checkpoints import DEFAULT_CHECKPOINT
     from ponder.model import checkpoint
     from ponder.model.generate import SamplingParams, generate_text
+    from ponder.server.prompts import fim_tokens
 
     model, tokenizer = checkpoint.load(DEFAULT_CHECKPOINT)
 
@@ -168,7 +169,7 @@ def offline():
         if suffix is None:
             tokens = tokenizer.encode_document(prompt)
         else:
-            tokens = [tokenizer.eot_id, *tokenizer.fim_prompt(tokenizer.encode(prompt), tokenizer.encode(suffix))]
+            tokens, _ = fim_tokens(tokenizer, prompt, suffix)  # the server's layout
         return generate_text(model, tokenizer, tokens, SamplingParams(max_new_tokens=n, stop=tuple(stop))).text
 
     return generate

@@ -17,7 +17,9 @@ tests without compiling anything:
   that the state it is handed is the one for where it starts, so an engine
   that hands back the wrong snapshot fails the request. The window never moves.
 * ``state_bytes`` counts 8 bytes per state or cache.
-* ``delay_s``: each ``extend`` and decode step takes this long (a slow model).
+* ``delay_s``: each ``extend`` and decode step takes this long (a slow model);
+  ``prompt_delay_s``: each prefill call and ``extend`` takes this long more
+  (a slow prompt phase).
 * ``pause()``: every call waits until ``resume()``, so the engine loop stalls
   and its queue fills for real.
 """
@@ -79,23 +81,27 @@ class FakeRunner:
     model = None
     chunk = CHUNK
     chunk_flops = FLOPS
+    W = 1 << 30  # window positions: the window never moves, and every job fits in it
 
     def __init__(self, reply: list[int], slots: int, eot_id: int = 0, delay_s: float = 0.0, budgeted: bool = False):
         _check(len(set(reply)) == len(reply) and eot_id not in reply, "reply tokens must be distinct, without eot")
         self.reply, self.slots, self.eot_id, self.delay_s = list(reply), slots, eot_id, delay_s
         self.budgeted = budgeted
+        self.prompt_delay_s = 0.0
         self.compilations = 0
         self.serving_thread: threading.Thread | None = None
         self._open, self.held = threading.Event(), threading.Event()  # held: a call waits on a pause
         self._open.set()
         self.reset()
 
-    def _call(self, delay: bool = False) -> None:
+    def _call(self, delay: bool = False, prompt: bool = False) -> None:
         if not self._open.is_set():
             self.held.set()
             self._open.wait()
         if delay and self.delay_s:
             time.sleep(self.delay_s)
+        if prompt and self.prompt_delay_s:
+            time.sleep(self.prompt_delay_s)
 
     def pause(self) -> None:
         self.held.clear()
@@ -145,7 +151,7 @@ class FakeRunner:
         _check(cache is not None and cache >= doc_start - window, f"a cache of {cache} positions at {doc_start - window}")
 
     def prefill(self, doc: FakeDoc, cache: int, tokens: list[int], doc_start: int, window: int):
-        self._call()
+        self._call(prompt=True)
         self._check_state(doc, cache, doc_start, window)
         _check(tokens and len(tokens) % CHUNK == 0, f"prefill of {len(tokens)} tokens, not whole chunks")
         first = doc_start // CHUNK
@@ -154,7 +160,7 @@ class FakeRunner:
         return FakeDoc(end, doc.target), end - window, lam, lam > 0, FLOPS * int((lam > 0).sum())
 
     def extend(self, job: Job, doc: FakeDoc, cache: int, doc_start: int, window: int, length: int):
-        self._call(delay=True)
+        self._call(delay=True, prompt=True)
         self._check_state(doc, cache, doc_start, window)
         _check(1 <= length <= CHUNK and doc_start + length == len(job.tokens), f"extend of {length} tokens at {doc_start}")
         end = doc_start + length
@@ -216,7 +222,7 @@ class RecordingEngine(Engine):
         with self._lock:
             self.sessions = type(old)(old.chunk, old.eot_id, old.memory_bytes, old.snapshots, old.empty_doc,
                                       old.state_bytes, old.metrics, old.default_rate)
-        self.ready, self.runner.delay_s = True, 0.0
+        self.ready, self.runner.delay_s, self.runner.prompt_delay_s = True, 0.0, 0.0
         self.jobs.clear()
         return self
 

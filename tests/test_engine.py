@@ -142,6 +142,22 @@ def test_fill_in_the_middle_suffix_is_scratch(engine):
     assert warm == cold
 
 
+def test_infill_scratch_past_a_block_keeps_the_window_and_equals_a_cold_start(engine):
+    """An infill whose suffix crosses a window block (256 tokens; W=512) runs it in the committed end's window:
+    the cursor moved three tokens, the next request re-reads nothing to move the window back (it re-read 240
+    tokens before), and each answer is a cold start's. Past the block the context no longer holds the start."""
+    doc, suffix = _doc(400, seed=21), _doc(40, seed=22)[1:]
+    for i, end in enumerate((250, 253, 300)):
+        prompt = doc[:end] + [5] + suffix + [6]
+        warm, _, warm_done = _run(engine, prompt, session="cursor", commit_limit=end)
+        cold, _, cold_done = _run(engine, prompt, session=f"cursor-cold-{i}", commit_limit=end)
+        assert warm == cold, end
+        assert cold_done.usage.truncated == (end >= 256) and cold_done.usage.computed_tokens == len(prompt)
+        if end == 253:
+            assert warm_done.usage.cached_tokens == 240 and warm_done.usage.reencoded_tokens == 0
+    assert _run(engine, _doc(100, seed=23), session="short")[2].usage.truncated is False
+
+
 def test_reset_and_document_change_start_fresh(engine):
     a, b = _doc(100, seed=5), _doc(100, seed=6)
     _run(engine, a, session="docs", document_id="a.py")

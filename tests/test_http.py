@@ -235,12 +235,14 @@ def test_infill_shape_and_field_placement(open_server, tokenizer):
     assert got["content"] == reply(tokenizer, 5) and got["stop"] is True and got["stop_type"] == "limit"
     assert got["tokens_predicted"] == 5 and got["truncated"] is False and got["stopping_word"] == ""
     job = engine.jobs[-1]
-    assert got["tokens_evaluated"] == len(job.tokens) and got["tokens_cached"] == 0
+    # A new session: every prompt token computed, none reused; the context ends with the 4 generated tokens fed back.
+    assert got["tokens_evaluated"] == len(job.tokens) and got["tokens_cached"] == len(job.tokens) + 5 - 1
     timings = got["timings"]
-    assert timings["predicted_n"] == 5 and timings["prompt_n"] == len(job.tokens) and timings["prompt_ms"] >= 0
+    assert timings["predicted_n"] == 5 and (timings["cache_n"], timings["prompt_n"]) == (0, len(job.tokens))
     t = tokenizer
-    assert job.tokens[: 2 + len(t.encode("def f(x"))] == [t.eot_id, t.fim_prefix_id, *t.encode("def f(x")]  # prompt at the cursor
-    assert "import os" in t.decode(job.tokens[job.commit_limit:])  # the extra is scratch context, after the suffix
+    # The snippet, then the prefix with the text at the cursor: the document the session keeps; then the suffix.
+    assert job.tokens[: job.commit_limit] == [t.eot_id, t.fim_prefix_id, *t.encode("# b.py\nimport os\n\n"), *t.encode("def f(x")]
+    assert job.tokens[job.commit_limit :] == [t.fim_suffix_id, *t.encode("):\n"), t.fim_middle_id]
     assert (job.sampling.top_k, job.sampling.top_p) == (40, 0.99)
 
 

@@ -120,12 +120,14 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 
 def run_nvim(nvim: str, tmp_path: Path, scenario: str, file: Path, row: int, col: int, setup: dict,
-             timeout: float = 150) -> dict:
-    """Runs the driver's ``scenario`` in the headless Neovim ``nvim`` (killed after ``timeout`` s); returns its report."""
+             timeout: float = 150, **more) -> dict:
+    """Runs the driver's ``scenario`` in the headless Neovim ``nvim`` (killed after ``timeout`` s); returns its report.
+    ``more``: further entries of the plan, for the scenario."""
     require_tool("curl")
     out = tmp_path / f"{scenario}.json"
     plan = tmp_path / f"{scenario}-plan.json"
-    plan.write_text(json.dumps({"file": str(file), "row": row, "col": col, "scenario": scenario, "out": str(out), "setup": setup}))
+    plan.write_text(json.dumps({"file": str(file), "row": row, "col": col, "scenario": scenario, "out": str(out),
+                                "setup": setup, **more}))
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if k != "PONDER_API_KEY"}
     env.update(PONDER_NVIM_PLAN=str(plan), HOME=str(home))
@@ -171,6 +173,39 @@ def test_suggestion_is_shown_accepted_and_written(nvim, live_server, tmp_path):
     assert report["last"]["timings"]["cache_n"] > 0
     assert metric(live_server.url, "ponder_requests_total", endpoint="infill", outcome="ok") >= infill_ok + 3
     assert metric(live_server.url, "ponder_session_lookups_total", result="hit") >= hits + 1
+
+
+def long_source(cursor_copy: int, copies: int = 14) -> str:
+    """SOURCE's functions again and again under new names: a Python file of more than 400 lines, the
+    cursor (|) in copy ``cursor_copy``, inside a ``return None`` (where the model has something to say)."""
+    head, body = SOURCE.replace("|", "").split("def read_lines", 1)
+    parts = [head]
+    for k in range(copies):
+        text = "def read_lines" + (body.replace("return None", "return |None") if k == cursor_copy else body)
+        parts.append(re.sub(r"\b(read_lines|parse|count_levels|largest)\b", rf"\1_{k}", text) + "\n\n")
+    return "".join(parts)
+
+
+def test_mid_file_suggestion_under_a_predict_budget(nvim, live_server, tmp_path):
+    """Deep in a file of more than 400 lines, the session cold, ``t_max_predict_ms`` 250 as llama.vim sends
+    it: the budget runs from the first generated token (llama.cpp's rule), so the suggestion is there
+    (counted from the request's arrival, the prompt phase used it all up and nothing came back). Three
+    lines down, the session is reused: the second request computes at most a fifth of its prompt."""
+    before, after, row, col = split_at_cursor(long_source(7))
+    assert (before + after).count("\n") >= 400 and row + 3 <= 256  # the plug-in's prefix starts at the file's top
+    want = expected_completion(live_server.url, before, after)
+    assert want.strip(), "the model completed nothing: the test would prove nothing"
+    file = tmp_path / "logs.py"
+    file.write_text(before + after)
+
+    setup = {"url": live_server.url, "n_predict": N_PREDICT, "t_max_predict_ms": 250, "debounce_ms": 50, "ingest": False}
+    report = run_nvim(nvim, tmp_path, "midfile", file, row, col, setup, moved=[row + 3, 0])
+
+    assert report["suggestion"] and want.startswith(report["suggestion"])  # ended at a newline if the budget ran out
+    first, moved = report["first"], report["moved"]
+    assert first["cache_n"] == 0 and first["prompt_n"] > 1000
+    assert moved["prompt_n"] <= 0.2 * (moved["prompt_n"] + moved["cache_n"]), moved
+    assert report["stats"]["errors"] == 0 and report["notifications"] == []
 
 
 def test_superseded_request_is_stopped_and_never_shown(nvim, live_server, tmp_path):

@@ -8,11 +8,21 @@ it leaves out: docs/design.md, "Sampling"); the answer is
 llama.cpp's (``content`` / ``stop`` / ``stop_type`` / ``timings``), filtered
 by ``response_fields``. With ``stream``, ``data:`` events with ``stop: false``
 precede the final answer, whose ``content`` is then empty.
+
+The figures mean what llama.cpp's server means by them (its ``server_slot``):
+``timings.cache_n`` prompt tokens reused from the session, ``prompt_n`` prompt
+tokens computed, ``prompt_ms`` the prompt phase from the job's start in a
+slot to its first token, ``predicted_*`` the generation from the first token
+to the end, ``tokens_cached`` the tokens in the request's context when it
+ended (``n_past``), ``truncated`` whether the context no longer held the
+document's start (here: the base's attention window had moved on). They come
+from the engine (``server.types.Usage``), also for a request cut short.
+``t_max_predict_ms`` is llama.cpp's generation time limit (see
+``server.service``); ``t_max_prompt_ms`` is accepted and ignored, as
+llama.cpp itself declares it and does not implement it.
 """
 
 from __future__ import annotations
-
-import time
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -33,6 +43,7 @@ from ponder.server.http.wire import (
 )
 from ponder.server.metrics import RequestRecord
 from ponder.server.service import CompletionRequest, Final, TextDelta
+from ponder.server.types import Usage
 
 
 class LlamaServing(CompletionEndpoint):
@@ -40,7 +51,7 @@ class LlamaServing(CompletionEndpoint):
 
     async def infill(self, request: Request, api_key: str, call: RequestRecord) -> Response:
         """``POST /infill`` (an ``InfillBody``): the ``Infill`` answer as JSON, or with ``stream``
-        ``InfillChunk`` events and then it; ``call``'s times give its ``timings``."""
+        ``InfillChunk`` events and then it."""
         body = await self.read_body(request, InfillBody)
         limit = self.service.max_new_tokens
         n_predict = limit if body.n_predict < 0 or body.n_predict > limit else body.n_predict  # llama.cpp clamps to the server's
@@ -68,21 +79,20 @@ class LlamaServing(CompletionEndpoint):
             session_id=body.session_id or None,
             document_id=body.document_id or None,
             update_rate=body.update_rate,
-            # A budget for generation: an ingestion (n_predict 0) has none, as in llama.cpp.
-            time_budget_s=budget / 1000 if budget > 0 and n_predict > 0 else None,
+            generation_budget_s=budget / 1000 if budget > 0 and n_predict > 0 else None,
             api_key=api_key,
             field_names=(("prompt", "input_prefix"), ("suffix", "input_suffix"), ("max_tokens", "n_predict")),
         )
         items = await self.start(request, completion, call)
         if not body.stream:
             final = await streaming.final(request, items)
-            return json_response(self._answer(body, final, call, final.text))
+            return json_response(self._answer(body, final, final.text))
         predicted = 0
 
         def render(item: TextDelta | Final) -> list[bytes]:
             nonlocal predicted
             if isinstance(item, Final):
-                return [sse_event(self._answer(body, item, call, ""))]
+                return [sse_event(self._answer(body, item, ""))]
             predicted += len(item.token_ids)
             tokens = item.token_ids if body.return_tokens else []
             chunk = InfillChunk(content=item.text, tokens=tokens, tokens_predicted=predicted, ponder=PonderDelta.of(item))
@@ -90,7 +100,7 @@ class LlamaServing(CompletionEndpoint):
 
         return streaming.event_stream(items, call, render)
 
-    def _answer(self, body: InfillBody, final: Final, call: RequestRecord, content: str) -> dict:
+    def _answer(self, body: InfillBody, final: Final, content: str) -> dict:
         """llama.cpp's final answer, filtered by ``response_fields``."""
         u = final.usage
         word = final.stop_sequence
@@ -98,19 +108,16 @@ class LlamaServing(CompletionEndpoint):
         answer = Infill(
             content=content, tokens=final.token_ids if body.return_tokens else [], model=self.config.model_name,
             stop_type=stop_type, stopping_word=word, tokens_predicted=u.generated_tokens, tokens_evaluated=u.prompt_tokens,
-            tokens_cached=u.cached_tokens, has_new_line="\n" in final.text, timings=_timings(final, call),
+            tokens_cached=u.context_tokens, truncated=u.truncated, has_new_line="\n" in final.text, timings=_timings(u),
             ponder=PonderFinal.of(final),
         ).model_dump(mode="json")
         return _pick_fields(answer, body.response_fields) if body.response_fields else answer  # []: all, as llama.cpp
 
 
-def _timings(final: Final, call: RequestRecord) -> InfillTimings:
-    """llama.cpp's ``timings``: the prompt phase runs from arrival to the first token, prediction from there on."""
-    u = final.usage
-    end = call.end or time.monotonic()
-    first = call.first_token or end
-    prompt_n, prompt_ms = u.prompt_tokens - u.cached_tokens, (first - call.start) * 1000
-    predicted_n, predicted_ms = u.generated_tokens, (end - first) * 1000
+def _timings(u: Usage) -> InfillTimings:
+    """llama.cpp's ``timings`` (its ``server_slot::get_timings``) from the engine's figures."""
+    prompt_n, prompt_ms = u.computed_tokens, u.prompt_s * 1000
+    predicted_n, predicted_ms = u.generated_tokens, u.generation_s * 1000
     return InfillTimings(
         cache_n=u.cached_tokens,
         prompt_n=prompt_n, prompt_ms=prompt_ms,

@@ -150,7 +150,9 @@ class InfillBody(RequestBody):
         -1, description="Most tokens to generate: -1, or more than the server's limit, means the limit; 0 only updates the session."
     )
     t_max_predict_ms: int = Field(
-        -1, lt=INT32, description="Time budget in ms: generation stops (`stop_type: limit`) after it; <= 0 means none."
+        -1, lt=INT32, description="Generation time limit in ms, as llama.cpp's: once more than this has passed since the "
+        "first generated token, generation stops (`stop_type: limit`) at the next token whose text holds a newline; "
+        "<= 0 means none.",
     )
     n_indent: int = Field(0, description="After the first newline, a line indented by fewer spaces/tabs ends the completion.")
     stream: bool = Field(False, description="Answer with server-sent events.")
@@ -185,7 +187,8 @@ class InfillBody(RequestBody):
     update_rate: UpdateRate = None
     id_slot: Any = _ignored("llama.cpp")
     cache_prompt: Any = _ignored("llama.cpp")
-    t_max_prompt_ms: Any = _ignored("llama.cpp")
+    t_max_prompt_ms: Any = Field(None, description="llama.cpp field, accepted and ignored: llama.cpp declares it "
+                                 "and does not implement it either.", json_schema_extra={"x-ponder": "ignored"})
     n_probs: Any = _ignored("llama.cpp")
     typical_p: Any = _ignored("llama.cpp")
     dry_multiplier: Any = _ignored("llama.cpp")
@@ -260,6 +263,7 @@ class PonderFinal(_Answer):
     chunks_skipped: int
     ttt_flops: float
     cached_tokens: int = Field(description="Prompt tokens served from the session's committed state.")
+    reencoded_tokens: int = Field(description="Earlier tokens the base re-read to move its attention window (no TTT).")
 
     @classmethod
     def of(cls, final: Final) -> PonderFinal:
@@ -267,7 +271,7 @@ class PonderFinal(_Answer):
         return cls(
             session_id=final.session_id, finish_reason=final.finish_reason, chunk_lambda=final.chunk_lambda,
             chunks_updated=u.chunks_updated, chunks_skipped=u.chunks_skipped, ttt_flops=u.ttt_flops,
-            cached_tokens=u.cached_tokens,
+            cached_tokens=u.cached_tokens, reencoded_tokens=u.reencoded_tokens,
         )
 
 
@@ -303,13 +307,15 @@ class Completion(_Answer):
 
 
 class InfillTimings(_Answer):
-    cache_n: int
-    prompt_n: int
-    prompt_ms: float = Field(description="Arrival to the first token (queue and prompt processing).")
+    """llama.cpp's ``timings``: the prompt phase, then the generation phase."""
+
+    cache_n: int = Field(description="Prompt tokens reused from the session.")
+    prompt_n: int = Field(description="Prompt tokens computed for this request.")
+    prompt_ms: float = Field(description="From the request's start in a slot (queueing not counted) to its first token.")
     prompt_per_token_ms: float
     prompt_per_second: float
     predicted_n: int
-    predicted_ms: float = Field(description="First token to the end.")
+    predicted_ms: float = Field(description="From the first token to the end.")
     predicted_per_token_ms: float
     predicted_per_second: float
 
@@ -337,8 +343,10 @@ class Infill(_Answer):
     stopping_word: str
     tokens_predicted: int
     tokens_evaluated: int
-    tokens_cached: int
-    truncated: bool = Field(False, description="Always false: ponder never drops prompt tokens (long documents slide a window).")
+    tokens_cached: int = Field(description="Tokens in the request's context when it ended (llama.cpp's n_past): the prompt "
+                               "tokens reused or computed, and the generated tokens fed back.")
+    truncated: bool = Field(description="The context no longer held the document's start: the base's attention window had "
+                            "moved past it (the fast weights still read it).")
     has_new_line: bool
     timings: InfillTimings
     ponder: PonderFinal

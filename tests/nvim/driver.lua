@@ -135,6 +135,22 @@ function scenarios.supersede()
   result.suggestion = ponder.suggestion() and ponder.suggestion().text
 end
 
+-- Deep in a long file with a cold session: a suggestion under the predict budget; then the cursor
+-- goes three lines down (plan.moved) and a second request is answered.
+function scenarios.midfile()
+  insert_at(plan.row, plan.col)
+  wait_until("a suggestion", function()
+    return ponder.suggestion() ~= nil
+  end, 120000)
+  result.suggestion = ponder.suggestion().text
+  result.first = ponder.state().last.timings
+  vim.api.nvim_win_set_cursor(0, plan.moved)
+  wait_until("the answer three lines down", function()
+    return stats().answers + stats().errors >= 2
+  end, 120000)
+  result.moved = ponder.state().last.timings
+end
+
 -- The server is down or refuses the key: one notification however often it fails; the
 -- accept key, without a suggestion, does what it does without the plug-in.
 function scenarios.errors()
