@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from ponder import cli as ponder_cli
+from ponder import cli_train
+from ponder.cli_schedule import schedule_from_args
 
 
 def _ponder(*args: str) -> subprocess.CompletedProcess:
@@ -55,10 +57,10 @@ def test_unset_flags_are_the_config_dataclasses_defaults():
     parser = ponder_cli.build_parser()
     for stage, preset in (("base", TrainConfig.base()), ("ttt", TrainConfig.ttt())):
         args = parser.parse_args(["train", stage, "--corpus", "c", "--run-dir", "r"])
-        assert ponder_cli._train_config(args) == preset
+        assert cli_train._train_config(args) == preset
         assert preset.seq_len == (256 if stage == "base" else 512)  # the stages differ, as before
     for command in (["serve"], ["inspect", "f.py"], ["train", "ttt", "--corpus", "c", "--run-dir", "r"]):
-        assert ponder_cli._schedule(parser.parse_args(command)) == Schedule()
+        assert schedule_from_args(parser.parse_args(command)) == Schedule()
 
 
 @pytest.mark.parametrize("argv, env, keys", [
