@@ -28,6 +28,7 @@ skips the sort.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -35,6 +36,40 @@ import jax.numpy as jnp
 import numpy as np
 
 PENALTY_SCOPES = ("window", "generated")
+
+# The range of each numeric control, in JSON Schema's words: ``check`` enforces them and the server's
+# OpenAPI document states them (``server/http/request_schema.py``), so the two cannot drift apart.
+RANGES = {
+    "temperature": {"minimum": 0, "maximum": 100},
+    "top_k": {"minimum": 0},
+    "top_p": {"exclusiveMinimum": 0, "maximum": 1},
+    "min_p": {"minimum": 0, "maximum": 1},
+    "repeat_penalty": {"exclusiveMinimum": 0},
+    "repeat_last_n": {"minimum": -1},
+    "presence_penalty": {"minimum": -2, "maximum": 2},
+    "frequency_penalty": {"minimum": -2, "maximum": 2},
+}
+INTEGER_CONTROLS = frozenset({"top_k", "repeat_last_n"})
+_LIMIT_TEXT = {
+    "temperature": "between 0 and 100",
+    "top_k": "an integer >= 0 (0 keeps every token)",
+    "top_p": "in (0, 1]",
+    "min_p": "in [0, 1] (0 is off)",
+    "repeat_penalty": "a positive number (1 is off)",
+    "repeat_last_n": "an integer >= -1 (-1: the context window, 0: no penalties)",
+    "presence_penalty": "in [-2, 2]",
+    "frequency_penalty": "in [-2, 2]",
+}
+
+
+def within(value: float, bounds: dict) -> bool:
+    """Whether a finite ``value`` lies within JSON Schema ``bounds`` (NaN and infinities never do)."""
+    return (
+        math.isfinite(value)
+        and value >= bounds.get("minimum", -math.inf)
+        and value > bounds.get("exclusiveMinimum", -math.inf)
+        and value <= bounds.get("maximum", math.inf)
+    )
 
 
 class SamplingError(ValueError):
@@ -90,15 +125,9 @@ class Sampling:
             if not ok:
                 raise SamplingError(field, f"must be {limit}, got {getattr(self, field)!r}")
 
-        check("temperature", 0 <= self.temperature <= 100, "between 0 and 100")
-        check("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 keeps every token)")
-        check("top_p", 0 < self.top_p <= 1, "in (0, 1]")
-        check("min_p", 0 <= self.min_p <= 1, "in [0, 1] (0 is off)")
-        check("repeat_penalty", 0 < self.repeat_penalty < float("inf"), "a positive number (1 is off)")
-        check("repeat_last_n", isinstance(self.repeat_last_n, int) and self.repeat_last_n >= -1,
-              "an integer >= -1 (-1: the context window, 0: no penalties)")
-        check("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]")
-        check("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]")
+        for field, limit in _LIMIT_TEXT.items():
+            value = getattr(self, field)
+            check(field, (field not in INTEGER_CONTROLS or isinstance(value, int)) and within(value, RANGES[field]), limit)
         check("penalty_scope", self.penalty_scope in PENALTY_SCOPES, f"one of {PENALTY_SCOPES}")
         return self
 

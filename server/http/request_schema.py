@@ -17,18 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 
-# The ranges ``Sampling`` checks, by field as the OpenAI endpoint passes them on.
-SAMPLING = {
-    "temperature": {"minimum": 0, "maximum": 100},
-    "top_p": {"exclusiveMinimum": 0, "maximum": 1},
-    "top_k": {"minimum": 0},
-    "min_p": {"minimum": 0, "maximum": 1},
-    "presence_penalty": {"minimum": -2, "maximum": 2},
-    "frequency_penalty": {"minimum": -2, "maximum": 2},
-    "repetition_penalty": {"exclusiveMinimum": 0},
-    "repeat_penalty": {"exclusiveMinimum": 0},
-    "repeat_last_n": {"minimum": -1},
-}
+from ponder.model.sampling import RANGES
+
+# The ranges ``Sampling`` checks, by field as the endpoints pass them on (vLLM's ``repetition_penalty`` is
+# llama.cpp's ``repeat_penalty``).
+SAMPLING = {**RANGES, "repetition_penalty": RANGES["repeat_penalty"]}
 # llama.cpp's readings on /infill (``llama.py``): a negative temperature is greedy, any top_k <= 0 keeps every token.
 INFILL_READINGS = {"temperature": {"maximum": 100}, "top_k": {}}
 _META = ("title", "description", "default", "x-ponder", "examples")
