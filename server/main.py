@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-s", type=float, default=30.0,
                    help="how long SIGTERM waits for running requests (then they end with 503 / UNAVAILABLE; "
                         "a second SIGTERM or Ctrl-C ends them at once)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="listen on a non-loopback --host without any API key: anyone who reaches the port may "
+                        "complete, read and reset every session (without this flag such a server refuses to start)")
     p.add_argument("--ui", action="store_true",
                    help="serve the λ viewer (GET /ui) without --api-key: any local client may then read any session's "
                         "text (with keys it is always on, each key seeing its own sessions)")
@@ -77,6 +80,8 @@ def run(args, schedule: Schedule) -> None:
     """
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("ponder.serve")
+    keys = parse_api_keys(args.api_key, os.environ.get("PONDER_API_KEY", ""))
+    refuse_open_bind(args.host, keys, args.insecure_no_auth)
     import jax
 
     if args.compile_cache:
@@ -103,7 +108,6 @@ def run(args, schedule: Schedule) -> None:
     )
     engine = Engine(model, config, metrics)
     service = CompletionService(engine, tokenizer, Limits(max_prompt_tokens=args.max_prompt_tokens))
-    keys = parse_api_keys(args.api_key, os.environ.get("PONDER_API_KEY", ""))
     name = Path(args.checkpoint).name
     app = build_app(service, engine, metrics, api_keys=keys, max_body_bytes=args.max_body_bytes, model_name=name,
                     ui=args.ui, body_timeout_s=args.body_timeout_s, allowed_hosts=allowed_hosts(args.host))
@@ -155,6 +159,22 @@ def run(args, schedule: Schedule) -> None:
     if warmup.is_alive():  # stopped while compiling: XLA aborts the process if Python finalizes under it
         logging.shutdown()
         os._exit(0)
+
+
+def refuse_open_bind(host: str, keys: tuple[str, ...], insecure_no_auth: bool) -> None:
+    """Fails closed: a server reachable from other machines needs a key, or the explicit unsafe flag.
+
+    Raises:
+      SystemExit: ``host`` is not a loopback address, ``keys`` is empty and ``insecure_no_auth`` is not set.
+    """
+    from ponder.server.http.hosts import allowed_hosts
+
+    if keys or insecure_no_auth or allowed_hosts(host):
+        return
+    raise SystemExit(
+        f"ponder serve: --host {host} listens beyond this machine, but no API key is set: give --api-key KEY "
+        "(or $PONDER_API_KEY; several comma-separated), or --insecure-no-auth to serve every client unauthenticated"
+    )
 
 
 class Shutdown:

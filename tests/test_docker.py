@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "ponder-test:latest"
 PROMPT = "def fibonacci(n):\n"
 NEW_TOKENS = 24
+KEY = "docker-test-key"
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +98,7 @@ def test_image_serves_the_bundled_checkpoint_as_non_root_and_stops_cleanly(image
     name = f"ponder-test-{port}"
     docker(
         "run", "--detach", "--name", name, "--publish", f"127.0.0.1:{port}:8080",
-        "--publish", f"127.0.0.1:{grpc_port}:50051", "--stop-timeout", "40", image,
+        "--publish", f"127.0.0.1:{grpc_port}:50051", "--stop-timeout", "40", "--env", f"PONDER_API_KEY={KEY}", image,
     )  # fmt: skip
 
     def logs() -> str:
@@ -118,13 +119,14 @@ def test_image_serves_the_bundled_checkpoint_as_non_root_and_stops_cleanly(image
         answer = httpx.post(
             f"http://127.0.0.1:{port}/v1/completions",
             json={"prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0},
+            headers={"Authorization": f"Bearer {KEY}"},
             timeout=60,
         ).json()
         assert answer["choices"][0]["text"] == expected
 
         from ponder.client import Client
 
-        with Client(grpc=f"127.0.0.1:{grpc_port}") as ponder:
+        with Client(grpc=f"127.0.0.1:{grpc_port}", api_key=KEY) as ponder:
             assert ponder.complete(PROMPT, max_tokens=NEW_TOKENS, timeout=60).text == expected
 
         def health() -> str:
@@ -137,3 +139,10 @@ def test_image_serves_the_bundled_checkpoint_as_non_root_and_stops_cleanly(image
         assert "Finished server process" in logs()
     finally:
         docker("rm", "--force", name, check=False)
+
+
+def test_image_refuses_to_serve_every_interface_without_a_key(image):
+    # The image listens on 0.0.0.0: without PONDER_API_KEY (or --insecure-no-auth) it must not start open.
+    result = docker("run", "--rm", image, check=False, timeout=120)
+    assert result.returncode != 0
+    assert "no API key is set" in result.stderr and "--insecure-no-auth" in result.stderr, result.stderr[-2000:]

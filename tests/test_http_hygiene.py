@@ -9,7 +9,11 @@ hand-computable fake runner, behind a real uvicorn.
 
 from __future__ import annotations
 
+import os
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -193,3 +197,23 @@ def test_which_addresses_are_loopback():
         assert allowed_hosts(bind) == LOOPBACK_HOSTS, bind
     for bind in ("0.0.0.0", "::", "10.0.0.5", "example.internal"):
         assert allowed_hosts(bind) == (), bind
+
+
+def test_a_server_reachable_from_other_machines_needs_a_key_or_the_unsafe_flag():
+    from ponder.server.main import refuse_open_bind
+
+    for bind in ("0.0.0.0", "::", "10.0.0.5"):
+        with pytest.raises(SystemExit, match=rf"--host {re.escape(bind)} listens beyond this machine.*--api-key.*"
+                                             r"--insecure-no-auth"):
+            refuse_open_bind(bind, (), insecure_no_auth=False)
+        refuse_open_bind(bind, ("k1",), insecure_no_auth=False)  # a key: served
+        refuse_open_bind(bind, (), insecure_no_auth=True)  # the user said so
+    refuse_open_bind("127.0.0.1", (), insecure_no_auth=False)  # loopback: the default, no key needed
+
+
+def test_ponder_serve_refuses_an_open_bind_before_loading_anything():
+    env = {k: v for k, v in os.environ.items() if k != "PONDER_API_KEY"}
+    run = subprocess.run([sys.executable, "-m", "ponder", "serve", "--host", "0.0.0.0", "--checkpoint", "/nonexistent"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode != 0
+    assert "no API key is set" in run.stderr and "--insecure-no-auth" in run.stderr, run.stderr[-2000:]
