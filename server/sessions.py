@@ -38,6 +38,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ponder.runtime import HeapTrimmer
 from ponder.server.metrics import ServerMetrics
 from ponder.server.types import Job, RequestError
 
@@ -151,10 +152,14 @@ class SessionStore:
       state_bytes: the bytes of a state, a cache, or a list of them.
       metrics: session counters and gauges.
       default_rate: the budget of a session never given one (the schedule's ``rate``).
+      trim_heap: called after an eviction dropped sessions (default ``ponder.runtime.HeapTrimmer``: their
+        arrays' memory goes back to the kernel).
     """
 
     def __init__(self, chunk: int, eot_id: int, memory_bytes: float, snapshots: int, empty_doc: Callable[[float], Any],
-                 state_bytes: Callable[[Any], int], metrics: ServerMetrics, default_rate: float):
+                 state_bytes: Callable[[Any], int], metrics: ServerMetrics, default_rate: float,
+                 trim_heap: Callable[[], Any] | None = None):
+        self.trim_heap = trim_heap if trim_heap is not None else HeapTrimmer()
         self.chunk, self.eot_id, self.memory_bytes, self.snapshots = chunk, eot_id, memory_bytes, snapshots
         self.empty_doc, self.state_bytes, self.metrics, self.default_rate = empty_doc, state_bytes, metrics, default_rate
         self._sessions: collections.OrderedDict[tuple[str, str], Session] = collections.OrderedDict()
@@ -302,6 +307,7 @@ class SessionStore:
     def evict(self, keep: Session, busy: list[Session]) -> None:
         """Drops sessions until the cap holds, never ``keep`` or one in ``busy``: the least recently used
         of the keys holding more than their ``fair_share`` first, then the least recently used of any key."""
+        dropped = 0
         for fair in (True, False):
             for key in list(self._sessions):
                 if self.bytes <= self.memory_bytes:
@@ -313,7 +319,11 @@ class SessionStore:
                     continue
                 self._drop(session)
                 self.metrics.sessions_evicted.inc()
+                dropped += 1
         self._update_gauges()
+        if dropped:
+            del session  # the last dropped session's arrays go before the trim
+            self.trim_heap()
 
     def _update_gauges(self) -> None:
         self.metrics.sessions_active.set(len(self._sessions))

@@ -7,6 +7,9 @@ allocated (tracemalloc).
 """
 
 import gc
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import pytest
@@ -31,8 +34,9 @@ def state_bytes(tree) -> int:
 RATE = 0.5  # the default budget
 
 
-def store(memory_bytes: float = 1e9, snapshots: int = 3) -> SessionStore:
-    return SessionStore(C, EOT, memory_bytes, snapshots, lambda rate: 0, state_bytes, ServerMetrics.create(), RATE)
+def store(memory_bytes: float = 1e9, snapshots: int = 3, trim_heap=lambda: None) -> SessionStore:
+    return SessionStore(C, EOT, memory_bytes, snapshots, lambda rate: 0, state_bytes, ServerMetrics.create(), RATE,
+                        trim_heap)
 
 
 def job(tokens, session="s", key="", **kw) -> Job:
@@ -210,7 +214,8 @@ def test_a_key_over_its_fair_share_is_evicted_first():
 
 
 def test_eviction_drops_least_recently_used_but_never_the_kept_or_busy():
-    s = store()
+    trims = []
+    s = store(trim_heap=lambda: trims.append(len(s)))
     made = []
     for name in "abcd":
         session = s.session_for(job([EOT, 1, 2, 3, 4], name))
@@ -223,6 +228,9 @@ def test_eviction_drops_least_recently_used_but_never_the_kept_or_busy():
     assert s.bytes == 4 * per_session
     s.evict(keep=a, busy=[b])  # a and b stay though least recently used; c goes, then the cap holds
     assert list(s) == [a, b, d] and s.bytes == 3 * per_session
+    assert trims == [3]  # after the drop, the heap is trimmed once
+    s.evict(keep=a, busy=[])  # within the cap: nothing dropped, no trim
+    assert trims == [3]
     s.memory_bytes = 2 * per_session
     s.evict(keep=d, busy=[])  # a is no longer busy or kept: the least recently used goes
     assert list(s) == [b, d] and s.bytes == 2 * per_session
@@ -278,3 +286,29 @@ def test_prompt_plans(tokens, max_new, commit_limit, want):
     plan = plan_prompt(job(tokens, max_new_tokens=max_new, commit_limit=commit_limit), C, EOT)
     assert (len(plan.tokens), plan.commit_end, plan.scratch_end) == want
     assert plan.tokens == tokens[len(tokens) - want[0]:]
+
+
+def test_the_heap_trimmer_gives_freed_memory_back_at_most_every_interval():
+    """Issue 21: under ponder's malloc policy (freed memory kept), what evicted sessions held stayed resident."""
+    script = """
+from ponder.runtime import HeapTrimmer, configure_process
+configure_process()
+import numpy as np
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) * 1024
+held, pinned = [np.ones(2**18) for _ in range(200)], []  # 400 MiB in 2 MiB blocks ...
+for i in range(0, 200, 2):
+    pinned.append(np.ones(16))  # ... with small live blocks between them, as sessions leave them
+before = rss()
+del held
+kept = rss()
+trim = HeapTrimmer(interval_s=60)
+assert trim() and not trim(), "a second call within the interval must not trim"
+print(before >> 20, kept >> 20, rss() >> 20)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    before, kept, trimmed = map(int, run.stdout.split())
+    assert kept > before - 100, f"the policy keeps freed memory resident: {before} -> {kept} MiB"
+    assert trimmed < kept - 300, f"trimmed: {kept} -> {trimmed} MiB"
