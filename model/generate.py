@@ -257,13 +257,14 @@ def stream_ttt_tokens(
 
 
 def stream_text(
-    model: GPT | TTTTransformerLM, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams, block: int = DECODE_BLOCK
+    model: GPT | TTTTransformerLM, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams, block: int = DECODE_BLOCK,
+    schedule: Schedule = Schedule(),
 ) -> Iterator[str | Completion]:
-    """Yields text deltas as they become final, then one ``Completion``."""
+    """Yields text deltas as they become final, then one ``Completion`` (a TTT model learns per ``schedule``)."""
     stream = TextStream(tokenizer, params.stop)
     emitted, generated, reason = 0, [], "length"
     if isinstance(model, TTTTransformerLM):
-        pieces = stream_ttt_tokens(model, prompt, params, tokenizer.eot_id)
+        pieces = stream_ttt_tokens(model, prompt, params, tokenizer.eot_id, schedule)
     else:
         pieces = stream_tokens(model, prompt, params, tokenizer.eot_id, block)
     for new in pieces:
@@ -291,7 +292,8 @@ def stream_text(
     yield Completion(text=text, tokens=generated, finish_reason=reason)
 
 
-def generate_text(model: GPT | TTTTransformerLM, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams) -> Completion:
+def generate_text(model: GPT | TTTTransformerLM, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
+                  schedule: Schedule = Schedule()) -> Completion:
     """Non-streaming generation: the whole completion at once."""
-    *_, completion = stream_text(model, tokenizer, prompt, params)
+    *_, completion = stream_text(model, tokenizer, prompt, params, schedule=schedule)
     return completion

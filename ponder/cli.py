@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ponder.checkpoints import DEFAULT_CHECKPOINT
 from ponder.cli_schedule import add_schedule_arguments, schedule_from_args
+from ponder.cli_bench import add_bench_commands
 from ponder.cli_train import add_train_commands
 from ponder.client.cli import COMMANDS as CLIENT_COMMANDS
 from ponder.client.cli import add_commands as add_client_commands
@@ -129,29 +130,6 @@ def _line_completion(model, tokenizer, docs, args) -> dict:
     return compare_variants(model, tokenizer, docs, args.window, args.line_every, args.lines_per_file, variants)
 
 
-def _humaneval(args: argparse.Namespace) -> None:
-    from ponder.model import checkpoint
-    from ponder.model.generate import SamplingParams, generate_text
-    from ponder.train import humaneval
-
-    model, tokenizer = checkpoint.load(args.checkpoint)
-
-    def generate(prompt: str, index: int) -> str:
-        params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=0.95,
-                                seed=index, stop=humaneval.STOP)
-        return generate_text(model, tokenizer, tokenizer.encode_document(prompt), params).text
-
-    if args.unsafe_no_sandbox and args.allow_code_execution:
-        print("warning: --unsafe-no-sandbox: the model's code runs without isolation, with this user's access to "
-              "the network, files and processes", file=sys.stderr)
-    report = humaneval.run(generate, args.out, args.samples, args.k or [1], args.allow_code_execution,
-                           args.max_problems, unsafe_no_sandbox=args.unsafe_no_sandbox)
-    print(json.dumps(report, indent=2))
-    if not args.allow_code_execution:
-        print(f"wrote {args.out}/samples.jsonl without running it: pass --allow-code-execution to execute the "
-              "model-written code (in a bubblewrap sandbox) and score pass@k", file=sys.stderr)
-
-
 def _inspect(args: argparse.Namespace) -> None:
     from ponder.model import checkpoint
     from ponder.server.viewer.data import inspect_tokens, read_text
@@ -214,22 +192,6 @@ def _add_eval_command(commands) -> None:
     ev.add_argument("--line-every", type=int, default=100, help="tokens between line-completion targets")
     ev.set_defaults(run=_eval)
 
-    he = commands.add_parser("humaneval", help="HumanEval pass@k (runs model-written code only when allowed)")
-    he.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    he.add_argument("--out", type=Path, required=True)
-    he.add_argument("--samples", type=int, default=1, help="completions per problem")
-    he.add_argument("--k", type=int, action="append", help="k of pass@k (repeatable; default 1)")
-    he.add_argument("--temperature", type=float, default=0.0)
-    he.add_argument("--max-tokens", type=int, default=256)
-    he.add_argument("--max-problems", type=int)
-    he.add_argument("--allow-code-execution", action="store_true",
-                    help="execute the completions, each in a bubblewrap (bwrap) sandbox: no network, no host "
-                         "processes or files, limited CPU, memory and processes")
-    he.add_argument("--unsafe-no-sandbox", action="store_true",
-                    help="with --allow-code-execution where bwrap is missing: run the completions in a plain "
-                         "subprocess, without isolation")
-    he.set_defaults(run=_humaneval, k=None)
-
 
 def _serve(args: argparse.Namespace) -> None:
     from ponder.server.main import run
@@ -286,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(run=_convert)
     add_train_commands(commands)
     _add_eval_command(commands)
+    add_bench_commands(commands)
     _add_inspect_command(commands)
     add_client_commands(commands)
     return parser
@@ -305,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_process()
     from ponder.model.checkpoint import CheckpointError
     from ponder.model.hf import ConversionError
-    from ponder.train.humaneval import SandboxUnavailable
+    from ponder.train.sandbox import SandboxUnavailable
 
     try:
         args.run(args)

@@ -173,3 +173,15 @@ def offline():
         return generate_text(model, tokenizer, tokens, SamplingParams(max_new_tokens=n, stop=tuple(stop))).text
 
     return generate
+
+
+@pytest.fixture(scope="module")
+def sandboxed():
+    """bwrap is installed and can make namespaces here (scripts/test.sh installs it; CI=true fails without it)."""
+    from ponder.train import sandbox
+
+    require_tool("bwrap")
+    try:
+        sandbox.check_sandbox()
+    except sandbox.SandboxUnavailable as err:
+        unavailable(str(err))

