@@ -157,6 +157,26 @@ def test_a_body_that_stops_arriving_is_408(server):
     assert not engine.jobs
 
 
+def test_a_body_still_arriving_when_the_drain_begins_is_503_at_once(server):
+    """The soak's shutdown waited for a body that stopped arriving, then answered 500 when uvicorn cancelled it."""
+    url, _, engine = server
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"pr")
+        time.sleep(0.05)
+        engine.draining = True
+        try:
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        finally:
+            engine.draining = False
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), answer  # not the 408 of the body timeout
+    assert b"shutting down" in body and not engine.jobs
+
+
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
 def test_a_body_that_is_not_declared_json_is_415(server, content_type):
     """What a web page may send to a local server without the browser asking it first: never read."""

@@ -43,9 +43,24 @@ class CompletionEndpoint:
     def __init__(self, service: CompletionService, config: HttpConfig):
         self.service, self.config = service, config
 
+    DRAIN_POLL_S = 0.25
+
     async def read_body(self, request: Request, model: type[Body]) -> Body:
-        """The request's body as ``model``, within the server's size and time limits (``errors.read_body``)."""
-        return await read_body(request, model, self.config.max_body_bytes, self.config.body_timeout_s)
+        """The request's body as ``model``, within the server's size and time limits (``errors.read_body``).
+
+        Raises:
+          NotReady: the server began to drain while the body was still arriving (503 at once, rather
+            than holding the shutdown for the rest of ``--body-timeout-s``).
+        """
+        reading = asyncio.ensure_future(read_body(request, model, self.config.max_body_bytes, self.config.body_timeout_s))
+        try:
+            while not (await asyncio.wait({reading}, timeout=self.DRAIN_POLL_S))[0]:
+                if self.service.engine.draining:
+                    raise NotReady("the server is shutting down and this request's body had not all arrived: send it "
+                                   "again (to another replica, or once the server is back)")
+            return reading.result()
+        finally:
+            reading.cancel()
 
     async def start(self, request: Request, completion: CompletionRequest, call: RequestRecord) -> AsyncIterator[Item]:
         """Starts ``completion`` and waits for its first item, so that a refusal raises before any answer starts.
