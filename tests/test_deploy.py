@@ -5,6 +5,11 @@ another relies on (the replica names the router hashes on, ports, probe
 paths, the drain time, what the image copies), checked so that changing one
 side without the other fails a test instead of a rollout. tests/test_nginx.py
 runs the router itself.
+
+Every manifest under deploy/ is also checked against the Kubernetes OpenAPI
+schema of a pinned release, strictly (an unknown field is an error, as
+``kubectl apply --validate=strict`` makes it), with kubernetes-validate's
+bundled schemas: offline, no cluster.
 """
 
 import re
@@ -22,6 +27,54 @@ def upstream_servers(config: str, name: str) -> list[str]:
     body = re.search(rf"upstream {name} \{{([^}}]*)\}}", config)
     assert body, f"no upstream {name} in deploy/nginx.conf"
     return re.findall(r"^\s*server\s+([^\s;{]+)", body[1], flags=re.M)
+
+
+# The oldest Kubernetes release the manifests must apply to; a field added later fails validation.
+KUBERNETES_VERSION = "1.33.0"
+
+
+def manifest_files() -> list[Path]:
+    """Every Kubernetes manifest in deploy/: the kustomization's resources and the one-off Jobs beside them."""
+    return sorted(DEPLOY.glob("k8s/*.yaml"))
+
+
+def schema_errors(manifest: dict) -> str | None:
+    """Why ``manifest`` is not a valid object of the pinned Kubernetes release (strict: unknown fields count), or None."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    try:
+        kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        path = "/".join(str(part) for part in error.path)
+        return f"{manifest.get('kind')} {manifest.get('metadata', {}).get('name')}: {path}: {error.message}"
+    return None
+
+
+def test_every_manifest_validates_against_the_pinned_schema():
+    yaml = pytest.importorskip("yaml")
+    listed = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["resources"]
+    files = manifest_files()
+    assert {DEPLOY / resource for resource in listed} <= set(files), "the kustomization lists a file outside deploy/k8s"
+    errors = []
+    for path in files:
+        documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+        assert documents, path
+        errors += [error for error in map(schema_errors, documents) if error]
+    assert not errors, "\n".join(errors)
+
+
+def test_schema_check_rejects_a_misspelled_field(manifests):
+    """The check above can fail: a typo in a field name, a wrong type, a missing required field."""
+    import copy
+
+    service = copy.deepcopy(manifests["Service", "ponder"])
+    assert schema_errors(service) is None
+    service["spec"]["clusterIp"] = service["spec"].pop("clusterIP")
+    assert "'clusterIp' was unexpected" in schema_errors(service)
+    statefulset = copy.deepcopy(manifests["StatefulSet", "ponder"])
+    statefulset["spec"]["replicas"] = "three"
+    assert "spec/replicas" in schema_errors(statefulset)
+    del statefulset["spec"]["replicas"], statefulset["spec"]["selector"]
+    assert "'selector' is a required property" in schema_errors(statefulset)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +130,34 @@ def test_replicas_fail_closed_without_their_api_keys(manifests):
     assert ("ponder", "PONDER_API_KEY") in [(container, name) for container, name, _ in refs]
     for container, name, ref in refs:
         assert ref.get("optional", False) is False, f"{container}: {name} must not be optional (fail closed)"
+
+
+def workload_pods(manifests) -> list[tuple[str, dict]]:
+    """``(name, pod spec)`` of every long-running workload the kustomization deploys."""
+    kinds = ("StatefulSet", "Deployment")
+    return [(key[1], m["spec"]["template"]["spec"]) for key, m in manifests.items() if key[0] in kinds]
+
+
+def test_workloads_probe_run_as_non_root_and_request_resources(manifests):
+    pods = workload_pods(manifests)
+    assert {name for name, _ in pods} == {"ponder", "ponder-router"}
+    for name, pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["runAsUser"] > 0, name
+        for container in pod["containers"]:
+            where = f"{name}/{container['name']}"
+            assert {"readinessProbe", "livenessProbe"} <= container.keys(), where
+            assert {"cpu", "memory"} <= container["resources"]["requests"].keys(), where
+            assert "memory" in container["resources"]["limits"], where
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False, where
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], where
+
+
+def test_a_disruption_budget_keeps_replicas_serving(manifests):
+    budget = manifests["PodDisruptionBudget", "ponder"]["spec"]
+    statefulset = manifests["StatefulSet", "ponder"]["spec"]
+    assert budget["selector"]["matchLabels"] == statefulset["selector"]["matchLabels"]
+    assert budget["maxUnavailable"] < statefulset["replicas"], "an eviction may not take every replica"
 
 
 def test_router_mounts_the_generated_config(manifests):
