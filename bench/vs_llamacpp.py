@@ -184,7 +184,7 @@ def main() -> None:
         raise SystemExit(f"no llama-server in {bin_dir}: run bench/setup_llamacpp.sh {llama} first")
     checkpoints = dict(c.split("=", 1) for c in (args.checkpoint or [f"tiny={ROOT / 'checkpoints' / 'default'}"]))
     streams = [int(s) for s in args.streams.split(",")]
-    results = {}
+    results, load_start = {}, os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, checkpoint in checkpoints.items():
@@ -204,17 +204,22 @@ def main() -> None:
             command = [str(bin_dir / "llama-server"), "-m", str(gguf["f32"]), "-t", str(args.threads), "--port", str(port),
                        "-np", str(args.slots), "-c", str(args.slots * 1024), "-cb"]
             r["llama.cpp served f32"] = serve_and_load(command, LlamaClient(f"http://127.0.0.1:{port}"), args, streams)
+    results["load_average"] = {"start": load_start, "end": os.getloadavg()}
     print_table(results, streams, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 def print_table(results: dict, streams: list[int], args) -> None:
+    load = results.pop("load_average")
+    print(f"load average (1, 5, 15 min) at the start {load['start']}, at the end {load['end']}; {args.threads} threads\n")
     print(f"| model | system | decode tok/s (tg{args.max_tokens}, 1 stream) | prefill tok/s ({args.prefill_tokens}) |")
     print("|---|---|---|---|")
     for name, r in results.items():
         for system in ("ponder", "llama.cpp f32", "llama.cpp q8_0"):
-            print(f"| {name} | {system} | {r[system]['decode_tok_s']:.1f} | {r[system]['prefill_tok_s']:.0f} |")
+            ratio = lambda key: "" if system == "ponder" else f" (ponder {r['ponder'][key] / r[system][key]:.2f}x)"
+            print(f"| {name} | {system} | {r[system]['decode_tok_s']:.1f}{ratio('decode_tok_s')} "
+                  f"| {r[system]['prefill_tok_s']:.0f}{ratio('prefill_tok_s')} |")
     head = " | ".join(f"{n} stream{'s' * (n > 1)}: aggregate / per stream tok/s, TTFT p50" for n in [1, *streams])
     print(f"\nserved, {args.prompt_tokens}-token prompts, {args.max_tokens} tokens, {args.slots} slots\n")
     print(f"| model | server | {head} | resident MiB |")
