@@ -3,7 +3,8 @@
 Layout of a checkpoint directory::
 
     config.json     {"format_version": 1, "model": GPTConfig fields,
-                     "ttt": TTT language-model fields (TTT checkpoints only)}
+                     "ttt": TTT language-model fields (TTT checkpoints only),
+                     "inplace": in-place fast-weight fields (In-Place TTT checkpoints only)}
     tokenizer.json  the tokenizer (``tokenizers`` JSON)
     state/          model parameters, written by Orbax
     manifest.json   size and SHA-256 of every file above
@@ -33,6 +34,7 @@ from flax import nnx
 from ponder.model.config import GPTConfig
 from ponder.model.gpt2 import GPT
 from ponder.model.gpt2 import abstract_model as abstract_gpt
+from ponder.model.inplace import InPlaceLM, InPlaceLMConfig
 from ponder.model.tokenizer import Tokenizer
 from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
 
@@ -59,7 +61,7 @@ def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
 
 def save(
     directory: str | Path,
-    model: GPT | TTTTransformerLM,
+    model: GPT | TTTTransformerLM | InPlaceLM,
     tokenizer: Tokenizer,
     overwrite: bool = False,
     storage_dtype: str | None = None,
@@ -77,8 +79,8 @@ def save(
       The absolute checkpoint path.
     """
     directory = Path(directory).absolute()
-    is_ttt = isinstance(model, TTTTransformerLM)
-    config: GPTConfig = model.config.base if is_ttt else model.config
+    is_ttt, is_inplace = isinstance(model, TTTTransformerLM), isinstance(model, InPlaceLM)
+    config: GPTConfig = model.config.base if is_ttt or is_inplace else model.config
     if len(tokenizer) > config.vocab_size:
         raise CheckpointError(
             f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
@@ -91,6 +93,8 @@ def save(
     record = {"format_version": FORMAT_VERSION, "model": config.to_dict()}
     if is_ttt:
         record["ttt"] = model.config.to_dict()
+    if is_inplace:
+        record["inplace"] = model.config.to_dict()
     state = nnx.to_pure_dict(nnx.state(model))
     if storage_dtype is not None:
         record["storage_dtype"] = storage_dtype
@@ -139,8 +143,8 @@ def _verify_files(directory: Path) -> None:
             raise CheckpointError(f"checkpoint file {path} is corrupt: its SHA-256 does not match {MANIFEST_FILE}")
 
 
-def load_config(directory: str | Path) -> GPTConfig | TTTLMConfig:
-    """The model config of a checkpoint: a ``GPTConfig``, or a ``TTTLMConfig`` for a TTT checkpoint."""
+def load_config(directory: str | Path) -> GPTConfig | TTTLMConfig | InPlaceLMConfig:
+    """The model config of a checkpoint: a ``GPTConfig``, a ``TTTLMConfig`` (TTT) or an ``InPlaceLMConfig`` (In-Place TTT)."""
     path = Path(directory) / CONFIG_FILE
     try:
         data = json.loads(path.read_text())
@@ -154,6 +158,8 @@ def load_config(directory: str | Path) -> GPTConfig | TTTLMConfig:
         )
     try:
         base = GPTConfig.from_dict(data.get("model"))
+        if data.get("inplace") is not None:
+            return InPlaceLMConfig.from_dict(base, data["inplace"])
         return base if data.get("ttt") is None else TTTLMConfig.from_dict(base, data["ttt"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {err}") from None
@@ -185,18 +191,20 @@ def _check_tree(saved: Any, expected: Any, where: Path) -> None:
             raise CheckpointError(f"{where}: parameter {name} has dtype {got.dtype}, the config implies {want.dtype}")
 
 
-def abstract_model(config: GPTConfig | TTTLMConfig) -> GPT | TTTTransformerLM:
+def abstract_model(config: GPTConfig | TTTLMConfig | InPlaceLMConfig) -> GPT | TTTTransformerLM | InPlaceLM:
     """A parameter-free skeleton (shapes and dtypes only) to restore into."""
     if isinstance(config, TTTLMConfig):
         return nnx.eval_shape(lambda: TTTTransformerLM(config, rngs=nnx.Rngs(0)))
+    if isinstance(config, InPlaceLMConfig):
+        return nnx.eval_shape(lambda: InPlaceLM(config, rngs=nnx.Rngs(0)))
     return abstract_gpt(config)
 
 
-def load(directory: str | Path) -> tuple[GPT | TTTTransformerLM, Tokenizer]:
+def load(directory: str | Path) -> tuple[GPT | TTTTransformerLM | InPlaceLM, Tokenizer]:
     """Validates and loads a checkpoint directory.
 
     Returns:
-      ``(model, tokenizer)``: a ``GPT``, or a ``TTTTransformerLM`` for a TTT checkpoint.
+      ``(model, tokenizer)``: a ``GPT``, a ``TTTTransformerLM`` (TTT) or an ``InPlaceLM`` (In-Place TTT).
 
     Raises:
       CheckpointError: naming the missing, damaged or mismatched file or key.
@@ -208,7 +216,7 @@ def load(directory: str | Path) -> tuple[GPT | TTTTransformerLM, Tokenizer]:
         tokenizer = Tokenizer.load(directory / TOKENIZER_FILE)
     except (OSError, ValueError) as err:
         raise CheckpointError(str(err)) from None
-    vocab_size = (config.base if isinstance(config, TTTLMConfig) else config).vocab_size
+    vocab_size = (config if isinstance(config, GPTConfig) else config.base).vocab_size
     if len(tokenizer) > vocab_size:
         raise CheckpointError(
             f"{directory / TOKENIZER_FILE} has {len(tokenizer)} tokens but {CONFIG_FILE} sets vocab_size {vocab_size}"

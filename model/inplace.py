@@ -190,8 +190,9 @@ class InPlaceLM(nnx.Module):
         cap = self.config.inplace.clip
         if not cap:
             return delta, jnp.zeros(delta.shape[:-2], bool)
-        norm = jnp.sqrt(jnp.sum(jnp.square(delta), axis=(-2, -1)))  # [B, ...]
-        scale = jnp.minimum(1.0, cap / jnp.maximum(norm, 1e-30))
+        # Clamped under the root: sqrt's gradient at a zero delta (W_target starts at zero) is infinite.
+        norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(delta), axis=(-2, -1)), 1e-30))  # [B, ...]
+        scale = jnp.minimum(1.0, cap / norm)
         return delta * scale[..., None, None], norm > cap
 
     def _absorb(self, state: InPlaceState, x0) -> InPlaceState:

@@ -93,6 +93,8 @@ def _train_ttt(args: argparse.Namespace) -> None:
     if args.gate_only and args.init_from is None:
         raise ValueError("--gate-only goes with --init-from (it trains a gate for a TTT layer that is already trained)")
     schedule = schedule_from_args(args)
+    if args.fast_weights == "inplace":
+        return _train_inplace(args, schedule)
     if args.gate_only and not schedule.uses_gate:
         raise ValueError(f"--gate-only trains the gate, which --schedule {args.schedule} does not use "
                          "(use learned, random_learned or learned_budget)")
@@ -130,6 +132,33 @@ def _train_ttt(args: argparse.Namespace) -> None:
     trainable = {"trainable": nnx.All(nnx.Param, nnx.PathContains("gate"))} if args.gate_only else {}
     stage = TTTStage(seq_len=args.seq_len, chunk=config.gate.chunk, schedule=schedule, beta=args.beta,
                      gamma=args.gamma, window=args.window, **trainable)
+    _train_run(args, stage, model, tokenizer)
+
+
+def _train_inplace(args: argparse.Namespace, schedule) -> None:
+    """Stage 2 of In-Place TTT: the top blocks' W_down become fast weights (``model.inplace``)."""
+    from flax import nnx
+
+    from ponder.model import checkpoint
+    from ponder.model.inplace import SCHEDULES, InPlaceConfig, InPlaceLM, InPlaceLMConfig
+    from ponder.train.stages import InPlaceStage
+
+    if schedule.kind not in SCHEDULES:
+        raise ValueError(f"--fast-weights inplace trains under --schedule {' / '.join(SCHEDULES)}, not {schedule.kind}")
+    if args.init_from is not None:
+        model, tokenizer = checkpoint.load(args.init_from)
+        if not isinstance(model, InPlaceLM):
+            raise ValueError(f"--init-from {args.init_from} is not an In-Place TTT checkpoint")
+    else:
+        model, tokenizer = checkpoint.load(args.base)
+        base = model if not hasattr(model, "base") else model.base  # a fast-weight checkpoint lends its base
+        config = InPlaceLMConfig(base.config, InPlaceConfig(
+            layers=args.inplace_layers, chunk=args.chunk, eta=args.inplace_eta, clip=InPlaceConfig.clip if args.max_update_norm is None else args.max_update_norm,
+        ), eot_id=tokenizer.eot_id)
+        model = InPlaceLM(config, rngs=nnx.Rngs(args.seed), base=base)
+    if args.seq_len > model.config.base.n_positions:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the base's context of {model.config.base.n_positions}")
+    stage = InPlaceStage(seq_len=args.seq_len, chunk=model.config.inplace.chunk, schedule=schedule)
     _train_run(args, stage, model, tokenizer)
 
 
@@ -182,6 +211,7 @@ def _train_plot(args: argparse.Namespace) -> None:
 
 def add_train_commands(commands) -> None:
     from ponder.model.gating import GateConfig
+    from ponder.model.inplace import InPlaceConfig
     from ponder.model.ttt import TTTConfig
     from ponder.model.ttt_lm import TTTLMConfig
     from ponder.train.policy import PolicyConfig
@@ -239,6 +269,11 @@ def add_train_commands(commands) -> None:
     ttt.add_argument("--window", type=int,
                      help="base attention window in tokens (a multiple of --chunk): rows longer than the context "
                           "run window by window while the fast weights carry across (default: the whole row)")
+    ttt.add_argument("--fast-weights", default="ttt", choices=["ttt", "inplace"],
+                     help="ttt: a TTT layer on the base; inplace: the top blocks' MLP down projections (In-Place TTT)")
+    ttt.add_argument("--inplace-layers", type=int, default=InPlaceConfig.layers,
+                     help="--fast-weights inplace: how many top blocks have fast W_down")
+    ttt.add_argument("--inplace-eta", type=float, default=InPlaceConfig.eta, help="--fast-weights inplace: step size")
     ttt.add_argument("--ttt-kind", default=TTTConfig.kind, choices=["linear", "mlp"])
     ttt.add_argument("--ttt-heads", type=int, default=TTTConfig.n_head)
     ttt.add_argument("--ttt-layers", type=int, default=TTTLMConfig.n_ttt_layers)

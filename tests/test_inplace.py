@@ -127,3 +127,31 @@ def test_a_document_boundary_resets():
     fresh = model.init_state(B)
     for a, b in zip(jax.tree.leaves(reset), jax.tree.leaves(fresh)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_pulse_training_through_the_cli(tmp_path):
+    """`ponder train ttt --fast-weights inplace`: two steps on a base checkpoint; the checkpoint says which kind."""
+    from ponder import cli as ponder_cli
+    from ponder.model import checkpoint
+    from ponder.model.gpt2 import init_model
+    from ponder.model.tokenizer import Tokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"mod{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {i + j}\n\n" for j in range(8)))
+    data = tmp_path / "corpus"
+    assert ponder_cli.main(["train", "corpus", "--out", str(data), "--root", str(src), "--vocab-size", "300",
+                            "--val-fraction", "0.3"]) == 0
+    tokenizer = Tokenizer.load(data / "tokenizer.json")
+    base = init_model(GPTConfig(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    checkpoint.save(tmp_path / "base", base, tokenizer)
+    run = tmp_path / "run"
+    assert ponder_cli.main(["train", "ttt", "--fast-weights", "inplace", "--base", str(tmp_path / "base"),
+                            "--corpus", str(data), "--run-dir", str(run), "--steps", "2", "--batch-size", "1",
+                            "--seq-len", "64", "--chunk", "16", "--schedule", "update", "--lr", "0.01",
+                            "--warmup", "1", "--eval-every", "2", "--eval-batches", "1", "--no-progress"]) == 0
+    model, _ = checkpoint.load(run / "final")
+    assert isinstance(model, InPlaceLM) and model.config.inplace.chunk == 16
+    assert float(jnp.abs(model.W_target[...]).max()) > 0  # the target trained away from zero
+    np.testing.assert_array_equal(model.base.h[0].mlp.c_proj.kernel[...], base.h[0].mlp.c_proj.kernel[...])  # frozen

@@ -11,6 +11,10 @@
   each piece's start (positions restart in each), as when a document longer
   than the context is served or evaluated, while the fast weights carry
   across windows: the layer learns to keep what attention can no longer see.
+* ``InPlaceStage`` (stage 2 with ``--fast-weights inplace``): the base is
+  frozen, its fast W_down start from the pretrained values in every
+  document; the target's convolution and ``W_target`` train on the CE of
+  the fast-weight model under the schedule (``model.inplace``).
 * ``ValueGateStage`` (stage 2b, ``ponder train gate``): everything but the
   gating network is frozen; the gate (``GateConfig.output = "value"``)
   learns to predict, from the features of the chunk before, what updating a
@@ -119,6 +123,32 @@ class TTTStage:
         D = model.config.base.n_embd
         ttt = sum(6 * 4 * D * D + 3 * layer.update_flops(self.chunk) / self.chunk for layer in model.ttt)
         return base + ttt + 2 * D * model.config.base.vocab_size * 3
+
+
+@dataclasses.dataclass(frozen=True)
+class InPlaceStage:
+    seq_len: int
+    chunk: int
+    schedule: Schedule = Schedule("update")
+    name: str = "inplace"
+    validation: str = "ce"
+    trainable: object = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("base")))  # the conv and W_target
+
+    @property
+    def align(self) -> int:
+        return self.chunk
+
+    def loss(self, model, batch: Batch):
+        out = model(batch.tokens, batch.positions, self.schedule, segment_ids=batch.segment_ids)
+        ce = masked_cross_entropy(out.logits, batch)
+        return ce, {"ce": ce, "mean_lambda": out.chunk_lambda.mean(), "clipped": out.state.clipped.sum()}
+
+    def tokens_flops(self, model) -> float:
+        # The frozen base forward (2 x) and, per fast block, the update's outer products and the
+        # per-chunk weights' products, forward and backward.
+        D, L = model.config.base.n_embd, model.config.inplace.layers
+        base = _gpt_flops_per_token(model.base.config, self.seq_len) / 3
+        return base + L * 3 * (2 * 4 * D * D * 2 + 2 * D * D)
 
 
 @dataclasses.dataclass(frozen=True)
