@@ -155,3 +155,18 @@ def test_pulse_training_through_the_cli(tmp_path):
     assert isinstance(model, InPlaceLM) and model.config.inplace.chunk == 16
     assert float(jnp.abs(model.W_target[...]).max()) > 0  # the target trained away from zero
     np.testing.assert_array_equal(model.base.h[0].mlp.c_proj.kernel[...], base.h[0].mlp.c_proj.kernel[...])  # frozen
+
+
+def test_held_out_cross_entropy_by_windows():
+    """train.evaluate.inplace_cross_entropy: SKIP scores the base window by window; UPDATE differs."""
+    from ponder.train.evaluate import inplace_cross_entropy
+
+    model = make_model(layers=1)
+    doc = np.asarray(tokens_of(1, 4 * C, seed=5)[0][0])
+    table = inplace_cross_entropy(model, [doc], 2 * C, {"skip": Schedule("skip"), "update": Schedule("update")})
+    windows = [model.base(jnp.asarray(doc[None, s:s + 2 * C]), jnp.arange(2 * C)[None])[0][0] for s in (0, 2 * C)]
+    logits = jnp.concatenate(windows)[:-1]
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, jnp.asarray(doc[1:, None]), -1)[:, 0]
+    assert table["skip"]["tokens"] == 4 * C - 1
+    np.testing.assert_allclose(table["skip"]["ce"], float(nll.mean()), rtol=1e-5)
+    assert abs(table["update"]["ce"] - table["skip"]["ce"]) > 1e-4

@@ -502,3 +502,32 @@ def write(table: dict, out_dir: str | Path) -> Path:
     (out / "eval.md").write_text(markdown(table))
     plot(table, out / "ce_vs_compute.png")
     return out
+
+
+def inplace_cross_entropy(model, documents: list[np.ndarray], window: int, schedules: dict[str, Schedule]) -> dict:
+    """Token-weighted CE per schedule of an In-Place TTT model (``model.inplace``) over held-out documents.
+
+    Each document runs window by window (positions restart in each window, as ``evaluate`` runs a long
+    file) while the fast weights carry across windows; every token but a document's first is scored.
+
+    Returns:
+      ``{name: {"ce": nats/token, "tokens": scored tokens, "clipped": deltas clipped}}``.
+    """
+    graphdef, params = nnx.split(model)
+    table = {}
+    for name, schedule in schedules.items():
+        run = jax.jit(lambda p, t, s, sch=schedule: nnx.merge(graphdef, p)(
+            t, jnp.arange(t.shape[1])[None], sch, state=s))
+        total, count, clipped = 0.0, 0, 0
+        for doc in documents:
+            state, logits = model.init_state(1), []
+            for start in range(0, len(doc) // window * window, window):
+                out = run(params, jnp.asarray(doc[None, start:start + window]), state)
+                state = out.state
+                logits.append(out.logits[0])
+            logits = jnp.concatenate(logits)[:-1]  # [T - 1, V]: position t predicts token t + 1
+            targets = jnp.asarray(doc[1:len(logits) + 1])
+            nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[:, None], -1)[:, 0]
+            total, count, clipped = total + float(nll.sum()), count + len(targets), clipped + int(state.clipped[0])
+        table[name] = {"ce": total / count, "tokens": count, "clipped": clipped}
+    return table
