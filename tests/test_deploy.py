@@ -183,3 +183,21 @@ def test_image_copies_what_the_server_needs():
     for path in needed:
         top = path.split("/")[0]
         assert top not in ignored or f"!{path}" in ignored, f".dockerignore keeps {path} out of the build"
+
+
+def test_training_job_names_its_coordinator_and_process_count():
+    """deploy/k8s/train-job.yaml: N pods, N processes, and process 0's stable name as the coordinator."""
+    yaml = pytest.importorskip("yaml")
+    docs = {doc["kind"]: doc for doc in yaml.safe_load_all((DEPLOY / "k8s" / "train-job.yaml").read_text())}
+    job, service = docs["Job"], docs["Service"]
+    pod = job["spec"]["template"]["spec"]
+    flags = dict(arg.removeprefix("--").split("=", 1) for arg in pod["containers"][0]["args"] if "=" in arg)
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == int(flags["num-processes"])
+    host, port = flags["coordinator"].rsplit(":", 1)
+    assert host == f"{job['metadata']['name']}-0.{pod['subdomain']}" and pod["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None" and int(port) in {p["containerPort"] for p in pod["containers"][0]["ports"]}
+    index = pod["containers"][0]["env"][0]
+    assert flags["process-id"] == f"$({index['name']})"
+    assert "job-completion-index" in index["valueFrom"]["fieldRef"]["fieldPath"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["containers"][0]["resources"]["requests"]
