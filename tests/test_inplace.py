@@ -1,6 +1,7 @@
 """In-Place TTT (model.inplace): SKIP is the base, decoding equals the parallel form, which equals a chunk-by-chunk reference."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +156,12 @@ def test_pulse_training_through_the_cli(tmp_path):
     assert isinstance(model, InPlaceLM) and model.config.inplace.chunk == 16
     assert float(jnp.abs(model.W_target[...]).max()) > 0  # the target trained away from zero
     np.testing.assert_array_equal(model.base.h[0].mlp.c_proj.kernel[...], base.h[0].mlp.c_proj.kernel[...])  # frozen
+    # `ponder eval` of it: one CE per schedule on the held-out split.
+    assert ponder_cli.main(["eval", "--checkpoint", str(run / "final"), "--corpus", str(data), "--out",
+                            str(tmp_path / "eval"), "--window", "32", "--min-tokens", "64", "--max-tokens", "64",
+                            "--max-documents", "2", "--rate", "0.5", "--lines-per-file", "0"]) == 0
+    table = json.loads((tmp_path / "eval" / "eval-inplace.json").read_text())
+    assert set(table) == {"SKIP", "UPDATE_1", "FIXED_1", "RANDOM@0.5"} and table["SKIP"]["tokens"] == 2 * 63
 
 
 def test_held_out_cross_entropy_by_windows():
