@@ -1,5 +1,6 @@
 import dataclasses
 import gc
+import os
 
 import pytest
 
@@ -137,9 +138,23 @@ LIVE_SLOTS = "3"  # every live server of the suite has this many slots, so all s
 
 @pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory) -> str:
-    """One persistent XLA cache for every ``ponder serve`` of the test session: the first server
-    compiles, the later ones load (warm-up dominates the end-to-end tests)."""
-    return str(tmp_path_factory.mktemp("jax-cache"))
+    """One persistent XLA cache for the whole test run, shared by the xdist workers: every ``ponder serve``
+    uses it (``--compile-cache``), and so does each worker's own process (``_persistent_compile_cache``).
+    What one process compiled, the others load: compiling dominates the end-to-end tests, and the same
+    model and engine shapes come back in many modules."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax-cache"
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _persistent_compile_cache(compile_cache):
+    from jax.experimental.compilation_cache import compilation_cache
+
+    jax.config.update("jax_compilation_cache_dir", compile_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    compilation_cache.reset_cache()  # read the settings above even if something compiled at import
 
 
 @pytest.fixture(scope="session")

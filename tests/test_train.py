@@ -152,8 +152,8 @@ def test_pulse_run_both_stages_with_a_kill_and_resume(tmp_path, capsys):
     data, base_run, ttt_run = tmp_path / "corpus", tmp_path / "base", tmp_path / "ttt"
     assert ponder_cli.main(["train", "corpus", "--out", str(data), "--root", str(src), "--vocab-size", "300",
                             "--val-fraction", "0.3"]) == 0
-    base_args = ["train", "base", "--corpus", str(data), "--run-dir", str(base_run), "--steps", "300",
-                 "--batch-size", "1", "--seq-len", "64", "--warmup", "1", "--eval-every", "150", "--eval-batches", "1",
+    base_args = ["train", "base", "--corpus", str(data), "--run-dir", str(base_run), "--steps", "40",
+                 "--batch-size", "1", "--seq-len", "64", "--warmup", "1", "--eval-every", "20", "--eval-batches", "1",
                  "--checkpoint-every-s", "0", "--no-progress"]
     process = subprocess.Popen([sys.executable, "-m", "ponder", *base_args], stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
@@ -171,7 +171,7 @@ def test_pulse_run_both_stages_with_a_kill_and_resume(tmp_path, capsys):
     starts = [row for row in log if row.get("event") == "start"]
     assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] >= 1
     steps = [row["step"] for row in log if "loss" in row]
-    assert steps[-1] == 300 and set(range(1, 301)) <= set(steps)  # nothing skipped; at most one interval redone
+    assert steps[-1] == 40 and set(range(1, 41)) <= set(steps)  # nothing skipped; at most one interval redone
     assert any("val_loss" in row for row in log) and (base_run / "best" / "manifest.json").is_file()
 
     result = _ponder("train", "ttt", "--base", str(base_run / "final"), "--corpus", str(data), "--run-dir",
