@@ -3,7 +3,9 @@
 The router's contract (docs/design.md, "Scaling out"): every request of a session reaches the
 replica that holds the session, sessions spread over the replicas, and when a
 replica goes away (drains on SIGTERM, then exits) its sessions continue, cold,
-on another one, with no error to the client. The test runs the deployment's
+on another one, with no error to the client; when a replica dies (SIGKILL) mid-stream, only that
+stream is cut, and the session's next request rebuilds it from the prompt on another replica, with
+the same greedy text. The test runs the deployment's
 own nginx.conf, rendered with local addresses, and reads which replica
 answered from ``X-Ponder-Upstream``.
 """
@@ -16,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import conftest
 import grpc
 import httpx
 from conftest import LIVE_SLOTS, LiveServer, free_port, require_tool
@@ -112,13 +115,14 @@ def wait_listening(url: str, nginx: Nginx, timeout: float = 10) -> None:
     raise TimeoutError(f"nginx not listening after {timeout} s:\n{nginx.output()}")
 
 
-def complete(client: httpx.Client, session: str, prompt: str) -> tuple[str, dict]:
-    """One completion in ``session`` through the router: (replica address, ponder fields)."""
-    body = {"prompt": prompt, "max_tokens": 2, "session_id": session}
+def complete(client: httpx.Client, session: str, prompt: str, **fields) -> tuple[str, dict]:
+    """One completion in ``session`` through the router: (replica address, ponder fields and ``text``)."""
+    body = {"prompt": prompt, "max_tokens": 2, "session_id": session, **fields}
     response = client.post("/v1/completions", json=body, headers={"X-Session-Id": session})
     assert response.status_code == 200, f"{session}: {response.status_code} {response.text}"
     # After a failover nginx lists every replica it tried; the last one answered.
-    return response.headers["X-Ponder-Upstream"].split(", ")[-1], response.json()["ponder"]
+    answer = response.json()
+    return response.headers["X-Ponder-Upstream"].split(", ")[-1], {**answer["ponder"], "text": answer["choices"][0]["text"]}
 
 
 def stream_directly(url: str, session: str, started: threading.Event) -> list[str]:
@@ -145,7 +149,7 @@ def complete_grpc(channel, session: str, prompt: str) -> tuple[str, int]:
     return dict(call.initial_metadata())["x-ponder-upstream"].split(", ")[-1], replies[-1].usage.cached_tokens
 
 
-def test_sessions_stick_to_a_replica_and_fail_over_cold(tmp_path, compile_cache):
+def test_sessions_stick_to_a_replica_and_fail_over_cold(tmp_path, compile_cache, monkeypatch):
     nginx_bin = require_tool("nginx")
     cache = compile_cache
     replicas, nginx = [], None
@@ -234,6 +238,37 @@ def test_sessions_stick_to_a_replica_and_fail_over_cold(tmp_path, compile_cache)
             # The moved sessions now live on the remaining replica.
             for session, (upstream, answer) in extend_all("x_0 = 0\nx_1 = 1\ny = 2\nz = 3\n").items():
                 assert upstream == kept and answer["cached_tokens"] > 0, f"{session} after {lost} exited: {answer}"
+
+            # The replica comes back on its address (warm from the compile cache) and takes its share of
+            # new sessions again; then it dies (SIGKILL) in the middle of a session's stream.
+            ports = iter([address[lost].port, address[lost].grpc_port])
+            monkeypatch.setattr(conftest, "free_port", lambda: next(ports))
+            back = LiveServer("--slots", LIVE_SLOTS, "--compile-cache", cache)
+            replicas.append(back)
+            back.wait_ready(timeout=600)
+            greedy = {"max_tokens": 8, "temperature": 0}
+            for session in (f"killed-{i}" for i in range(40)):  # a new session that hashes to the returned replica
+                prompt = f"# {session}\n" + PROMPT
+                upstream, before = complete(client, session, prompt, **greedy)
+                if upstream == lost:
+                    break
+            assert upstream == lost and before["cached_tokens"] == 0, (upstream, before)
+            body = {"prompt": prompt, "max_tokens": 256, "stream": True, "session_id": session, "temperature": 0}
+            events = []
+            with client.stream("POST", "/v1/completions", json=body, headers={"X-Session-Id": session}) as stream:
+                assert stream.status_code == 200 and stream.headers["X-Ponder-Upstream"] == lost
+                try:
+                    for line in filter(None, stream.iter_lines()):
+                        events.append(line)
+                        if len(events) == 2:
+                            back.process.send_signal(signal.SIGKILL)
+                except httpx.HTTPError:
+                    pass  # the cut stream: the only failed request of this part
+            assert back.process.wait(timeout=30) == -signal.SIGKILL
+            assert "data: [DONE]" not in events, "the stream finished before the replica was killed"
+            upstream, after = complete(client, session, prompt, **greedy)
+            assert upstream == kept and after["cached_tokens"] == 0, (upstream, after)  # rebuilt from the prompt
+            assert after["text"] == before["text"], (before, after)  # cold start on either replica: one text
     except BaseException:
         print(nginx.output() if nginx else "nginx did not start")
         for replica in replicas:
