@@ -58,6 +58,13 @@ def _check_corpus(path: Path) -> None:
         raise FileNotFoundError(f"{path} is not a built corpus: make one with `ponder train corpus --out {path}`")
 
 
+def _join_processes(args: argparse.Namespace) -> None:
+    """Multi-process training joins JAX's runtime before anything touches a device."""
+    from ponder.train.sharding import initialize_distributed
+
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+
+
 def _train_base(args: argparse.Namespace) -> None:
     from ponder.model import checkpoint
     from ponder.model.config import GPTConfig
@@ -65,6 +72,7 @@ def _train_base(args: argparse.Namespace) -> None:
     from ponder.model.tokenizer import Tokenizer
     from ponder.train.stages import BaseStage
 
+    _join_processes(args)
     _check_corpus(args.corpus)
     if args.init_from:
         model, tokenizer = checkpoint.load(args.init_from)
@@ -85,6 +93,7 @@ def _train_ttt(args: argparse.Namespace) -> None:
     from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
     from ponder.train.stages import TTTStage
 
+    _join_processes(args)
     _check_corpus(args.corpus)
     if (args.base is None) == (args.init_from is None):
         raise ValueError("give one of --base (a new TTT layer on a base) and --init-from (continue a TTT checkpoint)")
@@ -184,6 +193,7 @@ def _train_gate(args: argparse.Namespace) -> None:
     from ponder.model.gating import GateConfig, GatingNetwork
     from ponder.train.stages import ValueGateStage
 
+    _join_processes(args)
     model, tokenizer = _trained_ttt(args)
     config = model.config
     gate = GateConfig(chunk=config.gate.chunk, hidden=args.gate_hidden)
@@ -246,6 +256,10 @@ def add_train_commands(commands) -> None:
         p.add_argument("--metrics-port", type=int, help="serve Prometheus training metrics on this port")
         p.add_argument("--no-progress", action="store_true")
         p.add_argument("--mesh", default="data=1", help="device mesh, e.g. data=4 or data=2,model=2 (default: one device)")
+        p.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="multi-process training: process 0's address, which it serves (README 'Training on several machines')")
+        p.add_argument("--num-processes", type=int, help="multi-process training: processes in all")
+        p.add_argument("--process-id", type=int, help="multi-process training: this process's index, 0 to N-1")
         p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: leave early, as a crash would
 
     base = stages.add_parser("base", help="stage 1: train the base GPT-2")

@@ -88,40 +88,63 @@ class Packer:
         start, end = self.pieces[int(piece)]
         tokens = np.asarray(self.data.tokens[start:end], np.int32)
         rng = np.random.default_rng([self.seed, epoch, int(piece), 1])
-        if self.fim_rate and rng.random() < self.fim_rate and len(tokens) > 3:
+        if self._fim(rng, len(tokens)):
             lead = 1 if self.opens_document[int(piece)] else 0  # a document's <eot> stays in front
             head, body = tokens[:lead], tokens[lead:]
             i, j = sorted(rng.integers(0, len(body) + 1, size=2))
             tokens = np.concatenate([head, self.fim_prompt(body[:i].tolist(), body[j:].tolist()), body[i:j]])
         return tokens.astype(np.int32)
 
-    def next(self, state: DataState) -> tuple[Batch, DataState]:
-        """The batch at ``state`` and the state after it."""
+    def _fim(self, rng: np.random.Generator, n: int) -> bool:
+        """Whether the piece of ``n`` tokens whose generator is ``rng`` becomes a FIM example (one draw)."""
+        return bool(self.fim_rate) and rng.random() < self.fim_rate and n > 3
+
+    def _length(self, epoch: int, piece: int) -> int:
+        """``len(self._piece(epoch, piece))`` without reading its tokens (FIM adds the layout's special tokens)."""
+        start, end = self.pieces[int(piece)]
+        n = int(end - start)
+        if self._fim(np.random.default_rng([self.seed, epoch, int(piece), 1]), n):
+            n += len(self.fim_prompt([], []))
+        return n
+
+    def next(self, state: DataState, rows: range | None = None) -> tuple[Batch, DataState]:
+        """The batch at ``state`` and the state after it.
+
+        ``rows`` (a range of the batch's rows) builds only those rows, for the process that feeds them
+        in multi-process training: the pieces of the other rows are measured but never read, so each
+        process reads its share of the corpus and the returned state is the same in every process.
+        """
         B, T, C = self.batch_size, self.seq_len, self.align
-        tokens = np.full((B, T), self.pad_id, np.int32)
-        positions = np.zeros((B, T), np.int32)
-        segments = np.zeros((B, T), np.int32)
-        real = np.zeros((B, T), bool)
+        rows = range(B) if rows is None else rows
+        if rows.step != 1 or not 0 <= rows.start <= rows.stop <= B:
+            raise ValueError(f"rows {rows} is not a contiguous range of the {B} rows of a batch")
+        tokens = np.full((len(rows), T), self.pad_id, np.int32)
+        positions = np.zeros((len(rows), T), np.int32)
+        segments = np.zeros((len(rows), T), np.int32)
+        real = np.zeros((len(rows), T), bool)
         epoch, index, offset = state.epoch, state.piece, state.offset
         order = self._order(epoch)
-        piece = self._piece(epoch, order[index])
+        piece, length = None, self._length(epoch, order[index])
         for row in range(B):
-            start, segment = 0, 0
+            start, segment, out = 0, 0, row - rows.start
             while start < T:
-                n = min(len(piece) - offset, T - start)
-                tokens[row, start : start + n] = piece[offset : offset + n]
-                positions[row, start : start + n] = np.arange(n)
-                real[row, start : start + n] = True
+                n = min(length - offset, T - start)
                 end = start + -(-n // C) * C  # padding to the next chunk boundary stays in this piece
-                positions[row, start + n : end] = np.arange(n, end - start)
-                segments[row, start:end] = segment
+                if row in rows:
+                    if piece is None:
+                        piece = self._piece(epoch, order[index])
+                    tokens[out, start : start + n] = piece[offset : offset + n]
+                    positions[out, start : start + n] = np.arange(n)
+                    real[out, start : start + n] = True
+                    positions[out, start + n : end] = np.arange(n, end - start)
+                    segments[out, start:end] = segment
                 start, segment, offset = end, segment + 1, offset + n
-                if offset == len(piece):  # next piece (and epoch)
+                if offset == length:  # next piece (and epoch)
                     index, offset = index + 1, 0
                     if index == len(order):
                         epoch, index = epoch + 1, 0
                         order = self._order(epoch)
-                    piece = self._piece(epoch, order[index])
+                    piece, length = None, self._length(epoch, order[index])
         return Batch(tokens, positions, segments, real), DataState(epoch, index, offset)
 
 

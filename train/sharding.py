@@ -13,9 +13,18 @@ the default is no sharding.
 Under ``jit`` XLA's SPMD partitioner then splits the step across devices; the
 result equals the one-device step up to float reassociation (a test holds it
 to 1e-5).
+
+Several processes (hosts) form one mesh through JAX's own runtime:
+``initialize_distributed`` joins the processes, ``jax.devices()`` is then every
+process's devices, and ``make_mesh`` builds the global mesh from them. Each
+process builds only the batch rows its own devices hold (``process_rows``) and
+``shard_batch`` assembles the global batch from those parts. On the CPU backend
+the processes exchange collectives through gloo.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import numpy as np
@@ -27,6 +36,48 @@ from ponder.model.gpt2 import LOGICAL_AXES
 # Logical axis -> mesh axis. "heads" and "mlp" split over "model" (Megatron-style
 # column/row sharding); everything else is replicated; batch rows split over "data".
 DEFAULT_RULES = {"batch": "data", "heads": "model", "mlp": "model", "vocab": None, "embed": None}
+
+
+# Environments in which ``jax.distributed.initialize()`` finds the coordinator, the process count and this
+# process's index by itself (JAX's cluster detection): SLURM (srun: SLURM_JOB_ID, SLURM_NTASKS, SLURM_PROCID,
+# SLURM_STEP_NODELIST), Open MPI (mpirun: OMPI_MCA_orte_hnp_uri, OMPI_COMM_WORLD_SIZE/RANK), GKE TPU slices.
+CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES")
+
+
+def initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    heartbeat_timeout_s: int = 30,
+    initialization_timeout_s: int = 300,
+) -> bool:
+    """Joins this process to a multi-process JAX runtime; returns whether it did.
+
+    With ``coordinator`` (``HOST:PORT``, served by process 0), ``num_processes``
+    and ``process_id`` it joins those. Without them it joins when the
+    environment names a cluster (``CLUSTER_ENV``) and leaves JAX to read it,
+    and otherwise stays a single process. A process that stops sending
+    heartbeats for ``heartbeat_timeout_s`` counts as dead and the others stop
+    with an error instead of waiting in a collective forever.
+    """
+    explicit = (coordinator, num_processes, process_id)
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise ValueError("--coordinator, --num-processes and --process-id go together: pass all three or none")
+    if coordinator is None and not any(name in os.environ for name in CLUSTER_ENV):
+        return False
+    if coordinator is None and "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) == 1:
+        return False  # one task of a SLURM allocation: nothing to join
+    if coordinator is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"--process-id {process_id} must be in [0, --num-processes {num_processes})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+    args = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+        **{k: v for k, v in args.items() if v is not None},
+        heartbeat_timeout_seconds=heartbeat_timeout_s,
+        initialization_timeout=initialization_timeout_s,
+    )
+    return True
 
 
 def make_mesh(spec: str = "data=1", devices=None) -> Mesh:
@@ -76,7 +127,25 @@ def shard(tree, mesh: Mesh, rules: dict = DEFAULT_RULES):
     return tree
 
 
-def shard_batch(batch, mesh: Mesh, rules: dict = DEFAULT_RULES):
-    """Rows of every [B, ...] array over the batch axis."""
+def process_rows(mesh: Mesh, batch_size: int, rules: dict = DEFAULT_RULES) -> range:
+    """The rows of a global batch of ``batch_size`` that this process's devices hold (all of them in one process)."""
     sharding = NamedSharding(mesh, PartitionSpec(rules.get("batch")))
-    return jax.tree.map(lambda a: jax.device_put(a, sharding), batch)
+    held = sharding.addressable_devices_indices_map((batch_size,)).values()
+    starts = sorted({index[0].indices(batch_size)[:2] for index in held})
+    rows = range(starts[0][0], starts[-1][1])
+    if sum(stop - start for start, stop in starts) != len(rows):
+        raise ValueError(f"this process's devices hold rows {starts} of the batch: not one contiguous block")
+    return rows
+
+
+def shard_batch(batch, mesh: Mesh, rules: dict = DEFAULT_RULES, batch_size: int | None = None):
+    """Rows of every [B, ...] array over the batch axis.
+
+    ``batch`` holds this process's rows (``process_rows``) of a global batch of
+    ``batch_size`` rows; in one process (``batch_size`` None) that is all of them.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(rules.get("batch")))
+    if batch_size is None:
+        return jax.tree.map(lambda a: jax.device_put(a, sharding), batch)
+    place = lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a), (batch_size, *a.shape[1:]))
+    return jax.tree.map(place, batch)

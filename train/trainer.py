@@ -16,6 +16,14 @@ the batches the uninterrupted one would have.
 
 A stage (``train.stages``) says which parameters train and what the loss is;
 everything else is here.
+
+Several processes (``train.sharding.initialize_distributed``) run this same
+loop in step: each builds only its rows of every batch, Orbax writes one
+checkpoint from all of them (a single-process run restores it), and only
+process 0 writes the run's files, logs, metrics and progress. The exported
+``best/`` and ``final/`` come from one process: a multi-process run leaves its
+last checkpoint, and ``--resume`` of the finished run in one process exports
+``final/``.
 """
 
 from __future__ import annotations
@@ -33,12 +41,13 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from ponder.model import checkpoint
 from ponder.model.tokenizer import Tokenizer
 from ponder.train.corpus import TokenFile
 from ponder.train.data import Batch, DataState, Packer
-from ponder.train.sharding import make_mesh, shard, shard_batch
+from ponder.train.sharding import make_mesh, process_rows, shard, shard_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +156,12 @@ def peak_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
 class RunLog:
     """Appends JSON lines to ``log.jsonl``."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
 
     def write(self, **record) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, jax.Array)) else v) for k, v in record.items()}) + "\n")
 
@@ -183,6 +194,7 @@ def train(
         split over ``data``, attention heads and MLP columns over ``model``.
     """
     run_dir = Path(run_dir).absolute()
+    primary = jax.process_index() == 0  # the one process that writes the run's files
     manager_dir = run_dir / "checkpoints"
     config_path = run_dir / "train_config.json"
     record = {"stage": stage.name, "train": dataclasses.asdict(config), "corpus": str(Path(corpus_dir).absolute())}
@@ -195,13 +207,16 @@ def train(
         if saved["stage"] != stage.name or other(saved["train"]) != other(record["train"]):
             changed = sorted(k for k in record["train"] if saved["train"].get(k) != record["train"][k] and k != "steps")
             raise ValueError(f"--resume: {config_path} was written for other settings ({', '.join(changed) or 'stage'})")
-        if saved["train"]["steps"] != config.steps:
+        if saved["train"]["steps"] != config.steps and primary:
             config_path.write_text(json.dumps(record, indent=2) + "\n")
     else:
         if manager_dir.exists():
             raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or pick another --run-dir")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(json.dumps(record, indent=2) + "\n")
+        if primary:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config_path.write_text(json.dumps(record, indent=2) + "\n")
+    if jax.process_count() > 1:  # every process has checked run_dir before any writes to it
+        multihost_utils.sync_global_devices("ponder train: run directory checked")
 
     packer = Packer(
         TokenFile(corpus_dir, "train"), config.batch_size, config.seq_len, align=stage.align,
@@ -215,6 +230,7 @@ def train(
     if config.batch_size % mesh.shape["data"]:
         raise ValueError(f"batch size {config.batch_size} does not split over {mesh.shape['data']} data-parallel devices")
     optimizer = make_optimizer(model, stage, config)
+    shard((model, optimizer), mesh)  # before a restore, which then reads each array into its place
     manager = ocp.CheckpointManager(
         manager_dir, options=ocp.CheckpointManagerOptions(max_to_keep=config.keep, enable_async_checkpointing=False)
     )
@@ -229,8 +245,8 @@ def train(
         nnx.update((model, optimizer), _merge_pure(nnx.state((model, optimizer)), restored["state"]))
         meta = restored["meta"]
     data_state = DataState(**meta["data"])
-    shard((model, optimizer), mesh)
-    place = lambda batch: shard_batch(Batch(*map(jnp.asarray, batch)), mesh)
+    rows = process_rows(mesh, config.batch_size)  # this process builds only these rows of every batch
+    place = lambda batch: shard_batch(batch, mesh, batch_size=config.batch_size)
 
     def save(step: int) -> None:
         state = nnx.to_pure_dict(nnx.state((model, optimizer)))
@@ -245,22 +261,23 @@ def train(
     def evaluate() -> float:
         state, losses = DataState(), []
         for _ in range(config.eval_batches):
-            batch, state = val_packer.next(state)
+            batch, state = val_packer.next(state, rows)
             losses.append(float(eval_step(model, place(batch))[1][stage.validation]))
         return float(np.mean(losses))
 
-    log = RunLog(run_dir / "log.jsonl")
+    log = RunLog(run_dir / "log.jsonl", enabled=primary)
+    metrics = metrics if primary else None
     lr = learning_rate(config)
     tokens_per_step = config.batch_size * config.seq_len
     flops_per_step = stage.tokens_flops(model) * tokens_per_step
     peak = peak_matmul_flops()
     log.write(event="start", step=start, steps=config.steps, peak_matmul_flops=peak, resumed=resume)
     last_save, step = time.monotonic(), start
-    bar = _progress(progress, config.steps, start)
+    bar = _progress(progress and primary, config.steps, start)
     try:
         for step in range(start + 1, config.steps + 1):
             t0 = time.perf_counter()
-            batch, data_state = packer.next(data_state)
+            batch, data_state = packer.next(data_state, rows)
             out = train_step(model, optimizer, place(batch))
             out = {k: float(v) for k, v in jax.device_get(out).items()}
             seconds = time.perf_counter() - t0
@@ -271,7 +288,8 @@ def train(
                 row["val_loss"] = evaluate()
                 if row["val_loss"] < meta["best_val"]:
                     meta["best_val"] = row["val_loss"]
-                    export(run_dir / "best", model, tokenizer)
+                    if jax.process_count() == 1:
+                        export(run_dir / "best", model, tokenizer)
             log.write(**row)
             if metrics is not None:
                 metrics.observe(row)
@@ -285,6 +303,8 @@ def train(
     finally:
         bar.close()
         manager.close()
+    if jax.process_count() > 1:
+        return run_dir  # the checkpoint; `--resume` in one process exports final/ from it
     final = export(run_dir / "final", model, tokenizer)
     log.write(event="done", step=step, best_val=meta["best_val"], tokens=meta["tokens"])
     return final
