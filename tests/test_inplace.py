@@ -177,3 +177,10 @@ def test_held_out_cross_entropy_by_windows():
     assert table["skip"]["tokens"] == 4 * C - 1
     np.testing.assert_allclose(table["skip"]["ce"], float(nll.mean()), rtol=1e-5)
     assert abs(table["update"]["ce"] - table["skip"]["ce"]) > 1e-4
+
+
+def test_the_server_refuses_an_in_place_checkpoint_by_name():
+    from ponder.server.runner import as_ttt_model
+
+    with pytest.raises(ValueError, match="not InPlaceLM .*not served yet.*ponder eval"):
+        as_ttt_model(make_model())
