@@ -36,9 +36,7 @@ def _bench_code(args: argparse.Namespace) -> None:
         print("warning: --unsafe-no-sandbox: the model's code runs without isolation, with this user's access to "
               "the network, files and processes", file=sys.stderr)
     report = code_bench.run(suite, problems, generate, args.out, args.samples, args.k or [1], args.allow_code_execution,
-                            unsafe_no_sandbox=args.unsafe_no_sandbox)
-    report["schedule"] = args.schedule
-    (Path(args.out) / f"{suite.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+                            unsafe_no_sandbox=args.unsafe_no_sandbox, about={"schedule": args.schedule})
     print(json.dumps(report, indent=2))
     if not args.allow_code_execution:
         print(f"wrote {args.out}/samples.jsonl without running it: pass --allow-code-execution to execute the "

@@ -144,12 +144,12 @@ def pass_at_k(results: dict[str, list[bool]], ks: list[int]) -> dict[str, float]
 
 
 def run(suite, problems: list[dict], generate: Generate, out_dir: str | Path, n_samples: int, ks: list[int],
-        allow_code_execution: bool, unsafe_no_sandbox: bool = False) -> dict:
+        allow_code_execution: bool, unsafe_no_sandbox: bool = False, about: dict | None = None) -> dict:
     """Generates ``n_samples`` solutions per problem, then scores them.
 
     Writes ``samples.jsonl`` (``task_id``, ``completion``: HumanEval's format) and ``SUITE.json``, the
     report, with pass@k when executed. With ``allow_code_execution`` the sandbox is checked before
-    anything is generated (``SandboxUnavailable``).
+    anything is generated (``SandboxUnavailable``). ``about`` adds fields to the report (e.g. the schedule).
     """
     if allow_code_execution and not unsafe_no_sandbox:
         check_sandbox()
@@ -161,7 +161,7 @@ def run(suite, problems: list[dict], generate: Generate, out_dir: str | Path, n_
         for s in samples:
             f.write(json.dumps(s) + "\n")
     report = {"suite": suite.name, "problems": len(problems), "samples_per_problem": n_samples,
-              "executed": allow_code_execution, "sandbox": "none" if unsafe_no_sandbox else "bwrap"}
+              "executed": allow_code_execution, "sandbox": "none" if unsafe_no_sandbox else "bwrap", **(about or {})}
     if allow_code_execution:
         by_id = {p["task_id"]: p for p in problems}
         results: dict[str, list[bool]] = {p["task_id"]: [] for p in problems}
