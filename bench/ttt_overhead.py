@@ -12,7 +12,13 @@ the threshold gate aiming at 50%: a schedule that reads the chunk features,
 which cost an LM head over the base hidden states (fixed schedules skip them).
 Medians after warm-up, same process.
 
-    python bench/ttt_overhead.py [--prefill-tokens 1024] [--decode-tokens 256]
+``--kinds inplace,lora`` adds the other fast-weight kinds on the same base
+weights, with their default configs (In-Place TTT: the top block's W_down,
+chunks of 64; LoRA: adapters on Q, V and the MLP of every block of `tiny`,
+chunks of 16, one SGD step per chunk): prefill and decode at SKIP and
+UPDATE_1 against the same base timings, timed in the same rounds.
+
+    python bench/ttt_overhead.py [--prefill-tokens 1024] [--decode-tokens 256] [--kinds inplace,lora]
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from timing import interleaved_medians
 from ponder.model.config import GPTConfig
 from ponder.model.gating import Schedule
 from ponder.model.gpt2 import KVCache
+from ponder.model.inplace import InPlaceLM, InPlaceLMConfig
+from ponder.model.lora import LoRAConfig, LoRALM, LoRALMConfig
 from ponder.model.ttt import TTTConfig
 from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
 
@@ -39,13 +47,49 @@ HALF = Schedule("random", rate=0.5, seed=0)  # every other chunk on average, ski
 GATED = Schedule("threshold", rate=0.5)  # a gate that reads the chunk features (base CE/entropy, TTT losses)
 
 
+class FastWeights:
+    """An In-Place TTT or LoRA model on ``base`` (default config), its prefill and decode as timed closures."""
+
+    def __init__(self, kind: str, base):
+        if kind == "inplace":
+            config = InPlaceLMConfig(base.config)
+            self.model = InPlaceLM(config, rngs=nnx.Rngs(0), base=base)
+            # W_target starts at zero (every update would be zero work of the same cost); make it non-zero anyway.
+            self.model.W_target[...] = jnp.full(self.model.W_target.shape, 1e-3)
+        else:
+            config = LoRALMConfig(base.config, LoRAConfig(layers=min(LoRAConfig.layers, base.config.n_layer)))
+            self.model = LoRALM(config, rngs=nnx.Rngs(0), base=base)
+        self.graphdef, self.state = nnx.split(self.model)
+        self.schedules = {"skip": Schedule("skip"), "update": Schedule("update")}
+        self.forward = {name: jax.jit(lambda s, t, p, sch=sch: nnx.merge(self.graphdef, s)(t, p, sch).logits)
+                        for name, sch in self.schedules.items()}
+        self.step = {name: jax.jit(lambda s, *a, sch=sch: nnx.merge(self.graphdef, s).step(*a, sch), donate_argnums=(3, 4))
+                     for name, sch in self.schedules.items()}
+
+    def prefill(self, name, tokens, positions):
+        return lambda: self.forward[name](self.state, tokens, positions).block_until_ready()
+
+    def decode(self, name, tokens, positions):
+        def run():
+            cache, doc = KVCache.init(self.model.config.base, 1, 512), self.model.init_state(1)
+            for i in range(tokens.shape[1]):
+                logits, cache, doc = self.step[name](self.state, tokens[:, i], positions[:, i], cache, doc)
+            logits.block_until_ready()
+
+        return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prefill-tokens", type=int, default=1024)
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--runs", type=int, default=11)
+    parser.add_argument("--kinds", default="", help="comma-separated: inplace, lora (besides the TTT layer)")
     parser.add_argument("--json")
     args = parser.parse_args()
+    kinds = [k for k in args.kinds.split(",") if k]
+    if set(kinds) - {"inplace", "lora"}:
+        parser.error(f"--kinds takes inplace and lora, not {args.kinds}")
 
     base_config = GPTConfig.tiny()
     config = TTTLMConfig(base=base_config, ttt=TTTConfig(width=base_config.n_embd, n_head=4, mini_batch=16))
@@ -63,12 +107,15 @@ def main() -> None:
     update_all = jax.jit(lambda s, t, p: nnx.merge(graphdef, s)(t, p, Schedule("update")))
     update_half = jax.jit(lambda s, t, p: nnx.merge(graphdef, s)(t, p, HALF))
     update_gated = jax.jit(lambda s, t, p: nnx.merge(graphdef, s)(t, p, GATED))
+    others = {kind: FastWeights(kind, lm.base) for kind in kinds}
     prefill = interleaved_medians(
         {
             "base": lambda: base_forward(base_state, tokens, positions).block_until_ready(),
             "update": lambda: update_all(state, tokens, positions).logits.block_until_ready(),
             "half": lambda: update_half(state, tokens, positions).logits.block_until_ready(),
             "gated": lambda: update_gated(state, tokens, positions).logits.block_until_ready(),
+            **{f"{kind}:{name}": other.prefill(name, tokens, positions)
+               for kind, other in others.items() for name in ("skip", "update")},
         },
         args.runs,
     )
@@ -104,6 +151,8 @@ def main() -> None:
             "update": ttt_decoder(Schedule("update")),
             "half": ttt_decoder(HALF),
             "gated": ttt_decoder(GATED),
+            **{f"{kind}:{name}": other.decode(name, tokens[:, :n], positions[:, :n])
+               for kind, other in others.items() for name in ("skip", "update")},
         },
         args.runs,
     )
@@ -142,6 +191,17 @@ def main() -> None:
           f"{100 * half_decode_rate:.0f}% of chunks updated {results['ttt_half_decode_ms_per_token']:.2f} ms -> {results['decode_ratio_half']:.2f}x; "
           f"threshold gate ({100 * gated_decode_rate:.0f}%) {results['ttt_gated_decode_ms_per_token']:.2f} ms -> "
           f"{results['decode_ratio_gated']:.2f}x")
+    for kind in kinds:
+        for name in ("skip", "update"):
+            key = f"{kind}:{name}"
+            results[f"{kind}_{name}_prefill_ratio"] = prefill[key] / base_prefill
+            results[f"{kind}_{name}_decode_ms_per_token"] = 1e3 * decode[key] / n
+            results[f"{kind}_{name}_decode_ratio"] = decode[key] / n / base_decode
+        print(f"{kind}: prefill SKIP {results[f'{kind}_skip_prefill_ratio']:.2f}x, UPDATE_1 "
+              f"{results[f'{kind}_update_prefill_ratio']:.2f}x; decode per token SKIP "
+              f"{results[f'{kind}_skip_decode_ms_per_token']:.2f} ms -> {results[f'{kind}_skip_decode_ratio']:.2f}x, "
+              f"UPDATE_1 {results[f'{kind}_update_decode_ms_per_token']:.2f} ms -> "
+              f"{results[f'{kind}_update_decode_ratio']:.2f}x the base")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

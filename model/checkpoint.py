@@ -4,7 +4,8 @@ Layout of a checkpoint directory::
 
     config.json     {"format_version": 1, "model": GPTConfig fields,
                      "ttt": TTT language-model fields (TTT checkpoints only),
-                     "inplace": in-place fast-weight fields (In-Place TTT checkpoints only)}
+                     "inplace": in-place fast-weight fields (In-Place TTT checkpoints only),
+                     "lora": LoRA fast-weight fields (LoRA checkpoints only)}
     tokenizer.json  the tokenizer (``tokenizers`` JSON)
     state/          model parameters, written by Orbax
     manifest.json   size and SHA-256 of every file above
@@ -35,10 +36,13 @@ from ponder.model.config import GPTConfig
 from ponder.model.gpt2 import GPT
 from ponder.model.gpt2 import abstract_model as abstract_gpt
 from ponder.model.inplace import InPlaceLM, InPlaceLMConfig
+from ponder.model.lora import LoRALM, LoRALMConfig
 from ponder.model.tokenizer import Tokenizer
 from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
 
 FORMAT_VERSION = 1
+# config.json key of each fast-weight kind: (model class, its config class).
+KINDS = {"ttt": (TTTTransformerLM, TTTLMConfig), "inplace": (InPlaceLM, InPlaceLMConfig), "lora": (LoRALM, LoRALMConfig)}
 CONFIG_FILE, TOKENIZER_FILE, STATE_DIR, MANIFEST_FILE = "config.json", "tokenizer.json", "state", "manifest.json"
 
 
@@ -61,7 +65,7 @@ def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
 
 def save(
     directory: str | Path,
-    model: GPT | TTTTransformerLM | InPlaceLM,
+    model: GPT | TTTTransformerLM | InPlaceLM | LoRALM,
     tokenizer: Tokenizer,
     overwrite: bool = False,
     storage_dtype: str | None = None,
@@ -70,7 +74,7 @@ def save(
 
     Args:
       directory: target directory; must not exist unless ``overwrite``.
-      model: the base GPT or the TTT language model; its config goes to ``config.json``.
+      model: the base GPT or a fast-weight language model; its config goes to ``config.json``.
       tokenizer: saved beside it; its vocabulary must fit the model.
       storage_dtype: e.g. ``"bfloat16"``: float32 parameters are stored
         rounded to it (half the bytes) and loaded back as float32.
@@ -79,8 +83,8 @@ def save(
       The absolute checkpoint path.
     """
     directory = Path(directory).absolute()
-    is_ttt, is_inplace = isinstance(model, TTTTransformerLM), isinstance(model, InPlaceLM)
-    config: GPTConfig = model.config.base if is_ttt or is_inplace else model.config
+    kind = next((key for key, (cls, _) in KINDS.items() if isinstance(model, cls)), None)
+    config: GPTConfig = model.config if kind is None else model.config.base
     if len(tokenizer) > config.vocab_size:
         raise CheckpointError(
             f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
@@ -91,10 +95,8 @@ def save(
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     record = {"format_version": FORMAT_VERSION, "model": config.to_dict()}
-    if is_ttt:
-        record["ttt"] = model.config.to_dict()
-    if is_inplace:
-        record["inplace"] = model.config.to_dict()
+    if kind is not None:
+        record[kind] = model.config.to_dict()
     state = nnx.to_pure_dict(nnx.state(model))
     if storage_dtype is not None:
         record["storage_dtype"] = storage_dtype
@@ -143,8 +145,8 @@ def _verify_files(directory: Path) -> None:
             raise CheckpointError(f"checkpoint file {path} is corrupt: its SHA-256 does not match {MANIFEST_FILE}")
 
 
-def load_config(directory: str | Path) -> GPTConfig | TTTLMConfig | InPlaceLMConfig:
-    """The model config of a checkpoint: a ``GPTConfig``, a ``TTTLMConfig`` (TTT) or an ``InPlaceLMConfig`` (In-Place TTT)."""
+def load_config(directory: str | Path) -> GPTConfig | TTTLMConfig | InPlaceLMConfig | LoRALMConfig:
+    """The model config of a checkpoint: a ``GPTConfig``, or a ``TTTLMConfig`` / ``InPlaceLMConfig`` / ``LoRALMConfig``."""
     path = Path(directory) / CONFIG_FILE
     try:
         data = json.loads(path.read_text())
@@ -158,9 +160,10 @@ def load_config(directory: str | Path) -> GPTConfig | TTTLMConfig | InPlaceLMCon
         )
     try:
         base = GPTConfig.from_dict(data.get("model"))
-        if data.get("inplace") is not None:
-            return InPlaceLMConfig.from_dict(base, data["inplace"])
-        return base if data.get("ttt") is None else TTTLMConfig.from_dict(base, data["ttt"])
+        for key, (_, config_class) in KINDS.items():
+            if data.get(key) is not None:
+                return config_class.from_dict(base, data[key])
+        return base
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {err}") from None
 
@@ -191,20 +194,19 @@ def _check_tree(saved: Any, expected: Any, where: Path) -> None:
             raise CheckpointError(f"{where}: parameter {name} has dtype {got.dtype}, the config implies {want.dtype}")
 
 
-def abstract_model(config: GPTConfig | TTTLMConfig | InPlaceLMConfig) -> GPT | TTTTransformerLM | InPlaceLM:
+def abstract_model(config):
     """A parameter-free skeleton (shapes and dtypes only) to restore into."""
-    if isinstance(config, TTTLMConfig):
-        return nnx.eval_shape(lambda: TTTTransformerLM(config, rngs=nnx.Rngs(0)))
-    if isinstance(config, InPlaceLMConfig):
-        return nnx.eval_shape(lambda: InPlaceLM(config, rngs=nnx.Rngs(0)))
+    for cls, config_class in KINDS.values():
+        if isinstance(config, config_class):
+            return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
     return abstract_gpt(config)
 
 
-def load(directory: str | Path) -> tuple[GPT | TTTTransformerLM | InPlaceLM, Tokenizer]:
+def load(directory: str | Path) -> tuple[GPT | TTTTransformerLM | InPlaceLM | LoRALM, Tokenizer]:
     """Validates and loads a checkpoint directory.
 
     Returns:
-      ``(model, tokenizer)``: a ``GPT``, a ``TTTTransformerLM`` (TTT) or an ``InPlaceLM`` (In-Place TTT).
+      ``(model, tokenizer)``: a ``GPT``, or a ``TTTTransformerLM`` (TTT), ``InPlaceLM`` (In-Place TTT) or ``LoRALM``.
 
     Raises:
       CheckpointError: naming the missing, damaged or mismatched file or key.

@@ -113,7 +113,7 @@ class Attention(nnx.Module):
         self.c_attn = _linear(config, D, 3 * D, 0.02, rngs)
         self.c_proj = _linear(config, D, D, residual_std, rngs)
 
-    def __call__(self, x, positions, kv, segment_ids=None, attend_keys: int | None = None):
+    def __call__(self, x, positions, kv, segment_ids=None, attend_keys: int | None = None, qkv_delta=None):
         """Causal self-attention.
 
         Args:
@@ -127,13 +127,18 @@ class Attention(nnx.Module):
             whole cache on every step, so a server bounds it by the longest
             live row. 0: the cache holds nothing before these
             tokens (every row starts its document), so none of it is read.
+          qkv_delta: [B, T, 3D] added to the query/key/value projection
+            (low-rank fast weights, ``model.lora``), or None.
 
         Returns:
           ``(y [B, T, D], new_kv)``.
         """
         B, T, D = x.shape
         H, hd = self.config.n_head, self.config.head_dim
-        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 x [B, T, D]
+        qkv = self.c_attn(x)  # [B, T, 3D]
+        if qkv_delta is not None:
+            qkv = qkv + qkv_delta.astype(qkv.dtype)
+        q, k, v = jnp.split(qkv, 3, axis=-1)  # 3 x [B, T, D]
         heads_first = lambda a: a.reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # [B, H, T, hd]
         q, k, v = heads_first(q), heads_first(k), heads_first(v)
         causal = positions[:, None, :] <= positions[:, :, None]  # [B, T, T]

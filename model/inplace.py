@@ -46,7 +46,23 @@ from ponder.model.fast_weights import select_rows
 from ponder.model.gating import Schedule
 from ponder.model.gpt2 import GPT, KVCache
 
-SCHEDULES = ("skip", "update", "fixed", "random")  # the schedules in-place fast weights follow
+SCHEDULES = ("skip", "update", "fixed", "random")  # the schedules in-place and LoRA fast weights follow
+
+
+def schedule_lambda(schedule: Schedule, count, chunk: int):
+    """[B] lam of the chunk (``chunk`` tokens) starting at document position ``count`` [B], for ``SCHEDULES``."""
+    B = count.shape[0]
+    if schedule.kind == "skip":
+        return jnp.zeros((B,), jnp.float32)
+    if schedule.kind == "update":
+        return jnp.ones((B,), jnp.float32)
+    if schedule.kind == "fixed":
+        return jnp.full((B,), schedule.value, jnp.float32)
+    if schedule.kind == "random":
+        key = jax.random.key(schedule.seed)
+        draw = lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), schedule.rate)
+        return jax.vmap(draw)(count // chunk).astype(jnp.float32)
+    raise ValueError(f"these fast weights follow the schedules {SCHEDULES}, not {schedule.kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,21 +181,6 @@ class InPlaceLM(nnx.Module):
 
     # --- Pieces shared by both paths.
 
-    def _chunk_lambda(self, schedule: Schedule, count):
-        """[B] lam of the chunk starting at document position ``count`` [B]."""
-        B = count.shape[0]
-        if schedule.kind == "skip":
-            return jnp.zeros((B,), jnp.float32)
-        if schedule.kind == "update":
-            return jnp.ones((B,), jnp.float32)
-        if schedule.kind == "fixed":
-            return jnp.full((B,), schedule.value, jnp.float32)
-        if schedule.kind == "random":
-            key = jax.random.key(schedule.seed)
-            draw = lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), schedule.rate)
-            return jax.vmap(draw)(count // self.config.inplace.chunk).astype(jnp.float32)
-        raise ValueError(f"in-place fast weights follow the schedules {SCHEDULES}, not {schedule.kind!r}")
-
     def _targets(self, window):
         """V̂ per fast block from conv windows [..., conv_width, D] (oldest first): [L, ..., D]."""
         conv = jnp.einsum("...jd,jd->...d", window, self.conv[...][::-1])  # tap 0 reads the newest
@@ -273,7 +274,7 @@ class InPlaceLM(nnx.Module):
         last_open = jax.lax.cummax(jnp.where(opens[:, ::C], chunk_start, 0), axis=1)  # [B, n]
         count0 = jnp.where(last_open > 0, 0, state.count[:, None]) + chunk_start - last_open  # [B, n]
         if chunk_lambda is None:
-            lam = jax.vmap(lambda c: self._chunk_lambda(schedule, c), in_axes=1, out_axes=1)(count0)  # [B, n]
+            lam = jax.vmap(lambda c: schedule_lambda(schedule, c, self.config.inplace.chunk), in_axes=1, out_axes=1)(count0)  # [B, n]
         else:
             lam = chunk_lambda.astype(jnp.float32)
         # Targets: token t's window ends at t + 1 (the history, then this call's embeddings, then a zero).
@@ -333,7 +334,7 @@ class InPlaceLM(nnx.Module):
         x0 = jax.lax.stop_gradient(self.base.wte(tokens)).astype(jnp.float32)  # [B, D]
         state = self._absorb(state, x0)
         opening = state.count % self.config.inplace.chunk == 0
-        lam = jnp.where(opening, self._chunk_lambda(schedule, state.count), state.lam)
+        lam = jnp.where(opening, schedule_lambda(schedule, state.count, self.config.inplace.chunk), state.lam)
         z_last = []
 
         def fast_mlp(l, z):  # z [B, 1, F]

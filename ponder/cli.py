@@ -93,12 +93,13 @@ def _convert(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from ponder.model import checkpoint
     from ponder.model.inplace import InPlaceLM
+    from ponder.model.lora import LoRALM
     from ponder.model.ttt_lm import TTTTransformerLM
     from ponder.train import evaluate
 
     model, tokenizer = checkpoint.load(args.checkpoint)
-    if isinstance(model, InPlaceLM):
-        return _eval_inplace(args, model)
+    if isinstance(model, (InPlaceLM, LoRALM)):
+        return _eval_fast_weights(args, model)
     if not isinstance(model, TTTTransformerLM):
         raise ValueError(f"{args.checkpoint} is a base checkpoint; ponder eval compares TTT schedules (train one with `ponder train ttt`)")
     if args.window % model.config.gate.chunk or args.window > model.config.base.n_positions:
@@ -114,25 +115,32 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"wrote {out}/eval.json, eval.md and ce_vs_compute.png", file=sys.stderr)
 
 
-def _eval_inplace(args: argparse.Namespace, model) -> None:
-    """``ponder eval`` of an In-Place TTT checkpoint: CE of SKIP, UPDATE_1, FIXED_lam and RANDOM at each rate."""
+def _eval_fast_weights(args: argparse.Namespace, model) -> None:
+    """``ponder eval`` of an In-Place TTT or LoRA checkpoint: CE of SKIP, UPDATE_k, FIXED_lam and RANDOM at each rate.
+
+    UPDATE_2 and UPDATE_4 (optimizer steps per chunk) are LoRA's; an in-place update is one outer-product step.
+    """
     from ponder.model.gating import Schedule
+    from ponder.model.lora import LoRALM
     from ponder.train import evaluate
 
-    if args.window % model.config.inplace.chunk or args.window > model.config.base.n_positions:
-        raise ValueError(f"--window {args.window} must be a multiple of the chunk size {model.config.inplace.chunk} "
+    kind = "lora" if isinstance(model, LoRALM) else "inplace"
+    chunk = getattr(model.config, kind).chunk
+    if args.window % chunk or args.window > model.config.base.n_positions:
+        raise ValueError(f"--window {args.window} must be a multiple of the chunk size {chunk} "
                          f"and at most the context of {model.config.base.n_positions}")
     docs = evaluate.held_out_documents(args.corpus, args.window, args.min_tokens, args.max_tokens, args.max_documents)
     rates = (args.rate,) if args.rate is not None else args.rates or evaluate.RATES
-    schedules = {"SKIP": Schedule("skip"), "UPDATE_1": Schedule("update"),
+    steps = (1, 2, 4) if kind == "lora" else (1,)
+    schedules = {"SKIP": Schedule("skip"), **{f"UPDATE_{k}": Schedule("update", steps=k) for k in steps},
                  f"FIXED_{args.fixed_lambda:g}": Schedule("fixed", value=args.fixed_lambda),
                  **{f"RANDOM@{r:g}": Schedule("random", rate=r) for r in rates}}
-    table = evaluate.inplace_cross_entropy(model, docs, args.window, schedules)
+    table = evaluate.fast_weight_cross_entropy(model, docs, args.window, schedules)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "eval-inplace.json").write_text(json.dumps(table, indent=1) + "\n")
+    (Path(args.out) / f"eval-{kind}.json").write_text(json.dumps(table, indent=1) + "\n")
     for name, row in table.items():
         print(f"{name}\t{row['ce']:.4f}\t{1 - row['ce'] / table['SKIP']['ce']:+.2%} vs SKIP\t{row['clipped']} clipped")
-    print(f"wrote {args.out}/eval-inplace.json", file=sys.stderr)
+    print(f"wrote {args.out}/eval-{kind}.json", file=sys.stderr)
 
 
 def _rates(text: str) -> tuple[float, ...]:

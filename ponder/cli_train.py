@@ -102,8 +102,8 @@ def _train_ttt(args: argparse.Namespace) -> None:
     if args.gate_only and args.init_from is None:
         raise ValueError("--gate-only goes with --init-from (it trains a gate for a TTT layer that is already trained)")
     schedule = schedule_from_args(args)
-    if args.fast_weights == "inplace":
-        return _train_inplace(args, schedule)
+    if args.fast_weights != "ttt":
+        return _train_fast_weights(args, schedule)
     if args.gate_only and not schedule.uses_gate:
         raise ValueError(f"--gate-only trains the gate, which --schedule {args.schedule} does not use "
                          "(use learned, random_learned or learned_budget)")
@@ -130,7 +130,7 @@ def _train_ttt(args: argparse.Namespace) -> None:
                           base_lr=TTTConfig.base_lr if args.ttt_base_lr is None else args.ttt_base_lr,
                           max_update_norm=args.max_update_norm),
             n_ttt_layers=args.ttt_layers,
-            gate=GateConfig(chunk=args.chunk, output="clip"),
+            gate=GateConfig(chunk=args.chunk or GateConfig.chunk, output="clip"),
             eot_id=tokenizer.eot_id,
         )
         model = TTTTransformerLM(config, rngs=nnx.Rngs(args.seed), base=base)
@@ -144,30 +144,41 @@ def _train_ttt(args: argparse.Namespace) -> None:
     _train_run(args, stage, model, tokenizer)
 
 
-def _train_inplace(args: argparse.Namespace, schedule) -> None:
-    """Stage 2 of In-Place TTT: the top blocks' W_down become fast weights (``model.inplace``)."""
+def _train_fast_weights(args: argparse.Namespace, schedule) -> None:
+    """Stage 2 of In-Place TTT (``model.inplace``) or LoRA fast weights (``model.lora``) on a frozen base."""
     from flax import nnx
 
     from ponder.model import checkpoint
     from ponder.model.inplace import SCHEDULES, InPlaceConfig, InPlaceLM, InPlaceLMConfig
-    from ponder.train.stages import InPlaceStage
+    from ponder.model.lora import LoRAConfig, LoRALM, LoRALMConfig
+    from ponder.train.stages import InPlaceStage, LoRAStage
 
+    kind = args.fast_weights
     if schedule.kind not in SCHEDULES:
-        raise ValueError(f"--fast-weights inplace trains under --schedule {' / '.join(SCHEDULES)}, not {schedule.kind}")
+        raise ValueError(f"--fast-weights {kind} trains under --schedule {' / '.join(SCHEDULES)}, not {schedule.kind}")
+    cls, stage_class = {"inplace": (InPlaceLM, InPlaceStage), "lora": (LoRALM, LoRAStage)}[kind]
     if args.init_from is not None:
         model, tokenizer = checkpoint.load(args.init_from)
-        if not isinstance(model, InPlaceLM):
-            raise ValueError(f"--init-from {args.init_from} is not an In-Place TTT checkpoint")
+        if not isinstance(model, cls):
+            raise ValueError(f"--init-from {args.init_from} is not a --fast-weights {kind} checkpoint")
     else:
         model, tokenizer = checkpoint.load(args.base)
         base = model if not hasattr(model, "base") else model.base  # a fast-weight checkpoint lends its base
-        config = InPlaceLMConfig(base.config, InPlaceConfig(
-            layers=args.inplace_layers, chunk=args.chunk, eta=args.inplace_eta, clip=InPlaceConfig.clip if args.max_update_norm is None else args.max_update_norm,
-        ), eot_id=tokenizer.eot_id)
-        model = InPlaceLM(config, rngs=nnx.Rngs(args.seed), base=base)
+        cap = lambda default: default if args.max_update_norm is None else args.max_update_norm
+        if kind == "inplace":
+            config = InPlaceLMConfig(base.config, InPlaceConfig(
+                layers=args.inplace_layers, chunk=args.chunk or InPlaceConfig.chunk, eta=args.inplace_eta,
+                clip=cap(InPlaceConfig.clip)), eot_id=tokenizer.eot_id)
+        else:
+            config = LoRALMConfig(base.config, LoRAConfig(
+                layers=args.lora_layers, rank=args.lora_rank,
+                chunk=args.chunk or LoRAConfig.chunk, lr=args.lora_lr, clip=cap(LoRAConfig.clip),
+                optimizer=args.lora_optimizer, targets=tuple(args.lora_targets.split(","))), eot_id=tokenizer.eot_id)
+        model = cls(config, rngs=nnx.Rngs(args.seed), base=base)
     if args.seq_len > model.config.base.n_positions:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the base's context of {model.config.base.n_positions}")
-    stage = InPlaceStage(seq_len=args.seq_len, chunk=model.config.inplace.chunk, schedule=schedule)
+    chunk = getattr(model.config, kind).chunk
+    stage = stage_class(seq_len=args.seq_len, chunk=chunk, schedule=schedule)
     _train_run(args, stage, model, tokenizer)
 
 
@@ -222,6 +233,7 @@ def _train_plot(args: argparse.Namespace) -> None:
 def add_train_commands(commands) -> None:
     from ponder.model.gating import GateConfig
     from ponder.model.inplace import InPlaceConfig
+    from ponder.model.lora import OPTIMIZERS, LoRAConfig
     from ponder.model.ttt import TTTConfig
     from ponder.model.ttt_lm import TTTLMConfig
     from ponder.train.policy import PolicyConfig
@@ -283,11 +295,20 @@ def add_train_commands(commands) -> None:
     ttt.add_argument("--window", type=int,
                      help="base attention window in tokens (a multiple of --chunk): rows longer than the context "
                           "run window by window while the fast weights carry across (default: the whole row)")
-    ttt.add_argument("--fast-weights", default="ttt", choices=["ttt", "inplace"],
-                     help="ttt: a TTT layer on the base; inplace: the top blocks' MLP down projections (In-Place TTT)")
+    ttt.add_argument("--fast-weights", default="ttt", choices=["ttt", "inplace", "lora"],
+                     help="ttt: a TTT layer on the base; inplace: the top blocks' MLP down projections (In-Place TTT); "
+                          "lora: low-rank adapters of the top blocks, trained on the text read (dynamic evaluation)")
     ttt.add_argument("--inplace-layers", type=int, default=InPlaceConfig.layers,
                      help="--fast-weights inplace: how many top blocks have fast W_down")
     ttt.add_argument("--inplace-eta", type=float, default=InPlaceConfig.eta, help="--fast-weights inplace: step size")
+    ttt.add_argument("--lora-layers", type=int, default=LoRAConfig.layers,
+                     help="--fast-weights lora: how many top blocks have adapters (at most the base's blocks)")
+    ttt.add_argument("--lora-rank", type=int, default=LoRAConfig.rank, help="--fast-weights lora: adapter rank")
+    ttt.add_argument("--lora-lr", type=float, default=LoRAConfig.lr, help="--fast-weights lora: step size (times lam)")
+    ttt.add_argument("--lora-optimizer", default=LoRAConfig.optimizer, choices=OPTIMIZERS,
+                     help="--fast-weights lora: the per-document optimizer")
+    ttt.add_argument("--lora-targets", default=",".join(LoRAConfig.targets),
+                     help="--fast-weights lora: comma-separated projections with adapters, among q, v, mlp")
     ttt.add_argument("--ttt-kind", default=TTTConfig.kind, choices=["linear", "mlp"])
     ttt.add_argument("--ttt-heads", type=int, default=TTTConfig.n_head)
     ttt.add_argument("--ttt-layers", type=int, default=TTTLMConfig.n_ttt_layers)
@@ -295,7 +316,8 @@ def add_train_commands(commands) -> None:
     ttt.add_argument("--ttt-base-lr", type=float,
                      help="base learning rate of the fast weights (eta = base_lr * lam * tau * sigma / head dim; "
                           "default 1, or the --init-from checkpoint's)")
-    ttt.add_argument("--chunk", type=int, default=GateConfig.chunk)
+    ttt.add_argument("--chunk", type=int, help=f"tokens per lam (default: {GateConfig.chunk} for ttt and inplace, "
+                     f"{LoRAConfig.chunk} for lora)")
     ttt.add_argument("--max-update-norm", type=float, default=TTTConfig.max_update_norm)
     add_schedule_arguments(ttt)
     ttt.add_argument("--beta", type=float, default=TTTStage.beta, help="weight of the TTT reconstruction loss")

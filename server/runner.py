@@ -63,7 +63,7 @@ def as_ttt_model(model: GPT | TTTTransformerLM) -> TTTTransformerLM:
         return model
     if not isinstance(model, GPT):
         raise ValueError(f"the server runs GPT-2 and TTT-layer checkpoints, not {type(model).__name__} (In-Place TTT "
-                         "fast weights are not served yet): evaluate it with `ponder eval`")
+                         "and LoRA fast weights are not served yet): evaluate it with `ponder eval`")
     c = model.config
     config = TTTLMConfig(base=c, ttt=TTTConfig(width=c.n_embd, n_head=c.n_head))
     return TTTTransformerLM(config, rngs=nnx.Rngs(0), base=model)

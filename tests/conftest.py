@@ -40,6 +40,27 @@ def small_config(code_tokenizer) -> GPTConfig:
     return dataclasses.replace(GPTConfig.tiny(vocab_size=len(code_tokenizer)), n_positions=128)
 
 
+@pytest.fixture
+def tiny_corpus_and_base(tmp_path):
+    """``(corpus dir, base checkpoint dir)``: a corpus built by ``ponder train corpus`` from small modules
+    and an untrained 2-block base with its tokenizer, for 2-step training runs through the CLI."""
+    from ponder import cli as ponder_cli
+    from ponder.model import checkpoint
+    from ponder.model.gpt2 import init_model
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"mod{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {i + j}\n\n" for j in range(8)))
+    data = tmp_path / "corpus"
+    assert ponder_cli.main(["train", "corpus", "--out", str(data), "--root", str(src), "--vocab-size", "300",
+                            "--val-fraction", "0.3"]) == 0
+    tokenizer = Tokenizer.load(data / "tokenizer.json")
+    base = init_model(GPTConfig(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    checkpoint.save(tmp_path / "base", base, tokenizer)
+    return data, tmp_path / "base"
+
+
 def require_tool(name: str, where: str | None = None) -> str:
     """The path of tool ``name`` (a Debian package or a test extra that scripts/test.sh installs).
 

@@ -130,25 +130,15 @@ def test_a_document_boundary_resets():
         np.testing.assert_array_equal(a, b)
 
 
-def test_pulse_training_through_the_cli(tmp_path):
+def test_pulse_training_through_the_cli(tmp_path, tiny_corpus_and_base):
     """`ponder train ttt --fast-weights inplace`: two steps on a base checkpoint; the checkpoint says which kind."""
     from ponder import cli as ponder_cli
     from ponder.model import checkpoint
-    from ponder.model.gpt2 import init_model
-    from ponder.model.tokenizer import Tokenizer
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(12):
-        (src / f"mod{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {i + j}\n\n" for j in range(8)))
-    data = tmp_path / "corpus"
-    assert ponder_cli.main(["train", "corpus", "--out", str(data), "--root", str(src), "--vocab-size", "300",
-                            "--val-fraction", "0.3"]) == 0
-    tokenizer = Tokenizer.load(data / "tokenizer.json")
-    base = init_model(GPTConfig(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2))
-    checkpoint.save(tmp_path / "base", base, tokenizer)
+    data, base_dir = tiny_corpus_and_base
+    base, _ = checkpoint.load(base_dir)
     run = tmp_path / "run"
-    assert ponder_cli.main(["train", "ttt", "--fast-weights", "inplace", "--base", str(tmp_path / "base"),
+    assert ponder_cli.main(["train", "ttt", "--fast-weights", "inplace", "--base", str(base_dir),
                             "--corpus", str(data), "--run-dir", str(run), "--steps", "2", "--batch-size", "1",
                             "--seq-len", "64", "--chunk", "16", "--schedule", "update", "--lr", "0.01",
                             "--warmup", "1", "--eval-every", "2", "--eval-batches", "1", "--no-progress"]) == 0
@@ -165,12 +155,12 @@ def test_pulse_training_through_the_cli(tmp_path):
 
 
 def test_held_out_cross_entropy_by_windows():
-    """train.evaluate.inplace_cross_entropy: SKIP scores the base window by window; UPDATE differs."""
-    from ponder.train.evaluate import inplace_cross_entropy
+    """train.evaluate.fast_weight_cross_entropy: SKIP scores the base window by window; UPDATE differs."""
+    from ponder.train.evaluate import fast_weight_cross_entropy
 
     model = make_model(layers=1)
     doc = np.asarray(tokens_of(1, 4 * C, seed=5)[0][0])
-    table = inplace_cross_entropy(model, [doc], 2 * C, {"skip": Schedule("skip"), "update": Schedule("update")})
+    table = fast_weight_cross_entropy(model, [doc], 2 * C, {"skip": Schedule("skip"), "update": Schedule("update")})
     windows = [model.base(jnp.asarray(doc[None, s:s + 2 * C]), jnp.arange(2 * C)[None])[0][0] for s in (0, 2 * C)]
     logits = jnp.concatenate(windows)[:-1]
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, jnp.asarray(doc[1:, None]), -1)[:, 0]

@@ -504,14 +504,14 @@ def write(table: dict, out_dir: str | Path) -> Path:
     return out
 
 
-def inplace_cross_entropy(model, documents: list[np.ndarray], window: int, schedules: dict[str, Schedule]) -> dict:
-    """Token-weighted CE per schedule of an In-Place TTT model (``model.inplace``) over held-out documents.
+def fast_weight_cross_entropy(model, documents: list[np.ndarray], window: int, schedules: dict[str, Schedule]) -> dict:
+    """Token-weighted CE per schedule of an In-Place TTT or LoRA model (``model.inplace``, ``model.lora``).
 
     Each document runs window by window (positions restart in each window, as ``evaluate`` runs a long
     file) while the fast weights carry across windows; every token but a document's first is scored.
 
     Returns:
-      ``{name: {"ce": nats/token, "tokens": scored tokens, "clipped": deltas clipped}}``.
+      ``{name: {"ce": nats/token, "tokens": scored tokens, "clipped": updates capped}}``.
     """
     graphdef, params = nnx.split(model)
     table = {}

@@ -11,6 +11,8 @@
   each piece's start (positions restart in each), as when a document longer
   than the context is served or evaluated, while the fast weights carry
   across windows: the layer learns to keep what attention can no longer see.
+* ``LoRAStage`` (stage 2 with ``--fast-weights lora``): the adapters'
+  starting down projections, through the updates made while reading.
 * ``InPlaceStage`` (stage 2 with ``--fast-weights inplace``): the base is
   frozen, its fast W_down start from the pretrained values in every
   document; the target's convolution and ``W_target`` train on the CE of
@@ -149,6 +151,24 @@ class InPlaceStage:
         D, L = model.config.base.n_embd, model.config.inplace.layers
         base = _gpt_flops_per_token(model.base.config, self.seq_len) / 3
         return base + L * 3 * (2 * 4 * D * D * 2 + 2 * D * D)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAStage(InPlaceStage):
+    """Stage 2 of LoRA fast weights (``model.lora``): ``A0``, the adapters' starting down projections.
+
+    Its gradient flows through the updates made while reading (a second-order
+    step): the loss is the CE of the text read with the adapters trained on it.
+    """
+
+    name: str = "lora"
+
+    def tokens_flops(self, model) -> float:
+        # The base forward, then per fast block an update (forward and backward over the chunk), all
+        # differentiated once more: about three times the forward and backward of the fast blocks.
+        cfg = model.config
+        blocks = _gpt_flops_per_token(cfg.base, self.seq_len) / cfg.base.n_layer
+        return _gpt_flops_per_token(cfg.base, self.seq_len) / 3 + 3 * cfg.lora.layers * blocks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,331 @@
+"""LoRA fast weights: low-rank adapters on the attention queries and values, trained while reading (issue 22).
+
+In the top ``LoRAConfig.layers`` blocks of the frozen base, the query and
+value projections (``targets``; the MLP's up projection can be added) get a
+per-document low-rank term::
+
+    q_t += (h_t A_q) B_q        v_t += (h_t A_v) B_v        h_t = LN_1(x_t)
+    (mlp: the pre-activation of c_fc gets (LN_2(x_t) A_f) B_f)
+
+A ([D, r]) starts at the slow weight ``A0`` (random, trainable in stage 2)
+and B ([r, out]) at zero, so a new document, and every document under SKIP,
+is exactly the base. This is dynamic evaluation restricted to a few thousand
+parameters per block: after a chunk of C tokens is read, UPDATE_k takes k
+optimizer steps on the adapters (plain gradient descent, or Adam with its
+moments kept per document), on the next-token cross-entropy of the
+predictions inside that chunk (token t+1 from tokens <= t, both in the
+chunk), with step size ``lr * lam``. Each step's change of a row's
+adapters is capped to a Frobenius norm (``clip``; capped steps are counted).
+
+Apply-then-update: chunk c is read with the adapters after chunks < c. The
+update's forward starts from the residual stream entering the first fast
+block (kept from the read) and attends to the KV cache of the tokens before
+the chunk as they were read, so the full forward (``__call__``, a scan over
+chunks) and token-by-token decoding (``step``, which buffers the open chunk
+and updates when its last token has been read) do the same arithmetic.
+
+Schedules: ``skip``, ``update`` (k = ``Schedule.steps``), ``fixed`` and
+``random`` (``model.inplace.SCHEDULES``), or lam per chunk from
+``chunk_lambda``; a chunk no row updates does no update work. The objective
+is the language model's own loss; the learned gate is not wired to this
+kind yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ponder.model.config import GPTConfig
+from ponder.model.fast_weights import select_rows
+from ponder.model.gating import Schedule
+from ponder.model.gpt2 import GPT, KVCache
+from ponder.model.inplace import schedule_lambda
+
+OPTIMIZERS = ("sgd", "adam")
+TARGETS = ("q", "v", "mlp")  # query, value, the MLP's up projection
+
+
+def _direction(name: str) -> optax.GradientTransformation:
+    """The step direction before ``-lr * lam`` (applied per row, vmapped)."""
+    return optax.scale_by_adam() if name == "adam" else optax.identity()
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank fast weights.
+
+    Attributes:
+      layers: how many of the base's top blocks have adapters (on Q and V).
+      rank: r of each adapter.
+      chunk: tokens per update (lam is chosen per chunk).
+      lr: step size of one step (times lam).
+      clip: Frobenius-norm cap of one step's change of a row's adapters (0: none).
+      optimizer: ``sgd`` (the gradient) or ``adam`` (Adam's normalised
+        direction, moments kept per document and row; ``optax.scale_by_adam``).
+      targets: the projections with adapters, among ``TARGETS``.
+    """
+
+    layers: int = 4
+    rank: int = 16
+    chunk: int = 16
+    lr: float = 1.0
+    clip: float = 0.5
+    optimizer: str = "sgd"
+    targets: tuple[str, ...] = ("q", "v", "mlp")
+
+    def __post_init__(self):
+        for name in ("layers", "rank", "chunk"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"LoRAConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.chunk < 2:
+            raise ValueError(f"LoRAConfig.chunk must be at least 2 (an update learns from the chunk's own predictions), got {self.chunk}")
+        object.__setattr__(self, "targets", tuple(self.targets))  # a list when read from JSON
+        if not self.targets or len(set(self.targets)) < len(self.targets) or not set(self.targets) <= set(TARGETS):
+            raise ValueError(f"LoRAConfig.targets must be distinct names among {TARGETS}, got {self.targets!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"LoRAConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr < 0 or self.clip < 0:
+            raise ValueError(f"LoRAConfig.lr and .clip must be >= 0, got {self.lr!r}, {self.clip!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRALMConfig:
+    base: GPTConfig
+    lora: LoRAConfig = LoRAConfig()
+    eot_id: int | None = None  # a document starts with this token: decoding resets the adapters there
+
+    def __post_init__(self):
+        if not 1 <= self.lora.layers <= self.base.n_layer:
+            raise ValueError(f"LoRAConfig.layers must be in [1, {self.base.n_layer}], got {self.lora.layers}")
+
+    def to_dict(self) -> dict:
+        return {"lora": dataclasses.asdict(self.lora), "eot_id": self.eot_id}
+
+    @classmethod
+    def from_dict(cls, base: GPTConfig, data: dict) -> "LoRALMConfig":
+        return cls(base=base, lora=LoRAConfig(**data.get("lora", {})), eot_id=data.get("eot_id"))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoRAState:
+    """One document's adapters per row, and the chunk being read.
+
+    Attributes:
+      A: [B, n, L, D, r] float32 down projections of the n targets in each fast block.
+      B: per target, [B, L, r, out] float32 up projections.
+      inputs: [B, C, D] residual stream entering the first fast block, for the open chunk's tokens.
+      tokens: [B, C] the open chunk's tokens; positions: [B, C] theirs.
+      opt: the optimizer's state per row (``LoRAConfig.optimizer``; Adam's moments and step count).
+      count: [B] tokens of the document seen so far.
+      lam: [B] lam of the open chunk.
+      clipped: [B] steps capped so far.
+    """
+
+    A: jax.Array
+    B: tuple[jax.Array, ...]
+    opt: optax.OptState
+    inputs: jax.Array
+    tokens: jax.Array
+    positions: jax.Array
+    count: jax.Array
+    lam: jax.Array
+    clipped: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoRAOutput:
+    logits: jax.Array  # [B, T, V] float32
+    chunk_lambda: jax.Array  # [B, n_chunks]
+    state: LoRAState
+    cache: KVCache
+
+
+class LoRALM(nnx.Module):
+    def __init__(self, config: LoRALMConfig, *, rngs: nnx.Rngs, base: GPT | None = None):
+        self.config = config
+        self.base = base if base is not None else GPT(config.base, rngs=rngs)
+        cfg, D = config.lora, config.base.n_embd
+        shape = (len(cfg.targets), cfg.layers, D, cfg.rank)
+        self.A0 = nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) / D**0.5)
+
+    @property
+    def first(self) -> int:
+        """Index of the first block with adapters."""
+        return self.config.base.n_layer - self.config.lora.layers
+
+    # --- State.
+
+    def init_state(self, batch_size: int) -> LoRAState:
+        """The state at a document start: A at ``A0``, B zero (the base exactly)."""
+        n, cfg, D = batch_size, self.config.lora, self.config.base.n_embd
+        A = jnp.broadcast_to(self.A0[...], (n, *self.A0.shape))
+        out = {"q": D, "v": D, "mlp": 4 * D}
+        B = tuple(jnp.zeros((n, cfg.layers, cfg.rank, out[name]), jnp.float32) for name in cfg.targets)
+        return LoRAState(
+            A=A,
+            B=B,
+            opt=jax.vmap(_direction(cfg.optimizer).init)((A, B)),
+            inputs=jnp.zeros((n, cfg.chunk, D), jnp.float32),
+            tokens=jnp.zeros((n, cfg.chunk), jnp.int32),
+            positions=jnp.zeros((n, cfg.chunk), jnp.int32),
+            count=jnp.zeros((n,), jnp.int32),
+            lam=jnp.zeros((n,), jnp.float32),
+            clipped=jnp.zeros((n,), jnp.int32),
+        )
+
+    def reset(self, state: LoRAState, rows) -> LoRAState:
+        """Document boundary: rows where ``rows`` [B] is True go back to the start-of-document state."""
+        return jax.tree.map(lambda new, old: select_rows(rows, new, old), self.init_state(rows.shape[0]), state)
+
+    # --- The network with adapters.
+
+    def _top(self, x, positions, cache: KVCache, adapters, attend_keys=None):
+        """The fast blocks on residual inputs ``x`` [B, T, D]: ``(logits [B, T, V], new cache layers)``."""
+        A, B = adapters
+        targets = self.config.lora.targets
+
+        def low_rank(name, h, l):  # [B, T, out], or None for a projection without adapters
+            if name not in targets:
+                return None
+            i = targets.index(name)
+            return jnp.einsum("btd,bdr,bro->bto", h.astype(jnp.float32), A[:, i, l], B[i][:, l])
+
+        new_k, new_v = [], []
+        for l, block in enumerate(self.base.h[self.first:]):
+            layer = self.first + l
+            h = block.ln_1(x)
+            q, v = low_rank("q", h, l), low_rank("v", h, l)
+            zero = jnp.zeros((*h.shape[:2], h.shape[-1]), jnp.float32)
+            delta = None if q is None and v is None else jnp.concatenate(
+                [zero if q is None else q, zero, zero if v is None else v], axis=-1)  # keys unchanged
+            a, (k_l, v_l) = block.attn(h, positions, (cache.k[layer], cache.v[layer]), None, attend_keys, delta)
+            x = x + a
+            h = block.ln_2(x)
+            up, fc = block.mlp.c_fc(h), low_rank("mlp", h, l)
+            up = up if fc is None else up + fc.astype(up.dtype)
+            x = x + block.mlp.c_proj(jax.nn.gelu(up, approximate=True))
+            new_k.append(k_l)
+            new_v.append(v_l)
+        return self.base.logits(self.base.ln_f(x), frozen=True), (new_k, new_v)
+
+    def _read(self, tokens, positions, cache: KVCache, state: LoRAState, attend_keys=None):
+        """Reads T tokens with the current adapters: ``(logits, inputs of the first fast block, cache)``."""
+        base = self.base
+        x = base.wte(tokens) + base.wpe(positions)  # [B, T, D]
+        new_k, new_v = [], []
+        for layer, block in enumerate(base.h[: self.first]):
+            x, (k_l, v_l) = block(x, positions, (cache.k[layer], cache.v[layer]), None, attend_keys)
+            new_k.append(k_l)
+            new_v.append(v_l)
+        logits, (top_k, top_v) = self._top(x, positions, cache, (state.A, state.B), attend_keys)
+        return logits, x.astype(jnp.float32), KVCache(tuple(new_k + top_k), tuple(new_v + top_v))
+
+    def _update(self, state: LoRAState, cache: KVCache, rows, steps: int) -> LoRAState:
+        """``steps`` gradient steps on the buffered chunk's own next-token loss, for rows where ``rows`` [B].
+
+        The cache must hold the tokens before the chunk; the chunk's own keys
+        and values are recomputed with the adapters of each step.
+        """
+        cfg = self.config.lora
+        x, tokens, positions = jax.lax.stop_gradient((state.inputs, state.tokens, state.positions))
+        dtype = self.config.base.compute_dtype
+
+        def loss(adapters):
+            logits, _ = self._top(x.astype(dtype), positions, cache, adapters)
+            logits = logits[:, :-1]  # token t + 1 from tokens <= t, inside the chunk
+            nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
+            return nll.mean(-1).sum()  # rows' adapters are independent: each gets its own row's gradient
+
+        scale = lambda g: (cfg.lr * state.lam * rows).reshape(-1, *[1] * (g.ndim - 1))
+        adapters, clipped, opt = (state.A, state.B), state.clipped, state.opt
+        direction = jax.vmap(_direction(cfg.optimizer).update)
+        for _ in range(steps):
+            step, new_opt = direction(jax.grad(loss)(adapters), opt)
+            opt = jax.tree.map(lambda new, old: select_rows(rows, new, old), new_opt, opt)
+            change = jax.tree.map(lambda g: -scale(g) * g, step)
+            if cfg.clip:
+                norm = jnp.sqrt(sum(jnp.square(c).reshape(len(c), -1).sum(-1) for c in jax.tree.leaves(change)))  # [B]
+                shrink = jnp.minimum(1.0, cfg.clip / jnp.maximum(norm, 1e-30))
+                change = jax.tree.map(lambda c: c * shrink.reshape(-1, *[1] * (c.ndim - 1)), change)
+                clipped = clipped + (norm > cfg.clip).astype(jnp.int32)
+            adapters = jax.tree.map(jnp.add, adapters, change)
+        return dataclasses.replace(state, A=adapters[0], B=adapters[1], opt=opt, clipped=clipped)
+
+    def _maybe_update(self, state, cache, rows, steps):
+        """``_update`` when some row updates; no update work otherwise (SKIP)."""
+        rows = rows & (state.lam > 0)
+        return jax.lax.cond(jnp.any(rows), lambda s: self._update(s, cache, rows, steps), lambda s: s, state)
+
+    # --- Whole chunks.
+
+    def __call__(
+        self, tokens, positions, schedule: Schedule = Schedule("update"), segment_ids=None, *,
+        state: LoRAState | None = None, cache: KVCache | None = None, chunk_lambda=None,
+    ) -> LoRAOutput:
+        """Forward over whole chunks, one after the other, from a document start or from ``state``.
+
+        Args:
+          tokens, positions: [B, T], T a multiple of the chunk size.
+          schedule: where lam comes from (``model.inplace.SCHEDULES``); UPDATE_k takes ``schedule.steps`` steps.
+          segment_ids: [B, T] document ids of packed rows (positions restart
+            with each document, and documents start on chunk boundaries):
+            the adapters restart with each document.
+          state: the document so far, on a chunk boundary (``count`` a multiple of the chunk).
+          cache: the base's KV cache holding the positions before these; a fresh one when None.
+          chunk_lambda: [B, n_chunks] lam per chunk, overriding the schedule.
+        """
+        B, T = tokens.shape
+        C = self.config.lora.chunk
+        if T % C:
+            raise ValueError(f"sequence length {T} is not a multiple of the LoRA chunk size {C}")
+        n = T // C
+        state = self.init_state(B) if state is None else state
+        cache = KVCache.init(self.config.base, B) if cache is None else cache
+        segments = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids
+        opens = jnp.concatenate([jnp.zeros((B, 1), bool), segments[:, C::C] != segments[:, C - 1:-1:C]], 1)  # [B, n]
+        by_chunk = lambda a: a.reshape(B, n, C, *a.shape[2:]).swapaxes(0, 1)  # [n, B, C, ...]
+
+        def chunk(carry, xs):
+            state, cache = carry
+            tok, pos, open_, lam = xs
+            state = self.reset(state, open_)
+            lam = schedule_lambda(schedule, state.count, C) if lam is None else lam.astype(jnp.float32)
+            logits, inputs, cache = self._read(tok, pos, cache, state)
+            state = dataclasses.replace(state, inputs=inputs, tokens=tok, positions=pos, lam=lam, count=state.count + C)
+            state = self._maybe_update(state, cache, jnp.ones((B,), bool), schedule.steps)
+            return (state, cache), (logits, lam)
+
+        lams = None if chunk_lambda is None else chunk_lambda.T  # [n, B]
+        xs = (by_chunk(tokens), by_chunk(positions), opens.T, lams)
+        (state, cache), (logits, lam) = jax.lax.scan(chunk, (state, cache), xs)
+        logits = logits.swapaxes(0, 1).reshape(B, T, -1)
+        return LoRAOutput(logits=logits, chunk_lambda=lam.T, state=state, cache=cache)
+
+    # --- One token.
+
+    def step(self, tokens, positions, cache: KVCache, state: LoRAState, schedule: Schedule = Schedule("update"),
+             attend_keys: int | None = None):
+        """One token per row: the decode path. Returns ``(logits [B, V], cache, state)``."""
+        if self.config.eot_id is not None:
+            state = self.reset(state, tokens == self.config.eot_id)
+        C = self.config.lora.chunk
+        at = state.count % C  # [B] this token's place in its chunk
+        lam = jnp.where(at == 0, schedule_lambda(schedule, state.count, C), state.lam)
+        logits, inputs, cache = self._read(tokens[:, None], positions[:, None], cache, state, attend_keys)
+        here = (jnp.arange(C)[None] == at[:, None])  # [B, C]
+        state = dataclasses.replace(
+            state,
+            inputs=jnp.where(here[..., None], inputs, state.inputs),
+            tokens=jnp.where(here, tokens[:, None], state.tokens),
+            positions=jnp.where(here, positions[:, None], state.positions),
+            count=state.count + 1, lam=lam,
+        )
+        state = self._maybe_update(state, cache, at == C - 1, schedule.steps)
+        return logits[:, 0], cache, state
