@@ -271,6 +271,9 @@ class LoRALM(nnx.Module):
     ) -> LoRAOutput:
         """Forward over whole chunks, one after the other, from a document start or from ``state``.
 
+        A call in which no chunk updates (SKIP, or every lam zero) runs as one
+        forward: with the adapters fixed, reading chunk by chunk gives the same.
+
         Args:
           tokens, positions: [B, T], T a multiple of the chunk size.
           schedule: where lam comes from (``model.inplace.SCHEDULES``); UPDATE_k takes ``schedule.steps`` steps.
@@ -302,11 +305,27 @@ class LoRALM(nnx.Module):
             state = self._maybe_update(state, cache, jnp.ones((B,), bool), schedule.steps)
             return (state, cache), (logits, lam)
 
-        lams = None if chunk_lambda is None else chunk_lambda.T  # [n, B]
-        xs = (by_chunk(tokens), by_chunk(positions), opens.T, lams)
-        (state, cache), (logits, lam) = jax.lax.scan(chunk, (state, cache), xs)
-        logits = logits.swapaxes(0, 1).reshape(B, T, -1)
-        return LoRAOutput(logits=logits, chunk_lambda=lam.T, state=state, cache=cache)
+        def chunked(state, cache, lams):
+            xs = (by_chunk(tokens), by_chunk(positions), opens.T, None if lams is None else lams.T)
+            (state, cache), (logits, lam) = jax.lax.scan(chunk, (state, cache), xs)
+            return logits.swapaxes(0, 1).reshape(B, T, -1), lam.T, state, cache
+
+        def at_once(state, cache, lams):
+            """No chunk updates, so the adapters stay as they are: one forward over all T tokens."""
+            logits, inputs, cache = self._read(tokens, positions, cache, state)
+            last = slice(T - C, T)  # the buffers hold the last chunk, as the chunked form leaves them
+            state = dataclasses.replace(state, inputs=inputs[:, last], tokens=tokens[:, last], positions=positions[:, last],
+                                        lam=lams[:, -1], count=state.count + T)
+            return logits, lams, state, cache
+
+        if segment_ids is not None:  # adapters reset inside the call: chunk by chunk
+            logits, lam, state, cache = chunked(state, cache, chunk_lambda)
+        else:
+            counts = state.count[:, None] + jnp.arange(n) * C  # [B, n] document position of each chunk
+            lams = jax.vmap(lambda c: schedule_lambda(schedule, c, C), 1, 1)(counts) if chunk_lambda is None \
+                else chunk_lambda.astype(jnp.float32)
+            logits, lam, state, cache = jax.lax.cond(jnp.any(lams > 0), chunked, at_once, state, cache, lams)
+        return LoRAOutput(logits=logits, chunk_lambda=lam, state=state, cache=cache)
 
     # --- One token.
 

@@ -136,6 +136,24 @@ def test_calls_on_chunk_boundaries_equal_one_call():
     np.testing.assert_allclose(jnp.concatenate([first.logits, rest.logits], 1), full.logits, atol=2e-5)
 
 
+def test_a_call_without_updates_runs_at_once_and_equals_decoding():
+    """From adapters already trained, a SKIP call (one forward, no chunk scan) equals SKIP decoding."""
+    model = make_model()
+    tokens, positions = tokens_of(2, 3 * C)
+    first = forward(model, tokens[:, :C], positions[:, :C], chunk_lambda=jnp.ones((2, 1)))
+    assert float(jnp.abs(first.state.B[0]).sum()) > 0
+    skip = Schedule("skip")
+    rest = forward(model, tokens[:, C:], positions[:, C:], skip, state=first.state, cache=first.cache)
+    step = nnx.jit(lambda m, t, p, c, s: m.step(t, p, c, s, skip))
+    cache, state, logits = first.cache, first.state, []
+    for t in range(C, 3 * C):
+        out, cache, state = step(model, tokens[:, t], positions[:, t], cache, state)
+        logits.append(out)
+    np.testing.assert_allclose(jnp.stack(logits, 1), rest.logits, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(rest.state)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_a_packed_document_starts_cold():
     model = make_model()
     a, _ = tokens_of(1, 2 * C, seed=4)
