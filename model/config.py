@@ -9,7 +9,7 @@ which keeps the import/export mapping in ``model.hf`` a plain rename.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
@@ -119,3 +119,32 @@ class GPTConfig:
         if unknown:
             raise ValueError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**data)
+
+
+class FastBlocksConfig:
+    """What the configs of fast weights inside the base's top blocks share (``model.inplace``, ``model.lora``).
+
+    A subclass is a frozen dataclass with fields ``base`` (the ``GPTConfig``),
+    one named ``KIND`` holding the kind's settings (a ``SETTINGS`` dataclass
+    with a ``layers`` count) and ``eot_id``; ``config.json`` keeps the
+    settings under the key ``KIND``.
+    """
+
+    KIND: ClassVar[str]
+    SETTINGS: ClassVar[type]
+
+    @property
+    def settings(self):
+        return getattr(self, self.KIND)
+
+    def __post_init__(self):
+        layers, n_layer = self.settings.layers, self.base.n_layer
+        if not 1 <= layers <= n_layer:
+            raise ValueError(f"{self.SETTINGS.__name__}.layers must be in [1, {n_layer}], got {layers}")
+
+    def to_dict(self) -> dict:
+        return {self.KIND: dataclasses.asdict(self.settings), "eot_id": self.eot_id}
+
+    @classmethod
+    def from_dict(cls, base: GPTConfig, data: dict):
+        return cls(base, cls.SETTINGS(**data.get(cls.KIND, {})), data.get("eot_id"))

@@ -36,12 +36,13 @@ does no update work when no row of the batch updates it. The learned gate
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ponder.model.config import GPTConfig
+from ponder.model.config import FastBlocksConfig, GPTConfig
 from ponder.model.fast_weights import select_rows
 from ponder.model.gating import Schedule
 from ponder.model.gpt2 import GPT, KVCache
@@ -92,21 +93,13 @@ class InPlaceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class InPlaceLMConfig:
+class InPlaceLMConfig(FastBlocksConfig):
+    KIND: ClassVar[str] = "inplace"
+    SETTINGS: ClassVar[type] = InPlaceConfig
+
     base: GPTConfig
     inplace: InPlaceConfig = InPlaceConfig()
     eot_id: int | None = None  # a document starts with this token: decoding resets the fast weights there
-
-    def __post_init__(self):
-        if not 1 <= self.inplace.layers <= self.base.n_layer:
-            raise ValueError(f"InPlaceConfig.layers must be in [1, {self.base.n_layer}], got {self.inplace.layers}")
-
-    def to_dict(self) -> dict:
-        return {"inplace": dataclasses.asdict(self.inplace), "eot_id": self.eot_id}
-
-    @classmethod
-    def from_dict(cls, base: GPTConfig, data: dict) -> "InPlaceLMConfig":
-        return cls(base=base, inplace=InPlaceConfig(**data.get("inplace", {})), eot_id=data.get("eot_id"))
 
 
 @jax.tree_util.register_dataclass

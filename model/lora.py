@@ -34,13 +34,14 @@ kind yet.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ponder.model.config import GPTConfig
+from ponder.model.config import FastBlocksConfig, GPTConfig
 from ponder.model.fast_weights import select_rows
 from ponder.model.gating import Schedule
 from ponder.model.gpt2 import GPT, KVCache
@@ -94,21 +95,13 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LoRALMConfig:
+class LoRALMConfig(FastBlocksConfig):
+    KIND: ClassVar[str] = "lora"
+    SETTINGS: ClassVar[type] = LoRAConfig
+
     base: GPTConfig
     lora: LoRAConfig = LoRAConfig()
     eot_id: int | None = None  # a document starts with this token: decoding resets the adapters there
-
-    def __post_init__(self):
-        if not 1 <= self.lora.layers <= self.base.n_layer:
-            raise ValueError(f"LoRAConfig.layers must be in [1, {self.base.n_layer}], got {self.lora.layers}")
-
-    def to_dict(self) -> dict:
-        return {"lora": dataclasses.asdict(self.lora), "eot_id": self.eot_id}
-
-    @classmethod
-    def from_dict(cls, base: GPTConfig, data: dict) -> "LoRALMConfig":
-        return cls(base=base, lora=LoRAConfig(**data.get("lora", {})), eot_id=data.get("eot_id"))
 
 
 @jax.tree_util.register_dataclass

@@ -125,7 +125,7 @@ def _eval_fast_weights(args: argparse.Namespace, model) -> None:
     from ponder.train import evaluate
 
     kind = "lora" if isinstance(model, LoRALM) else "inplace"
-    chunk = getattr(model.config, kind).chunk
+    chunk = model.config.settings.chunk
     if args.window % chunk or args.window > model.config.base.n_positions:
         raise ValueError(f"--window {args.window} must be a multiple of the chunk size {chunk} "
                          f"and at most the context of {model.config.base.n_positions}")

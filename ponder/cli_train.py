@@ -177,7 +177,7 @@ def _train_fast_weights(args: argparse.Namespace, schedule) -> None:
         model = cls(config, rngs=nnx.Rngs(args.seed), base=base)
     if args.seq_len > model.config.base.n_positions:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the base's context of {model.config.base.n_positions}")
-    chunk = getattr(model.config, kind).chunk
+    chunk = model.config.settings.chunk
     stage = stage_class(seq_len=args.seq_len, chunk=chunk, schedule=schedule)
     _train_run(args, stage, model, tokenizer)
 
