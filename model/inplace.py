@@ -66,6 +66,36 @@ def schedule_lambda(schedule: Schedule, count, chunk: int):
     raise ValueError(f"these fast weights follow the schedules {SCHEDULES}, not {schedule.kind!r}")
 
 
+def _rows(rows, new, old):
+    return jax.tree.map(lambda a, b: select_rows(rows, a, b), new, old)
+
+
+def extend_by_steps(step, tokens, positions, length, cache: KVCache, state):
+    """``step(token [B], position [B], cache, state) -> (logits, cache, state)`` over up to T tokens per row.
+
+    The serving path's prompt tail (fewer tokens than a chunk, read as
+    decoding reads them), under ``lax.scan``. Rows are right-padded: tokens
+    at or after ``length`` [B] leave the state as it was (their keys land in
+    the cache past the row's end, where attention never looks).
+
+    Returns:
+      ``(logits [B, V] at each row's last real token, cache, state)``.
+    """
+    logits_shape = jax.eval_shape(step, tokens[:, 0], positions[:, 0], cache, state)[0]
+
+    def one(carry, inputs):
+        cache, state, last = carry
+        t, token, position = inputs
+        logits, cache, new_state = step(token, position, cache, state)
+        real = t < length  # [B]
+        return (cache, _rows(real, new_state, state), select_rows(real, logits, last)), None
+
+    inputs = (jnp.arange(tokens.shape[1]), tokens.T, positions.T)
+    last = jnp.zeros(logits_shape.shape, logits_shape.dtype)
+    (cache, state, last), _ = jax.lax.scan(one, (cache, state, last), inputs)
+    return last, cache, state
+
+
 @dataclasses.dataclass(frozen=True)
 class InPlaceConfig:
     """In-place fast weights.
@@ -135,10 +165,6 @@ class InPlaceOutput:
     cache: KVCache | None
 
 
-def _rows(rows, new, old):
-    return jax.tree.map(lambda a, b: select_rows(rows, a, b), new, old)
-
-
 class InPlaceLM(nnx.Module):
     def __init__(self, config: InPlaceLMConfig, *, rngs: nnx.Rngs, base: GPT | None = None):
         self.config = config
@@ -171,6 +197,13 @@ class InPlaceLM(nnx.Module):
     def reset(self, state: InPlaceState, rows) -> InPlaceState:
         """Document boundary: rows where ``rows`` [B] is True go back to the start-of-document state."""
         return _rows(rows, self.init_state(rows.shape[0]), state)
+
+    def update_flops(self, steps: int = 1) -> float:
+        """Matmul FLOPs one chunk's update adds (every fast block): the chunk's Σ Z_tᵀ V̂_t (2 C F D)
+        and its targets (2 C D D); applying the fast weights is paid by skipped chunks too. An in-place
+        update is one closed-form step: ``steps`` (UPDATE_k's k) changes nothing."""
+        c, D = self.config.inplace, self.config.base.n_embd
+        return float(c.layers * c.chunk * (2 * 4 * D * D + 2 * D * D))
 
     # --- Pieces shared by both paths.
 
@@ -338,3 +371,8 @@ class InPlaceLM(nnx.Module):
         history = jnp.concatenate([state.history, x0[:, None]], axis=1)[:, 1:]
         state = dataclasses.replace(state, z_last=jnp.stack(z_last, 1), history=history, count=state.count + 1, lam=lam)
         return self.base.logits(self.base.ln_f(x), frozen=True)[:, 0], cache, state
+
+    def extend(self, tokens, positions, length, cache: KVCache, state: InPlaceState, schedule: Schedule = Schedule("update")):
+        """``step`` over up to T tokens per row ([B, T], ``length`` [B] real): see ``extend_by_steps``."""
+        step = lambda t, p, c, s: self.step(t, p, c, s, schedule)
+        return extend_by_steps(step, tokens, positions, length, cache, state)

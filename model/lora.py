@@ -45,7 +45,7 @@ from ponder.model.config import FastBlocksConfig, GPTConfig
 from ponder.model.fast_weights import select_rows
 from ponder.model.gating import Schedule
 from ponder.model.gpt2 import GPT, KVCache
-from ponder.model.inplace import schedule_lambda
+from ponder.model.inplace import extend_by_steps, schedule_lambda
 
 OPTIMIZERS = ("sgd", "adam")
 TARGETS = ("q", "v", "mlp")  # query, value, the MLP's up projection
@@ -176,6 +176,16 @@ class LoRALM(nnx.Module):
     def reset(self, state: LoRAState, rows) -> LoRAState:
         """Document boundary: rows where ``rows`` [B] is True go back to the start-of-document state."""
         return jax.tree.map(lambda new, old: select_rows(rows, new, old), self.init_state(rows.shape[0]), state)
+
+    def update_flops(self, steps: int = 1) -> float:
+        """Matmul FLOPs one chunk's update adds: per step, the forward and backward (3x the forward)
+        of the chunk through the adapted blocks (24 D^2 a token, and the adapters) and the LM head.
+        Attention over the earlier keys is left out."""
+        c, base = self.config.lora, self.config.base
+        D, out = base.n_embd, {"q": base.n_embd, "v": base.n_embd, "mlp": 4 * base.n_embd}
+        adapters = sum(2 * c.rank * (D + out[name]) for name in c.targets)
+        forward = c.chunk * (c.layers * (24 * D * D + adapters) + 2 * D * base.vocab_size)
+        return float(steps * 3 * forward)
 
     # --- The network with adapters.
 
@@ -341,3 +351,8 @@ class LoRALM(nnx.Module):
         )
         state = self._maybe_update(state, cache, at == C - 1, schedule.steps)
         return logits[:, 0], cache, state
+
+    def extend(self, tokens, positions, length, cache: KVCache, state: LoRAState, schedule: Schedule = Schedule("update")):
+        """``step`` over up to T tokens per row ([B, T], ``length`` [B] real): see ``model.inplace.extend_by_steps``."""
+        step = lambda t, p, c, s: self.step(t, p, c, s, schedule)
+        return extend_by_steps(step, tokens, positions, length, cache, state)

@@ -116,7 +116,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _eval_fast_weights(args: argparse.Namespace, model) -> None:
-    """``ponder eval`` of an In-Place TTT or LoRA checkpoint: CE of SKIP, UPDATE_k, FIXED_lam and RANDOM at each rate.
+    """``ponder eval`` of an In-Place TTT or LoRA checkpoint: CE of SKIP, UPDATE_k, FIXED_lam, and RANDOM and ORACLE at each rate.
 
     UPDATE_2 and UPDATE_4 (optimizer steps per chunk) are LoRA's; an in-place update is one outer-product step.
     """
@@ -135,11 +135,12 @@ def _eval_fast_weights(args: argparse.Namespace, model) -> None:
     schedules = {"SKIP": Schedule("skip"), **{f"UPDATE_{k}": Schedule("update", steps=k) for k in steps},
                  f"FIXED_{args.fixed_lambda:g}": Schedule("fixed", value=args.fixed_lambda),
                  **{f"RANDOM@{r:g}": Schedule("random", rate=r) for r in rates}}
-    table = evaluate.fast_weight_cross_entropy(model, docs, args.window, schedules)
+    table = evaluate.fast_weight_cross_entropy(model, docs, args.window, schedules, rates)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"eval-{kind}.json").write_text(json.dumps(table, indent=1) + "\n")
     for name, row in table.items():
-        print(f"{name}\t{row['ce']:.4f}\t{1 - row['ce'] / table['SKIP']['ce']:+.2%} vs SKIP\t{row['clipped']} clipped")
+        print(f"{name}\t{row['ce']:.4f}\t{1 - row['ce'] / table['SKIP']['ce']:+.2%} vs SKIP\t"
+              f"{row['updated']:.0%} of chunks updated\t{row['clipped']} clipped")
     print(f"wrote {args.out}/eval-{kind}.json", file=sys.stderr)
 
 

@@ -58,7 +58,7 @@ from ponder.model.gpt2 import GPT
 from ponder.model.ttt_lm import TTTTransformerLM
 from ponder.server import scheduler
 from ponder.server.metrics import ServerMetrics
-from ponder.server.runner import ModelRunner
+from ponder.server.runner import BLOCK, ModelRunner
 from ponder.server.sessions import Session, SessionStore, common_prefix, plan_prompt
 from ponder.server.types import (
     DoneEvent,
@@ -229,6 +229,9 @@ class Engine:
             raise RequestError("update_rate", f"must be a number in [0, 1] (the share of chunks whose fast weights "
                                               f"update), got {rate!r}")
         kind = self.config.schedule.kind
+        if not self.runner.reads_budget:
+            raise RequestError("update_rate", f"this checkpoint's {self.model.config.KIND} fast weights follow the fixed "
+                                              f"schedule {kind!r} and read no per-session budget: leave update_rate out")
         if kind not in BUDGETED:
             raise RequestError("update_rate", f"the server's schedule {kind!r} reads no budget: leave update_rate out, "
                                               f"or serve a budgeted schedule (ponder serve --schedule {' / '.join(BUDGETED)})")
@@ -308,6 +311,11 @@ class Engine:
         tokens = job.tokens = plan.tokens  # an end-of-document token inside the prompt opens a new document there
         L, commit_end, scratch_end = len(tokens), plan.commit_end, plan.scratch_end
         start = self.sessions.rollback(session, tokens[:commit_end])
+        while self.runner.fast_keys and start % BLOCK and (session.cache is None
+                                                             or self.runner.window_start(start) != session.window):
+            # The window would be re-encoded mid-block, where a cold start keeps the keys the fast weights made:
+            # back to a snapshot at a block start (the session keeps the latest), or to the empty document.
+            start = self.sessions.rollback(session, tokens[: start // BLOCK * BLOCK])
         usage, lambdas = Usage(prompt_tokens=L, cached_tokens=start, context_tokens=start), []
         task.usage = usage
         self.metrics.prompt_tokens.inc(L)
@@ -366,7 +374,7 @@ class Engine:
             usage.computed_tokens, usage.context_tokens = usage.computed_tokens + n, usage.context_tokens + n
             p += n
             if commit:
-                session.commit(tokens[:p], doc, self.config.snapshots)
+                session.commit(tokens[:p], doc, self.config.snapshots, BLOCK if self.runner.fast_keys else 0)
             yield n
         return doc
 

@@ -48,7 +48,7 @@ class ServerMetrics:
         m.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens received.", registry=registry)
         m.prefill_tokens = Counter(p + "prefill_tokens", "Prompt tokens computed (not served from a session).", registry=registry)
         m.generated_tokens = Counter(p + "generated_tokens", "Tokens generated.", registry=registry)
-        m.chunk_lambda = Histogram(p + "chunk_lambda", "λ of each chunk the TTT layer processed.", buckets=LAMBDA_BUCKETS, registry=registry)
+        m.chunk_lambda = Histogram(p + "chunk_lambda", "λ of each chunk the fast weights processed.", buckets=LAMBDA_BUCKETS, registry=registry)
         # updated / (updated + skipped) by schedule is the realised update rate.
         m.chunks = Counter(
             p + "chunks", "Chunks by schedule and whether the fast weights were updated.", ["schedule", "action"], registry=registry
@@ -58,6 +58,10 @@ class ServerMetrics:
             ["schedule"], buckets=RATE_BUCKETS, registry=registry,
         )
         m.ttt_flops = Counter(p + "ttt_update_flops", "FLOPs spent on fast-weight updates.", registry=registry)
+        m.fast_weight_clips = Counter(
+            p + "fast_weight_clipped_updates",
+            "Fast-weight updates scaled down to the norm cap (In-Place deltas, LoRA steps).", registry=registry,
+        )
         m.sessions_active = Gauge(p + "sessions_active", "Sessions held in memory.", registry=registry)
         m.session_bytes = Gauge(p + "session_memory_bytes", "Bytes held by sessions.", registry=registry)
         m.sessions_evicted = Counter(p + "sessions_evicted", "Sessions evicted under the memory cap.", registry=registry)

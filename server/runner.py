@@ -7,8 +7,15 @@ re-encode, ``insert`` of a prepared row into a decode slot, and ``decode``
 of one token for every busy slot. ``tests/fake_runner.py`` implements the
 same methods without a model, so the engine's policy is tested on its own.
 
-Document states (``DocState``) and KV caches pass through the engine as
-opaque values: it stores them in sessions and hands them back.
+Document states (``DocState``, or the In-Place and LoRA fast weights'
+states) and KV caches pass through the engine as opaque values: it stores
+them in sessions and hands them back.
+
+Three kinds of fast weights are served (docs/design.md, "Kinds of fast
+weights"): the TTT layer on top of the base, In-Place TTT and LoRA. The last
+two follow the schedules ``model.inplace.SCHEDULES`` (no learned gate, so no
+per-session budget) and change the top blocks' keys and values, so their KV
+cache depends on the document's fast weights (``ModelRunner.fast_keys``).
 
 Long documents. Positions are learned up to the context window W, so the
 base attends within a window: tokens in block k (``BLOCK`` tokens each) are
@@ -41,8 +48,11 @@ import numpy as np
 from flax import nnx
 
 from ponder.model.doc_state import DocState
+from ponder.model.document import FastWeightLM as Served
+from ponder.model.document import chunk_size, chunk_work, clipped, initial_state
 from ponder.model.gating import Schedule
 from ponder.model.gpt2 import GPT, KVCache
+from ponder.model.inplace import SCHEDULES as FIXED_SCHEDULES
 from ponder.model.sampling import SamplerRows, Sampling, accept, ring, sample
 from ponder.model.ttt import TTTConfig
 from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
@@ -56,14 +66,13 @@ PREFILL_CHUNKS = (4, 2, 1)  # dual-form prefill calls, in chunks (largest first)
 EXTEND_LENGTHS = (16, 32, 64)  # extend buckets, in tokens
 
 
-def as_ttt_model(model: GPT | TTTTransformerLM) -> TTTTransformerLM:
-    """A base-only checkpoint served through the TTT path: a fresh TTT layer
-    (zero output projection) on top predicts exactly what the base does."""
-    if isinstance(model, TTTTransformerLM):
+def as_served_model(model: GPT | Served) -> Served:
+    """The model as served: fast-weight models as they are; a base-only checkpoint through the TTT
+    path, with a fresh TTT layer (zero output projection) on top that predicts exactly what the base does."""
+    if isinstance(model, Served):
         return model
     if not isinstance(model, GPT):
-        raise ValueError(f"the server runs GPT-2 and TTT-layer checkpoints, not {type(model).__name__} (In-Place TTT "
-                         "and LoRA fast weights are not served yet): evaluate it with `ponder eval`")
+        raise ValueError(f"the server runs GPT-2, TTT-layer, In-Place and LoRA checkpoints, not {type(model).__name__}")
     c = model.config
     config = TTTLMConfig(base=c, ttt=TTTConfig(width=c.n_embd, n_head=c.n_head))
     return TTTTransformerLM(config, rngs=nnx.Rngs(0), base=model)
@@ -100,15 +109,18 @@ class _Model:
     graphdef: nnx.GraphDef
     treedef: jax.tree_util.PyTreeDef
 
-    def merge(self, leaves: list) -> TTTTransformerLM:
+    def merge(self, leaves: list) -> Served:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
 def _prefill_chunks(model: _Model, schedule, params, tokens, positions, doc, cache):
-    """Whole chunks [1, T] in dual form: ``(doc, cache, chunk_lambda [n], chunk_updated [n], ttt_flops)``."""
-    out = model.merge(params)(tokens, positions, schedule, state=doc, cache=cache)
-    return out.state, out.cache, out.chunk_lambda[0], out.chunk_updated[0], out.ttt_flops[0]
+    """Whole chunks [1, T] in dual (parallel) form:
+    ``(doc, cache, chunk_lambda [n], chunk_updated [n], update FLOPs, capped updates)``."""
+    m = model.merge(params)
+    out = m(tokens, positions, schedule, state=doc, cache=cache)
+    updated, flops = chunk_work(m, out, schedule)
+    return out.state, out.cache, out.chunk_lambda[0], updated[0], flops[0], (clipped(out.state) - clipped(doc)).sum()
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
@@ -120,13 +132,13 @@ def _base_fill(model: _Model, params, tokens, positions, cache):
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
 def _extend(model: _Model, schedule, params, tokens, positions, length, doc, cache, key, doc_position, sampler, recent):
-    """An open chunk's tokens [1, T] (``length`` real) and the first sampled token: ``(token [1], doc, cache)``.
+    """An open chunk's tokens [1, T] (``length`` real) and the first sampled token: ``(token [1], doc, cache, capped updates)``.
 
     ``recent``: the ring of the document's tokens before ``doc_position``, where the sampled token goes.
     """
-    logits, cache, doc = model.merge(params).extend(tokens, positions, length, cache, doc, schedule)
+    logits, cache, new_doc = model.merge(params).extend(tokens, positions, length, cache, doc, schedule)
     keys = jax.vmap(jax.random.fold_in)(key, doc_position)
-    return sample(logits, keys, sampler, recent, doc_position - 1), doc, cache
+    return sample(logits, keys, sampler, recent, doc_position - 1), new_doc, cache, (clipped(new_doc) - clipped(doc)).sum()
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
@@ -150,7 +162,7 @@ def _first_row(slots: Slots) -> Slots:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("slots",))
 def _decode(model: _Model, schedule, eot_id, attend_keys, params, slots: Slots):
-    """One token for every row of ``slots``: ``(slots, tokens [S], lam [S], count [S])``.
+    """One token for every row of ``slots``: ``(slots, tokens [S], lam [S], count [S], capped updates)``.
 
     Attention reads the first ``attend_keys`` cache slots only (a bucket
     above every live row's position): on this CPU, reading all of every
@@ -160,6 +172,7 @@ def _decode(model: _Model, schedule, eot_id, attend_keys, params, slots: Slots):
     fed = jnp.where(slots.active, slots.token, eot_id)
     position = jnp.where(slots.active, slots.position, 0)
     logits, cache, doc = model.step(fed, position, slots.cache, slots.doc, schedule, attend_keys)
+    clips = jnp.where(slots.active, clipped(doc) - clipped(slots.doc), 0).sum()  # idle rows' updates are thrown away
     keys = jax.vmap(jax.random.fold_in)(slots.key, slots.doc_position + 1)
     recent = accept(slots.recent, slots.doc_position, fed)
     token = sample(logits, keys, slots.sampler, recent, slots.doc_position)
@@ -167,7 +180,7 @@ def _decode(model: _Model, schedule, eot_id, attend_keys, params, slots: Slots):
         slots, cache=cache, doc=doc, token=token, position=position + 1, doc_position=slots.doc_position + 1,
         recent=recent,
     )
-    return slots, token, doc.lam, doc.count
+    return slots, token, doc.lam, doc.count, clips
 
 
 # --- The runner.
@@ -190,17 +203,24 @@ class ModelRunner:
     still being computed; ``np.asarray`` waits for them.
 
     Attributes:
-      model: the TTT model served (a base-only checkpoint gets a fresh TTT layer).
-      chunk: tokens per TTT chunk (C): prompts are committed in whole chunks.
+      model: the fast-weight model served (a base-only checkpoint gets a fresh TTT layer).
+      chunk: tokens per chunk (C) of the fast weights: prompts are committed in whole chunks.
+      fast_keys: the top blocks' keys and values depend on the document's fast weights (In-Place,
+        LoRA), so a window re-encoded by the base is exact only at a block start (``BLOCK``).
+      reads_budget: the document state carries a per-session budget (the TTT layer's gate).
       eot_id: the end-of-document token.
       chunk_flops: update FLOPs of one chunk closed while decoding.
       compilations: XLA compilations of the process since this runner was made.
       serving_thread: compilations on this thread are logged as missed warm-up shapes.
     """
 
-    def __init__(self, model: GPT | TTTTransformerLM, slots: int, max_new_tokens: int, schedule: Schedule,
+    def __init__(self, model: GPT | Served, slots: int, max_new_tokens: int, schedule: Schedule,
                  metrics: ServerMetrics):
-        model = as_ttt_model(model)
+        model = as_served_model(model)
+        is_ttt = isinstance(model, TTTTransformerLM)
+        if not is_ttt and schedule.kind not in FIXED_SCHEDULES:
+            raise ValueError(f"{model.config.KIND} fast weights follow the schedules {', '.join(FIXED_SCHEDULES)} (the "
+                             f"learned gate is not wired to them), not {schedule.kind!r}: serve with --schedule update")
         self.model, self.slots, self.max_new_tokens, self.schedule = model, slots, max_new_tokens, schedule
         self.metrics = metrics
         graphdef, params = nnx.split(model)
@@ -212,14 +232,16 @@ class ModelRunner:
         leaves, treedef = jax.tree.flatten(self._place(params))
         self.static, self.params = _Model(graphdef, treedef), leaves
         self.base_config = model.config.base
-        self.chunk = model.config.gate.chunk
+        self.chunk = chunk_size(model)
+        self.fast_keys, self.reads_budget = not is_ttt, is_ttt
         self.W = self.base_config.n_positions
         if BLOCK % self.chunk or self.W - max_new_tokens - BLOCK < 0:
             raise ValueError(
                 f"max_new_tokens {max_new_tokens} leaves no room for a {BLOCK}-token block in a {self.W}-token window"
             )
         self.eot_id = model.config.eot_id if model.config.eot_id is not None else 0
-        self.chunk_flops = float(sum(layer.update_flops(self.chunk) for layer in model.ttt))
+        self.chunk_flops = float(sum(layer.update_flops(self.chunk) for layer in model.ttt)) if is_ttt \
+            else model.update_flops()
         self.compilations = 0
         self.serving_thread: threading.Thread | None = None
         self._fresh_doc: DocState | None = None
@@ -228,20 +250,30 @@ class ModelRunner:
         # a step on one row sliced out of all the slots' state (and written back) took 2.6 ms,
         # one on a one-row state 1.4 ms (bench/engine_step.py). Row 0 of ``_slots`` is stale then.
         self._lone: Slots | None = None
+        self._clips: list[jax.Array] = []  # capped-update counts of calls still running (booked at the next call)
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
     # --- Set-up.
 
     def start(self) -> None:
         """Allocates the empty document state and the decode slots (before ``warmup``)."""
-        self._fresh_doc = self._place(self.model.init_state(1, self.schedule))
+        self._fresh_doc = self._place(initial_state(self.model, 1, self.schedule))
         self._slots = self.empty_slots()
 
     def empty_doc(self, rate: float) -> DocState:
         """The state of an empty document whose budget (``GateHistory.target``) is ``rate`` (shared; never changed in place)."""
-        if rate == self.schedule.rate:
+        if rate == self.schedule.rate or not self.reads_budget:  # the engine refuses a rate such states ignore
             return self._fresh_doc
         return self.model.with_target(self._fresh_doc, self._place(np.full((1,), rate, np.float32)))
+
+    def _book_clips(self, clips=None, wait: bool = False) -> None:
+        """Adds capped-update counts to the metrics: those of earlier calls, and ``clips`` (this call's) now
+        with ``wait``, else at the next call (a decode step's outputs are still being computed)."""
+        pending = self._clips + ([] if clips is None else [clips])
+        self._clips = [] if wait else pending[-1:] if clips is not None else []
+        for count in pending if wait else pending[: len(pending) - len(self._clips)]:
+            if self.serving_thread is not None:  # not the warm-up's throwaway inputs
+                self.metrics.fast_weight_clips.inc(int(count))
 
     def state_bytes(self, tree) -> int:
         """Bytes held by the arrays of ``tree`` (states, caches, lists of them; None counts 0)."""
@@ -275,6 +307,7 @@ class ModelRunner:
         self._slots = _release(self._slots, 0)
         jax.block_until_ready(self._slots)
         self._slots = self.empty_slots()
+        self._clips = []  # the throwaway inputs' updates are not the server's
         log.info("warm-up: %d compilations in %.1f s", self.compilations, time.perf_counter() - t0)
 
     # --- Shapes and windows.
@@ -287,7 +320,7 @@ class ModelRunner:
         S = self.slots
         return self._place(Slots(
             cache=KVCache.init(self.base_config, S, self.W),
-            doc=self.model.init_state(S, self.schedule),
+            doc=initial_state(self.model, S, self.schedule),
             token=jnp.full((S,), self.eot_id, jnp.int32),
             position=jnp.zeros((S,), jnp.int32),
             doc_position=jnp.zeros((S,), jnp.int32),
@@ -346,7 +379,8 @@ class ModelRunner:
           the FLOPs their updates cost.
         """
         ids, positions = _row(tokens, doc_start - window)
-        doc, cache, lam, updated, flops = _prefill_chunks(self.static, self.schedule, self.params, ids, positions, doc, cache)
+        doc, cache, lam, updated, flops, clips = _prefill_chunks(self.static, self.schedule, self.params, ids, positions, doc, cache)
+        self._book_clips(clips, wait=True)  # the engine waits for λ anyway
         return doc, cache, np.asarray(lam), np.asarray(updated), float(flops)
 
     def extend(self, job: Job, doc: DocState, cache: KVCache, doc_start: int, window: int, length: int):
@@ -363,11 +397,12 @@ class ModelRunner:
         T = next(n for n in EXTEND_LENGTHS if n >= len(tokens))
         ids, positions = _row(tokens, doc_start - window, T)
         end = doc_start + len(tokens)
-        token, doc, cache = _extend(
+        token, doc, cache, clips = _extend(
             self.static, self.schedule, self.params, ids, positions, np.full((1,), len(tokens), np.int32),
             doc, cache, jax.random.key(job.sampling.seed)[None], np.full((1,), end, np.int32),
             job.sampling.rows(self.W, end), ring(job.tokens[:end], self.W),
         )
+        self._book_clips(clips)
         return token, doc.lam, doc, cache
 
     # --- Decode slots.
@@ -399,7 +434,9 @@ class ModelRunner:
         self._slots, self._lone = self.empty_slots(), None
 
     def _decode(self, attend_keys: int, slots: Slots):
-        return _decode(self.static, self.schedule, self.eot_id, attend_keys, self.params, slots)
+        slots, tokens, lam, count, clips = _decode(self.static, self.schedule, self.eot_id, attend_keys, self.params, slots)
+        self._book_clips(clips)
+        return slots, tokens, lam, count
 
     def _merge_lone(self) -> None:
         """Writes slot 0's lone state back into row 0 of ``_slots``."""

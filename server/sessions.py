@@ -67,15 +67,19 @@ class Session:
     counted: int = 0  # its bytes in ``SessionStore.bytes``, as last measured
     anonymous: bool = False  # made for a job without a session id: only such jobs may join it by prefix
 
-    def commit(self, tokens: list[int], doc, keep: int) -> None:
+    def commit(self, tokens: list[int], doc, keep: int, anchor: int = 0) -> None:
         """Commits ``tokens`` (the whole history, ending on a chunk boundary) with the state after them.
 
-        A snapshot of the state is taken at the boundary; the ``keep`` latest are kept.
+        A snapshot of the state is taken at the boundary; the ``keep`` latest are kept, and with an
+        ``anchor``, also the latest at a multiple of it (a window block's start, where fast weights that
+        change the keys can be rolled back to exactly).
         """
         self.tokens = tokens
         self.doc = doc
         self.snapshots.append((len(tokens), doc))
-        del self.snapshots[:-keep]
+        kept = self.snapshots[-keep:]
+        anchored = [s for s in self.snapshots if anchor and s[0] % anchor == 0][-1:]
+        self.snapshots[:] = (anchored if anchored and anchored[0][0] < kept[0][0] else []) + kept
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -82,6 +82,8 @@ class FakeRunner:
     chunk = CHUNK
     chunk_flops = FLOPS
     W = 1 << 30  # window positions: the window never moves, and every job fits in it
+    fast_keys = False  # the cache never depends on the document state
+    reads_budget = True  # states carry a per-session budget (``budgeted`` says whether the fake reads it)
 
     def __init__(self, reply: list[int], slots: int, eot_id: int = 0, delay_s: float = 0.0, budgeted: bool = False):
         _check(len(set(reply)) == len(reply) and eot_id not in reply, "reply tokens must be distinct, without eot")

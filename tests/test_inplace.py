@@ -151,7 +151,7 @@ def test_pulse_training_through_the_cli(tmp_path, tiny_corpus_and_base):
                             str(tmp_path / "eval"), "--window", "32", "--min-tokens", "64", "--max-tokens", "64",
                             "--max-documents", "2", "--rate", "0.5", "--lines-per-file", "0"]) == 0
     table = json.loads((tmp_path / "eval" / "eval-inplace.json").read_text())
-    assert set(table) == {"SKIP", "UPDATE_1", "FIXED_1", "RANDOM@0.5"} and table["SKIP"]["tokens"] == 2 * 63
+    assert set(table) == {"SKIP", "UPDATE_1", "FIXED_1", "RANDOM@0.5", "ORACLE@0.5"} and table["SKIP"]["tokens"] == 2 * 63
 
 
 def test_held_out_cross_entropy_by_windows():
@@ -167,10 +167,3 @@ def test_held_out_cross_entropy_by_windows():
     assert table["skip"]["tokens"] == 4 * C - 1
     np.testing.assert_allclose(table["skip"]["ce"], float(nll.mean()), rtol=1e-5)
     assert abs(table["update"]["ce"] - table["skip"]["ce"]) > 1e-4
-
-
-def test_the_server_refuses_an_in_place_checkpoint_by_name():
-    from ponder.server.runner import as_ttt_model
-
-    with pytest.raises(ValueError, match="not InPlaceLM .*not served yet.*ponder eval"):
-        as_ttt_model(make_model())

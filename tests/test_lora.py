@@ -212,12 +212,6 @@ def test_pulse_training_and_eval_through_the_cli(tmp_path, tiny_corpus_and_base)
                             str(tmp_path / "eval"), "--window", "16", "--min-tokens", "64", "--max-tokens", "64",
                             "--max-documents", "2", "--rate", "0.5", "--lines-per-file", "0"]) == 0
     table = json.loads((tmp_path / "eval" / "eval-lora.json").read_text())
-    assert set(table) == {"SKIP", "UPDATE_1", "UPDATE_2", "UPDATE_4", "FIXED_1", "RANDOM@0.5"}
+    assert set(table) == {"SKIP", "UPDATE_1", "UPDATE_2", "UPDATE_4", "FIXED_1", "RANDOM@0.5", "ORACLE@0.5"}
+    assert table["ORACLE@0.5"]["updated"] == 0.5 and table["UPDATE_1"]["updated"] == 1.0  # 2 of each document's 4 chunks
     assert table["SKIP"]["tokens"] == 2 * 63 and table["UPDATE_2"]["ce"] != table["SKIP"]["ce"]
-
-
-def test_the_server_refuses_a_lora_checkpoint_by_name():
-    from ponder.server.runner import as_ttt_model
-
-    with pytest.raises(ValueError, match="not LoRALM .*LoRA fast weights are not served yet.*ponder eval"):
-        as_ttt_model(make_model())

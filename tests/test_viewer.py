@@ -153,7 +153,7 @@ def test_empty_document_and_base_checkpoint_errors(loaded):
     empty = inspect_tokens(model, tokenizer, [], Schedule(), "nothing")
     assert empty.chunks == () and empty.ce is None and empty.tokens == 0
     assert 'id="empty"' in render_html(empty)
-    with pytest.raises(ValueError, match="TTT checkpoint"):
+    with pytest.raises(ValueError, match="fast-weight checkpoint.*base-only"):
         inspect_tokens(model.base, tokenizer, [tokenizer.eot_id], Schedule(), "base")
 
 

@@ -71,7 +71,7 @@ import scipy.stats
 from flax import nnx
 
 from ponder.model.doc_state import DocState
-from ponder.model.document import DocumentRun, run_document
+from ponder.model.document import DocumentRun, chunk_size, run_document
 from ponder.model.gating import Schedule
 from ponder.model.gpt2 import KVCache
 from ponder.model.ttt_lm import TTTTransformerLM
@@ -504,30 +504,27 @@ def write(table: dict, out_dir: str | Path) -> Path:
     return out
 
 
-def fast_weight_cross_entropy(model, documents: list[np.ndarray], window: int, schedules: dict[str, Schedule]) -> dict:
+def fast_weight_cross_entropy(model, documents: list[np.ndarray], window: int, schedules: dict[str, Schedule],
+                              oracle_rates: tuple[float, ...] = ()) -> dict:
     """Token-weighted CE per schedule of an In-Place TTT or LoRA model (``model.inplace``, ``model.lora``).
 
-    Each document runs window by window (positions restart in each window, as ``evaluate`` runs a long
-    file) while the fast weights carry across windows; every token but a document's first is scored.
+    Each document runs window by window (``run_document``: positions restart in each window, the fast
+    weights carry across) and every token but a document's first is scored. ``ORACLE@r`` for each of
+    ``oracle_rates`` updates the top share r of each document's chunks by isolated gain (SKIP against
+    UPDATE_1, ``oracle_lambda``), an upper-bound reference that reads the answers.
 
     Returns:
-      ``{name: {"ce": nats/token, "tokens": scored tokens, "clipped": updates capped}}``.
+      ``{name: {"ce": nats/token, "tokens": scored tokens, "updated": share of chunks updated,
+      "clipped": updates capped}}``.
     """
-    graphdef, params = nnx.split(model)
-    table = {}
-    for name, schedule in schedules.items():
-        run = jax.jit(lambda p, t, s, sch=schedule: nnx.merge(graphdef, p)(
-            t, jnp.arange(t.shape[1])[None], sch, state=s))
-        total, count, clipped = 0.0, 0, 0
-        for doc in documents:
-            state, logits = model.init_state(1), []
-            for start in range(0, len(doc) // window * window, window):
-                out = run(params, jnp.asarray(doc[None, start:start + window]), state)
-                state = out.state
-                logits.append(out.logits[0])
-            logits = jnp.concatenate(logits)[:-1]  # [T - 1, V]: position t predicts token t + 1
-            targets = jnp.asarray(doc[1:len(logits) + 1])
-            nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[:, None], -1)[:, 0]
-            total, count, clipped = total + float(nll.sum()), count + len(targets), clipped + int(state.clipped[0])
-        table[name] = {"ce": total / count, "tokens": count, "clipped": clipped}
-    return table
+    runs = {name: [run_document(model, d, schedule, window) for d in documents] for name, schedule in schedules.items()}
+    if oracle_rates:
+        one = lambda schedule: [run_document(model, d, schedule, window) for d in documents]
+        skip = runs.get("SKIP") or one(Schedule("skip"))
+        update = runs.get("UPDATE_1") or one(Schedule("update"))
+        gains = [isolated_gain(s, u, chunk_size(model)) for s, u in zip(skip, update)]
+        for rate in oracle_rates:
+            runs[f"ORACLE@{rate:g}"] = [run_document(model, d, Schedule("skip"), window, oracle_lambda(g, rate))
+                                        for d, g in zip(documents, gains)]
+    return {name: {"ce": cross_entropy(rs), "tokens": sum(len(r.nll) for r in rs), "updated": update_rate(rs),
+                   "clipped": sum(r.clipped for r in rs)} for name, rs in runs.items()}

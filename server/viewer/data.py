@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ponder.model.document import FastWeightLM, chunk_size, run_document
 from ponder.model.gating import Schedule
 from ponder.model.tokenizer import Tokenizer
 from ponder.model.ttt_lm import TTTTransformerLM
@@ -136,12 +137,12 @@ def _mean(values: np.ndarray) -> float | None:
 
 
 def inspect_tokens(
-    model: TTTTransformerLM, tokenizer: Tokenizer, tokens: list[int], schedule: Schedule = Schedule(), source: str = ""
+    model: FastWeightLM, tokenizer: Tokenizer, tokens: list[int], schedule: Schedule = Schedule(), source: str = ""
 ) -> Inspection:
     """Runs a document under ``schedule`` and under SKIP and collects what the viewer shows.
 
     Args:
-      model: a TTT model (``model.checkpoint.load`` of a stage-2 checkpoint).
+      model: a fast-weight model (``model.checkpoint.load`` of a stage-2 checkpoint: TTT layer, In-Place or LoRA).
       tokenizer: its tokenizer.
       tokens: the document from its start (``Tokenizer.encode_document``).
       schedule: where λ comes from.
@@ -150,19 +151,22 @@ def inspect_tokens(
     Returns:
       An ``Inspection``.
     """
-    from ponder.model.document import run_document
-
-    if not isinstance(model, TTTTransformerLM):
-        raise ValueError("the λ viewer needs a TTT checkpoint (train one with `ponder train ttt`); this one is base-only")
-    C = model.config.gate.chunk
+    if not isinstance(model, FastWeightLM):
+        raise ValueError("the λ viewer needs a fast-weight checkpoint (train one with `ponder train ttt`); this one is base-only")
+    C = chunk_size(model)
     window = model.config.base.n_positions // C * C
     T = len(tokens)
     texts = chunk_texts(tokenizer, tokens, C)
     text = "".join(texts)
-    chunk_flops = float(sum(layer.update_flops(C, schedule.steps) for layer in model.ttt))
+    if isinstance(model, TTTTransformerLM):
+        lambda_max, threshold = model.config.gate.lambda_max, model.config.gate.threshold
+        chunk_flops = float(sum(layer.update_flops(C, schedule.steps) for layer in model.ttt))
+        update_1_flops = float(sum(layer.update_flops(C) for layer in model.ttt))
+    else:  # In-Place and LoRA: λ from a fixed schedule (1 for UPDATE), no threshold
+        lambda_max, threshold = max(1.0, schedule.value if schedule.kind == "fixed" else 1.0), 0.0
+        chunk_flops, update_1_flops = model.update_flops(schedule.steps), model.update_flops()
     if T == 0:
-        return Inspection(source, text, schedule.kind, C, model.config.gate.lambda_max, model.config.gate.threshold,
-                          0, 0, (), None, None, 0.0, 0.0)
+        return Inspection(source, text, schedule.kind, C, lambda_max, threshold, 0, 0, (), None, None, 0.0, 0.0)
     pad = model.config.eot_id if model.config.eot_id is not None else 0
     padded = np.full(padded_length(T, C, window), pad, np.int32)  # [T_padded]
     padded[:T] = tokens
@@ -184,10 +188,10 @@ def inspect_tokens(
         ))
         char += len(piece)
     return Inspection(
-        source=source, text=text, schedule=schedule.kind, chunk_size=C, lambda_max=model.config.gate.lambda_max,
-        threshold=model.config.gate.threshold, tokens=T, scored_tokens=len(nll), chunks=tuple(chunks),
+        source=source, text=text, schedule=schedule.kind, chunk_size=C, lambda_max=lambda_max,
+        threshold=threshold, tokens=T, scored_tokens=len(nll), chunks=tuple(chunks),
         ce=_mean(nll), ce_skip=_mean(nll_skip), ttt_flops=sum(c.flops for c in chunks),
-        update_1_flops=len(chunks) * float(sum(layer.update_flops(C) for layer in model.ttt)),
+        update_1_flops=len(chunks) * update_1_flops,
     )
 
 
