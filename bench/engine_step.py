@@ -39,7 +39,7 @@ from timing import interleaved_medians, streaming_read
 from ponder.model.checkpoint import load
 from ponder.server.engine import EngineConfig
 from ponder.server.metrics import ServerMetrics
-from ponder.server.runner import ModelRunner, _decode, _first_row
+from ponder.server.runner import ModelRunner, _decode, _first_rows
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "checkpoints", "default")
 
@@ -59,15 +59,16 @@ def main() -> None:
     runner = ModelRunner(load(args.checkpoint)[0], config.slots, config.max_new_tokens, config.schedule, ServerMetrics.create())
     keys = [int(k) for k in args.keys.split(",")]
     rows = [int(r) for r in args.rows.split(",")]
-    if set(rows) - {1, args.slots}:
-        raise SystemExit(f"--rows takes 1 (slot 0 alone) or {args.slots} (every slot), got {args.rows}")
+    if set(rows) - {*runner.head_rows, args.slots}:
+        raise SystemExit(f"--rows takes {runner.head_rows} (the first rows on their own state) or {args.slots} "
+                         f"(every slot), got {args.rows}")
     if min(keys) <= args.burst:
         raise SystemExit(f"--keys must all exceed --burst ({args.burst}): a turn's positions stay below the keys read")
     # Every row busy, positions just inside the bucket for the whole turn, so the mask keeps (nearly) every key read.
     busy_at = lambda k, r: jnp.full((r,), k - 1 - args.burst, jnp.int32)  # a fresh array each time: the step donates its input
 
     def busy(k: int, r: int):
-        state = runner.empty_slots() if r == args.slots else _first_row(runner.empty_slots())
+        state = runner.empty_slots() if r == args.slots else _first_rows(runner.empty_slots(), r)
         return dataclasses.replace(state, active=jnp.ones((r,), bool), position=busy_at(k, r))
 
     slots = {(k, r): busy(k, r) for k in keys for r in rows}

@@ -26,8 +26,10 @@ prefill, no TTT). The fast weights see the whole document.
 
 Compiled shapes: dual-form prefill of 1, 2 or 4 chunks; ``extend`` of 16,
 32 or 64 tokens; the window re-encode at two lengths; ``insert``; the decode
-step over every slot, or over slot 0 alone on its own one-row state (a lone
-stream), reading 128, 256 or all cache keys. ``warmup`` compiles them all
+step over every slot, or, while only the slots below n (``HEAD_ROWS``: 1, a
+lone stream, or 4) are busy, over those rows on their own n-row state;
+reading 128, 256 or all cache keys (the smaller reads only where the slice
+XLA copies is small, ``SLICE_COPY_BYTES``). ``warmup`` compiles them all
 before the engine reports ready; the compile counter (every XLA compilation
 of the process) stays flat afterwards.
 """
@@ -64,6 +66,11 @@ log = logging.getLogger("ponder.engine")
 BLOCK = 256  # tokens per window block (a multiple of the gate chunk)
 PREFILL_CHUNKS = (4, 2, 1)  # dual-form prefill calls, in chunks (largest first)
 EXTEND_LENGTHS = (16, 32, 64)  # extend buckets, in tokens
+HEAD_ROWS = (1, 4)  # while only slots below n are busy, their n rows step on their own state
+KEY_BUCKETS = (128, 256)  # attention may read only this many cache slots (then the whole window)
+# A bucket makes XLA copy the slice of every layer's cache it reads; above this many bytes the copy
+# costs more than reading every key in place (bench/README.md, "Key buckets and head rows at 124M").
+SLICE_COPY_BYTES = 32 << 20
 
 
 def as_served_model(model: GPT | Served) -> Served:
@@ -154,10 +161,10 @@ def _release(slots: Slots, index):
     return dataclasses.replace(slots, active=slots.active.at[index].set(False))
 
 
-@jax.jit
-def _first_row(slots: Slots) -> Slots:
-    """Slot 0's state as a one-row ``Slots`` (a copy)."""
-    return jax.tree.map(lambda x: x[:1], slots)
+@functools.partial(jax.jit, static_argnums=1)
+def _first_rows(slots: Slots, n: int) -> Slots:
+    """Slots 0 to n - 1's state as an n-row ``Slots`` (a copy)."""
+    return jax.tree.map(lambda x: x[:n], slots)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("slots",))
@@ -246,10 +253,12 @@ class ModelRunner:
         self.serving_thread: threading.Thread | None = None
         self._fresh_doc: DocState | None = None
         self._slots: Slots | None = None
-        # While slot 0 is the only busy slot, its state lives here as one row and steps alone:
-        # a step on one row sliced out of all the slots' state (and written back) took 2.6 ms,
-        # one on a one-row state 1.4 ms (bench/engine_step.py). Row 0 of ``_slots`` is stale then.
-        self._lone: Slots | None = None
+        # While only slots below n are busy, their state lives here as n rows and steps alone: a
+        # step on one row sliced out of all the slots' state (and written back) took 2.6 ms, one on
+        # a one-row state 1.4 ms (bench/engine_step.py, tiny); at 124M four streams stepping all
+        # 8 slots' rows pay 8 rows' attention. Rows 0 to n - 1 of ``_slots`` are stale then.
+        self._head: Slots | None = None
+        self.head_rows = tuple(n for n in HEAD_ROWS if n < slots)
         self._clips: list[jax.Array] = []  # capped-update counts of calls still running (booked at the next call)
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
@@ -299,11 +308,15 @@ class ModelRunner:
             job = Job("", None, None, [self.eot_id] * length, 1)
             token, _, doc, cache = self.extend(job, self._fresh_doc, self._new_cache(), 0, 0, length)
         self.insert(0, job, doc, cache, token, 0, length)
-        self._lone = _first_row(self._slots)
-        for keys in self._key_buckets():
+        for keys in self._key_buckets(self.slots):
             self._slots, *_ = self._decode(keys, self._slots)
-            self._lone, *_ = self._decode(keys, self._lone)
-        self._merge_lone()
+        for n in self.head_rows:
+            self._head = _first_rows(self._slots, n)
+            self._head = _release(self._head, 0)
+            self.insert(0, job, doc, cache, token, 0, length)
+            for keys in self._key_buckets(n):
+                self._head, *_ = self._decode(keys, self._head)
+            self._merge_head()
         self._slots = _release(self._slots, 0)
         jax.block_until_ready(self._slots)
         self._slots = self.empty_slots()
@@ -334,11 +347,14 @@ class ModelRunner:
     def _fill_bucket(n: int) -> int:
         return -(-n // BLOCK) * BLOCK
 
-    def _key_buckets(self) -> list[int]:
-        # 128 and 256 keys, else the whole window: XLA copies a sliced cache before reading it, so an
-        # 8-row step reading 512 or 768 keys (5.4, 6.7 ms) costs more than reading all 1,024 (4.5 ms;
-        # bench/engine_step.py).
-        return sorted({min(self.W, 128), min(self.W, 256), self.W})
+    def _key_buckets(self, rows: int) -> list[int]:
+        """The cache slots a step over ``rows`` rows may read: ``KEY_BUCKETS`` whose slice is small enough to
+        copy, and the whole window. XLA copies a sliced cache before reading it: an 8-row step reading 512
+        or 768 keys (5.4, 6.7 ms) cost more than reading all 1,024 (4.5 ms) at ``tiny``, and at 124M one
+        reading 128 or 256 keys (51, 101 ms) more than reading all (42 ms; bench/engine_step.py)."""
+        c = self.base_config
+        copy = lambda keys: rows * c.n_layer * 2 * keys * c.n_embd * jnp.dtype(c.compute_dtype).itemsize
+        return sorted({min(self.W, k) for k in KEY_BUCKETS if copy(k) <= SLICE_COPY_BYTES} | {self.W})
 
     def window_start(self, position: int) -> int:
         """Document position of the window that encodes the block holding ``position``."""
@@ -409,7 +425,6 @@ class ModelRunner:
 
     def insert(self, slot: int, job: Job, doc: DocState, cache: KVCache, token, window: int, doc_end: int) -> None:
         """Puts a job into decode slot ``slot``: ``token`` [1] (from ``extend``) is fed next, at document position ``doc_end``."""
-        self._merge_lone()  # the new job joins the others: slot 0 steps with them
         row = Slots(
             cache=cache,
             doc=doc,
@@ -421,27 +436,32 @@ class ModelRunner:
             recent=ring(job.tokens[:doc_end], self.W),
             active=np.ones((1,), bool),
         )
-        self._slots = _insert(self._slots, row, slot)
+        if self._head is not None and slot < len(self._head.active):  # joins the head rows' own state
+            self._head = _insert(self._head, row, slot)
+        else:
+            self._merge_head()  # the new job joins the others: every slot steps together
+            self._slots = _insert(self._slots, row, slot)
 
     def release(self, slot: int) -> None:
         """Marks ``slot`` idle."""
-        if slot == 0:
-            self._lone = None  # row 0 of ``_slots`` is stale, and idle from here on
-        self._slots = _release(self._slots, slot)
+        if self._head is not None and slot < len(self._head.active):
+            self._head = _release(self._head, slot)
+        else:
+            self._slots = _release(self._slots, slot)
 
     def reset(self) -> None:
         """Every slot idle, on fresh arrays (after a failed step)."""
-        self._slots, self._lone = self.empty_slots(), None
+        self._slots, self._head = self.empty_slots(), None
 
     def _decode(self, attend_keys: int, slots: Slots):
         slots, tokens, lam, count, clips = _decode(self.static, self.schedule, self.eot_id, attend_keys, self.params, slots)
         self._book_clips(clips)
         return slots, tokens, lam, count
 
-    def _merge_lone(self) -> None:
-        """Writes slot 0's lone state back into row 0 of ``_slots``."""
-        if self._lone is not None:
-            self._slots, self._lone = _insert(self._slots, self._lone, 0), None
+    def _merge_head(self) -> None:
+        """Writes the head rows' own state back into the first rows of ``_slots``."""
+        if self._head is not None:
+            self._slots, self._head = _insert(self._slots, self._head, 0), None
 
     def decode(self, busy: collections.abc.Collection[int], window_end: int):
         """Starts one decode step: every busy slot feeds its last token and samples the next.
@@ -453,12 +473,16 @@ class ModelRunner:
           ``(tokens, lam, count)``, indexed by slot: the new tokens, and λ and the document's token
           count of each state after the token fed (a count that is a multiple of ``chunk`` closed one).
         """
-        attend_keys = next(k for k in self._key_buckets() if k >= window_end)
-        if max(busy) == 0:  # slot 0 alone (jobs take the lowest free slot)
-            if self._lone is None:
-                self._lone = _first_row(self._slots)
-            self._lone, tokens, lam, count = self._decode(attend_keys, self._lone)
-        else:
-            self._merge_lone()
+        n = next((n for n in self.head_rows if max(busy) < n), None)  # jobs take the lowest free slot
+        if n is None:
+            self._merge_head()
+            attend_keys = next(k for k in self._key_buckets(self.slots) if k >= window_end)
             self._slots, tokens, lam, count = self._decode(attend_keys, self._slots)
+            return tokens, lam, count
+        if self._head is not None and len(self._head.active) != n:
+            self._merge_head()
+        if self._head is None:
+            self._head = _first_rows(self._slots, n)
+        attend_keys = next(k for k in self._key_buckets(n) if k >= window_end)
+        self._head, tokens, lam, count = self._decode(attend_keys, self._head)
         return tokens, lam, count

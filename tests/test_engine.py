@@ -206,6 +206,40 @@ def test_a_lone_stream_joined_and_left_mid_generation_is_exact(engine):
     assert got == want
 
 
+def test_head_rows_step_on_their_own_state_and_merge_back_exactly(model):
+    """With 6 slots, jobs in slots 0-3 step on a 4-row state of their own (slot 0 alone on a 1-row one);
+    a job in slot 4 brings them back among all the slots, and a job ending takes them out again. Every
+    job's tokens equal its offline generation. UPDATE_1, not the thresholded gate: a score that lands
+    within rounding of the threshold would flip between batch shapes and fork a sampled text."""
+    engine = Engine(model, EngineConfig(slots=6, max_new_tokens=MAX_NEW, queue_size=8, schedule=Schedule("update")))
+    engine.start()
+    try:
+        assert engine.runner.head_rows == (1, 4)
+        sampling = Sampling(temperature=1.0, seed=7)
+        prompts = [_doc(20 + 7 * i, seed=40 + i) for i in range(6)]
+        lengths = [MAX_NEW, 40, 24, 12, 20, 8]  # slot 4's and 5's jobs end first, then the 4-row state takes over
+        params = lambda n: SamplingParams(max_new_tokens=n, temperature=1.0, seed=7)
+        want = [[t for piece in stream_ttt_tokens(model, p, params(n), eot_id=0, schedule=Schedule("update")) for t in piece]
+                for p, n in zip(prompts, lengths)]
+        jobs = [Job("", f"head-{i}", None, list(p), n, sampling) for i, (p, n) in enumerate(zip(prompts, lengths))]
+        got = [[] for _ in jobs]
+        engine.submit(jobs[0])
+        while len(got[0]) < 3:  # slot 0 alone
+            got[0] += jobs[0].next_event(timeout=EVENT_TIMEOUT_S).token_ids
+        for job in jobs[1:3]:  # slots 1 and 2: the 4-row state
+            engine.submit(job)
+        while len(got[1]) < 3:
+            got[1] += jobs[1].next_event(timeout=EVENT_TIMEOUT_S).token_ids
+        for job in jobs[3:]:  # slots 3 to 5: every slot steps together, until 4 and 5 end
+            engine.submit(job)
+        for tokens, job in zip(got, jobs):
+            while not isinstance(event := job.next_event(timeout=EVENT_TIMEOUT_S), DoneEvent):
+                tokens += event.token_ids
+        assert got == want
+    finally:
+        engine.stop(drain_s=1)
+
+
 def test_eviction_rebuilds_transparently(model):
     engine = Engine(model, EngineConfig(slots=2, max_new_tokens=MAX_NEW, session_memory_mb=0.5))
     engine.start(warmup=False)
