@@ -68,9 +68,9 @@ PREFILL_CHUNKS = (4, 2, 1)  # dual-form prefill calls, in chunks (largest first)
 EXTEND_LENGTHS = (16, 32, 64)  # extend buckets, in tokens
 HEAD_ROWS = (1, 4)  # while only slots below n are busy, their n rows step on their own state
 KEY_BUCKETS = (128, 256)  # attention may read only this many cache slots (then the whole window)
-# A bucket makes XLA copy the slice of every layer's cache it reads; above this many bytes the copy
-# costs more than reading every key in place (bench/README.md, "Key buckets and head rows at 124M").
-SLICE_COPY_BYTES = 32 << 20
+# A bucket makes XLA copy the slice of every layer's cache it reads; past this many bytes the copy
+# costs more than reading every key in place (bench/README.md, "Head rows and key buckets at 124M").
+SLICE_COPY_BYTES = 48 << 20
 
 
 def as_served_model(model: GPT | Served) -> Served:
@@ -350,8 +350,9 @@ class ModelRunner:
     def _key_buckets(self, rows: int) -> list[int]:
         """The cache slots a step over ``rows`` rows may read: ``KEY_BUCKETS`` whose slice is small enough to
         copy, and the whole window. XLA copies a sliced cache before reading it: an 8-row step reading 512
-        or 768 keys (5.4, 6.7 ms) cost more than reading all 1,024 (4.5 ms) at ``tiny``, and at 124M one
-        reading 128 or 256 keys (51, 101 ms) more than reading all (42 ms; bench/engine_step.py)."""
+        or 768 keys (5.4, 6.7 ms) cost more than reading all 1,024 (4.5 ms) at ``tiny``; at 124M an 8-row
+        step reading 128 or 256 keys (75 or 151 MB copied: 55, 101 ms) more than reading all (42 ms), while
+        4 rows reading 128 (38 MB) gained (24 against 30 ms; bench/engine_step.py)."""
         c = self.base_config
         copy = lambda keys: rows * c.n_layer * 2 * keys * c.n_embd * jnp.dtype(c.compute_dtype).itemsize
         return sorted({min(self.W, k) for k in KEY_BUCKETS if copy(k) <= SLICE_COPY_BYTES} | {self.W})
