@@ -26,8 +26,8 @@ prefill, no TTT). The fast weights see the whole document.
 
 Compiled shapes: dual-form prefill of 1, 2 or 4 chunks; ``extend`` of 16,
 32 or 64 tokens; the window re-encode at two lengths; ``insert``; the decode
-step over every slot, or, while only the slots below n (``HEAD_ROWS``: 1, a
-lone stream, or 4) are busy, over those rows on their own n-row state;
+step over every slot, or, while only slot 0 is busy (``HEAD_ROWS``), over
+its row on a state of its own;
 reading 128, 256 or all cache keys (the smaller reads only where the slice
 XLA copies is small, ``SLICE_COPY_BYTES``). ``warmup`` compiles them all
 before the engine reports ready; the compile counter (every XLA compilation
@@ -66,7 +66,10 @@ log = logging.getLogger("ponder.engine")
 BLOCK = 256  # tokens per window block (a multiple of the gate chunk)
 PREFILL_CHUNKS = (4, 2, 1)  # dual-form prefill calls, in chunks (largest first)
 EXTEND_LENGTHS = (16, 32, 64)  # extend buckets, in tokens
-HEAD_ROWS = (1, 4)  # while only slots below n are busy, their n rows step on their own state
+# While only slots below n are busy, their n rows step on their own state. Slot 0 alone (n = 1) pays:
+# 1.4 against 2.6 ms a step at tiny. Slots 0-3 (n = 4) were measured at 124M, 8 slots, 4 streams:
+# +2% aggregate tokens/s (noise) for +670 MiB resident (bench/README.md), so they step with the rest.
+HEAD_ROWS = (1,)
 KEY_BUCKETS = (128, 256)  # attention may read only this many cache slots (then the whole window)
 # A bucket makes XLA copy the slice of every layer's cache it reads; past this many bytes the copy
 # costs more than reading every key in place (bench/README.md, "Head rows and key buckets at 124M").
@@ -253,10 +256,10 @@ class ModelRunner:
         self.serving_thread: threading.Thread | None = None
         self._fresh_doc: DocState | None = None
         self._slots: Slots | None = None
-        # While only slots below n are busy, their state lives here as n rows and steps alone: a
-        # step on one row sliced out of all the slots' state (and written back) took 2.6 ms, one on
-        # a one-row state 1.4 ms (bench/engine_step.py, tiny); at 124M four streams stepping all
-        # 8 slots' rows pay 8 rows' attention. Rows 0 to n - 1 of ``_slots`` are stale then.
+        # While only slots below n (``HEAD_ROWS``) are busy, their state lives here as n rows and
+        # steps alone: a step on one row sliced out of all the slots' state (and written back) took
+        # 2.6 ms, one on a one-row state 1.4 ms (bench/engine_step.py, tiny). Rows 0 to n - 1 of
+        # ``_slots`` are stale then.
         self._head: Slots | None = None
         self.head_rows = tuple(n for n in HEAD_ROWS if n < slots)
         self._clips: list[jax.Array] = []  # capped-update counts of calls still running (booked at the next call)

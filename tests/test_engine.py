@@ -23,6 +23,7 @@ from ponder.model.generate import SamplingParams, stream_ttt_tokens
 from ponder.model.ttt import TTTConfig
 from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
 from ponder.server.engine import Engine, EngineConfig
+from ponder.server.runner import HEAD_ROWS
 from ponder.server.types import DoneEvent, Job, QueueFull, Sampling, TokenEvent
 
 BASE = dataclasses.replace(GPTConfig.tiny(vocab_size=512), n_positions=512, n_embd=64, n_layer=2, n_head=2)
@@ -207,14 +208,13 @@ def test_a_lone_stream_joined_and_left_mid_generation_is_exact(engine):
 
 
 def test_head_rows_step_on_their_own_state_and_merge_back_exactly(model):
-    """With 6 slots, jobs in slots 0-3 step on a 4-row state of their own (slot 0 alone on a 1-row one);
-    a job in slot 4 brings them back among all the slots, and a job ending takes them out again. Every
-    job's tokens equal its offline generation. UPDATE_1, not the thresholded gate: a score that lands
+    """With 6 slots, slot 0 alone steps on a state of its own (``runner.HEAD_ROWS``); jobs joining bring it
+    back among all the slots, and jobs ending take it out again. Every job's tokens equal its offline generation. UPDATE_1, not the thresholded gate: a score that lands
     within rounding of the threshold would flip between batch shapes and fork a sampled text."""
     engine = Engine(model, EngineConfig(slots=6, max_new_tokens=MAX_NEW, queue_size=8, schedule=Schedule("update")))
     engine.start()
     try:
-        assert engine.runner.head_rows == (1, 4)
+        assert engine.runner.head_rows == HEAD_ROWS
         sampling = Sampling(temperature=1.0, seed=7)
         prompts = [_doc(20 + 7 * i, seed=40 + i) for i in range(6)]
         lengths = [MAX_NEW, 40, 24, 12, 20, 8]  # slot 4's and 5's jobs end first, then the 4-row state takes over
@@ -226,11 +226,11 @@ def test_head_rows_step_on_their_own_state_and_merge_back_exactly(model):
         engine.submit(jobs[0])
         while len(got[0]) < 3:  # slot 0 alone
             got[0] += jobs[0].next_event(timeout=EVENT_TIMEOUT_S).token_ids
-        for job in jobs[1:3]:  # slots 1 and 2: the 4-row state
+        for job in jobs[1:3]:  # slots 1 and 2: every slot steps together
             engine.submit(job)
         while len(got[1]) < 3:
             got[1] += jobs[1].next_event(timeout=EVENT_TIMEOUT_S).token_ids
-        for job in jobs[3:]:  # slots 3 to 5: every slot steps together, until 4 and 5 end
+        for job in jobs[3:]:  # slots 3 to 5, until 5, 3 and 4 end (then 2 and 1, and slot 0 is alone again)
             engine.submit(job)
         for tokens, job in zip(got, jobs):
             while not isinstance(event := job.next_event(timeout=EVENT_TIMEOUT_S), DoneEvent):
