@@ -39,11 +39,11 @@ from flax import nnx
 
 from ponder.model.detokenize import TextStream
 from ponder.model.doc_state import DocState
+from ponder.model.document import FastWeightLM, chunk_size, initial_state
 from ponder.model.gating import Schedule
 from ponder.model.gpt2 import GPT, KVCache
 from ponder.model.sampling import Sampling, accept, ring, sample
 from ponder.model.tokenizer import Tokenizer
-from ponder.model.ttt_lm import TTTTransformerLM
 
 DECODE_BLOCK = 64  # most tokens one decode call produces
 MIN_BUCKET = 16  # shortest prefill bucket
@@ -218,16 +218,16 @@ def ttt_step(graphdef, state, tokens, positions, doc, cache, schedule):
 
 
 def stream_ttt_tokens(
-    model: TTTTransformerLM, prompt: list[int], params: SamplingParams, eot_id: int, schedule: Schedule = Schedule(),
+    model: FastWeightLM, prompt: list[int], params: SamplingParams, eot_id: int, schedule: Schedule = Schedule(),
     doc: DocState | None = None,
 ) -> Iterator[list[int]]:
-    """``stream_tokens`` for the TTT model (batch 1, one token per yield).
+    """``stream_tokens`` for a fast-weight model (TTT layer, In-Place, LoRA; batch 1, one token per yield).
 
-    The prompt's whole chunks run in one dual-form forward, the rest token by
-    token; generation then steps one token per compiled call, so the fast
+    The prompt's whole chunks run in one parallel-form forward, the rest token
+    by token; generation then steps one token per compiled call, so the fast
     weights keep learning (per ``schedule``) on the generated text too.
 
-    ``doc``: the TTT state to start from, one that has already read earlier
+    ``doc``: the state to start from, one that has already read earlier
     text of the document (attention sees only ``prompt``; its buffers are
     donated, so pass a copy you want to keep). Default: a fresh document.
     """
@@ -237,8 +237,8 @@ def stream_ttt_tokens(
         return
     graphdef, state = nnx.split(model)
     cache = KVCache.init(config, 1, S)
-    doc = model.init_state(1, schedule) if doc is None else doc
-    whole = (len(prompt) - 1) // model.config.gate.chunk * model.config.gate.chunk  # the last token is stepped
+    doc = initial_state(model, 1, schedule) if doc is None else doc
+    whole = (len(prompt) - 1) // chunk_size(model) * chunk_size(model)  # the last token is stepped
     tokens = jnp.asarray([prompt], jnp.int32)
     positions = jnp.arange(len(prompt) + params.max_new_tokens, dtype=jnp.int32)[None]
     if whole:
@@ -257,13 +257,13 @@ def stream_ttt_tokens(
 
 
 def stream_text(
-    model: GPT | TTTTransformerLM, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams, block: int = DECODE_BLOCK,
+    model: GPT | FastWeightLM, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams, block: int = DECODE_BLOCK,
     schedule: Schedule = Schedule(),
 ) -> Iterator[str | Completion]:
-    """Yields text deltas as they become final, then one ``Completion`` (a TTT model learns per ``schedule``)."""
+    """Yields text deltas as they become final, then one ``Completion`` (fast weights learn per ``schedule``)."""
     stream = TextStream(tokenizer, params.stop)
     emitted, generated, reason = 0, [], "length"
-    if isinstance(model, TTTTransformerLM):
+    if isinstance(model, FastWeightLM):
         pieces = stream_ttt_tokens(model, prompt, params, tokenizer.eot_id, schedule)
     else:
         pieces = stream_tokens(model, prompt, params, tokenizer.eot_id, block)
@@ -292,7 +292,7 @@ def stream_text(
     yield Completion(text=text, tokens=generated, finish_reason=reason)
 
 
-def generate_text(model: GPT | TTTTransformerLM, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
+def generate_text(model: GPT | FastWeightLM, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
                   schedule: Schedule = Schedule()) -> Completion:
     """Non-streaming generation: the whole completion at once."""
     *_, completion = stream_text(model, tokenizer, prompt, params, schedule=schedule)

@@ -25,7 +25,10 @@ from ponder.server.main import add_arguments as serve_arguments
 
 def _generate(args: argparse.Namespace) -> None:
     from ponder.model import checkpoint
+    from ponder.model.gating import Schedule
     from ponder.model.generate import Completion, SamplingParams, stream_text
+    from ponder.model.gpt2 import GPT
+    from ponder.model.ttt_lm import TTTTransformerLM
 
     model, tokenizer = checkpoint.load(args.checkpoint)
     params = SamplingParams(
@@ -41,8 +44,11 @@ def _generate(args: argparse.Namespace) -> None:
         seed=args.seed,
         stop=tuple(args.stop),
     )
+    # The TTT layer's own gate; In-Place and LoRA fast weights update on every chunk (no gate drives them).
+    schedule = Schedule() if isinstance(model, (GPT, TTTTransformerLM)) else Schedule("update")
     print(args.prompt, end="", flush=True)
-    for piece in stream_text(model, tokenizer, tokenizer.encode_document(args.prompt), params, block=args.block):
+    for piece in stream_text(model, tokenizer, tokenizer.encode_document(args.prompt), params, block=args.block,
+                             schedule=schedule):
         if isinstance(piece, Completion):
             print(f"\n[{len(piece.tokens)} tokens, finish_reason={piece.finish_reason}]", file=sys.stderr)
         else:

@@ -17,6 +17,7 @@ from flax import nnx
 
 from ponder.model.config import GPTConfig
 from ponder.model.gating import Schedule
+from ponder.model.generate import SamplingParams, stream_ttt_tokens
 from ponder.model.gpt2 import KVCache
 from ponder.model.inplace import InPlaceConfig, InPlaceLM, InPlaceLMConfig
 from ponder.model.lora import LoRAConfig, LoRALM, LoRALMConfig
@@ -100,6 +101,8 @@ def test_served_tokens_equal_the_models_own_decoding(served):
         prompt = _doc(n, seed=n)
         got, lambdas, done = _run(engine, prompt, session=f"offline-{n}", max_new=20)
         assert got == _greedy_by_steps(model, prompt, 20), n
+        offline = stream_ttt_tokens(model, prompt, SamplingParams(max_new_tokens=20), eot_id=0, schedule=Schedule("update"))
+        assert got == [t for piece in offline for t in piece], n  # `ponder generate`'s path: whole chunks, then steps
         assert lambdas == [1.0] * ((n + 19) // C)  # every chunk closed by the prompt and the reply updates
         assert done.usage.chunks_updated == len(lambdas) and done.usage.ttt_flops > 0
 

@@ -147,6 +147,7 @@ def test_pulse_training_through_the_cli(tmp_path, tiny_corpus_and_base):
     assert float(jnp.abs(model.W_target[...]).max()) > 0  # the target trained away from zero
     np.testing.assert_array_equal(model.base.h[0].mlp.c_proj.kernel[...], base.h[0].mlp.c_proj.kernel[...])  # frozen
     # `ponder eval` of it: one CE per schedule on the held-out split.
+    assert ponder_cli.main(["generate", "--checkpoint", str(run / "final"), "--max-tokens", "4", "def"]) == 0
     assert ponder_cli.main(["eval", "--checkpoint", str(run / "final"), "--corpus", str(data), "--out",
                             str(tmp_path / "eval"), "--window", "32", "--min-tokens", "64", "--max-tokens", "64",
                             "--max-documents", "2", "--rate", "0.5", "--lines-per-file", "0"]) == 0

@@ -208,6 +208,7 @@ def test_pulse_training_and_eval_through_the_cli(tmp_path, tiny_corpus_and_base)
     fresh = LoRALM(model.config, rngs=nnx.Rngs(0), base=base)  # the run's seed is 0 too
     assert not np.allclose(model.A0[...], fresh.A0[...])  # A0 trained, through the updates
     np.testing.assert_array_equal(model.base.h[1].attn.c_attn.kernel[...], base.h[1].attn.c_attn.kernel[...])  # frozen
+    assert ponder_cli.main(["generate", "--checkpoint", str(run / "final"), "--max-tokens", "4", "def"]) == 0
     assert ponder_cli.main(["eval", "--checkpoint", str(run / "final"), "--corpus", str(data), "--out",
                             str(tmp_path / "eval"), "--window", "16", "--min-tokens", "64", "--max-tokens", "64",
                             "--max-documents", "2", "--rate", "0.5", "--lines-per-file", "0"]) == 0
