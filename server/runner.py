@@ -11,11 +11,12 @@ Document states (``DocState``, or the In-Place and LoRA fast weights'
 states) and KV caches pass through the engine as opaque values: it stores
 them in sessions and hands them back.
 
-Three kinds of fast weights are served (docs/design.md, "Kinds of fast
-weights"): the TTT layer on top of the base, In-Place TTT and LoRA. The last
-two follow the schedules ``model.inplace.SCHEDULES`` (no learned gate, so no
-per-session budget) and change the top blocks' keys and values, so their KV
-cache depends on the document's fast weights (``ModelRunner.fast_keys``).
+Three kinds of fast weights are served: the TTT layer on top of the base,
+In-Place TTT and LoRA (docs/design.md, "Other fast weights: In-Place TTT and LoRA").
+The last two follow the schedules ``model.inplace.SCHEDULES`` (no learned
+gate, so no per-session budget) and change the top blocks' keys and values,
+so their KV cache depends on the document's fast weights
+(``ModelRunner.fast_keys``).
 
 Long documents. Positions are learned up to the context window W, so the
 base attends within a window: tokens in block k (``BLOCK`` tokens each) are
@@ -27,9 +28,9 @@ prefill, no TTT). The fast weights see the whole document.
 Compiled shapes: dual-form prefill of 1, 2 or 4 chunks; ``extend`` of 16,
 32 or 64 tokens; the window re-encode at two lengths; ``insert``; the decode
 step over every slot, or, while only slot 0 is busy (``HEAD_ROWS``), over
-its row on a state of its own;
-reading 128, 256 or all cache keys (the smaller reads only where the slice
-XLA copies is small, ``SLICE_COPY_BYTES``). ``warmup`` compiles them all
+its row on a state of its own, reading 128, 256 or all cache keys (the
+smaller reads only where the slice XLA copies is small,
+``SLICE_COPY_BYTES``). ``warmup`` compiles them all
 before the engine reports ready; the compile counter (every XLA compilation
 of the process) stays flat afterwards.
 """
