@@ -47,7 +47,6 @@ import collections.abc
 import dataclasses
 import itertools
 import logging
-import numbers
 import threading
 import time
 
@@ -59,7 +58,7 @@ from ponder.model.ttt_lm import TTTTransformerLM
 from ponder.server import scheduler
 from ponder.server.metrics import ServerMetrics
 from ponder.server.runner import BLOCK, ModelRunner
-from ponder.server.sessions import Session, SessionStore, common_prefix, plan_prompt
+from ponder.server.sessions import BUDGETED, Session, SessionStore, check_update_rate, common_prefix, plan_prompt
 from ponder.server.types import (
     DoneEvent,
     ErrorEvent,
@@ -73,9 +72,6 @@ from ponder.server.types import (
 
 log = logging.getLogger("ponder.engine")
 
-# The schedules that read a budget (``GateHistory.target``, model/gating.py): a session's
-# ``update_rate`` sets it; under the others a rate would change nothing, so it is refused.
-BUDGETED = ("random", "random_learned", "threshold", "learned_budget", "policy")
 STOP_JOIN_S = 2.0  # how long ``Engine.stop`` waits for the loop to end its jobs before ending them itself
 
 
@@ -170,7 +166,8 @@ class Engine:
         self._prefilling: list[_Prefilling] = []  # parked between slices, oldest first
         self._in_flight: _Step | None = None  # the decode step whose tokens are not out yet
         self.sessions = SessionStore(self.C, self.eot_id, config.session_memory_mb * 2**20, config.snapshots,
-                                     runner.empty_doc, runner.state_bytes, self.metrics, config.schedule.rate)
+                                     runner.empty_doc, runner.state_bytes, self.metrics, config.schedule.rate,
+                                     block=BLOCK if runner.fast_keys else 0, window_start=runner.window_start)
         self._thread: threading.Thread | None = None
         self._stop = False
         self._drain_cut = threading.Event()  # ``end_drain``: stop waiting for running jobs
@@ -210,7 +207,8 @@ class Engine:
         if not job.tokens:
             raise RequestError("prompt", "holds no tokens")
         if job.update_rate is not None:
-            self._check_update_rate(job.update_rate)
+            check_update_rate(job.update_rate, self.config.schedule.kind,
+                              None if self.runner.reads_budget else self.model.config.KIND)
         with self._lock:
             if len(self._waiting) >= self.config.queue_size:
                 raise QueueFull(f"the queue is full ({len(self._waiting)} requests waiting, limit {self.config.queue_size})")
@@ -222,19 +220,6 @@ class Engine:
             self._waiting.append(job)
             self.metrics.waiting.set(len(self._waiting))
             self._lock.notify()
-
-    def _check_update_rate(self, rate) -> None:
-        """Refuses an ``update_rate`` that is not a number in [0, 1], or that the schedule would not read."""
-        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate <= 1.0:
-            raise RequestError("update_rate", f"must be a number in [0, 1] (the share of chunks whose fast weights "
-                                              f"update), got {rate!r}")
-        kind = self.config.schedule.kind
-        if not self.runner.reads_budget:
-            raise RequestError("update_rate", f"this checkpoint's {self.model.config.KIND} fast weights follow the fixed "
-                                              f"schedule {kind!r} and read no per-session budget: leave update_rate out")
-        if kind not in BUDGETED:
-            raise RequestError("update_rate", f"the server's schedule {kind!r} reads no budget: leave update_rate out, "
-                                              f"or serve a budgeted schedule (ponder serve --schedule {' / '.join(BUDGETED)})")
 
     def _jobs(self):
         """Every job waiting, being prefilled or decoding (caller holds the lock)."""
@@ -311,11 +296,6 @@ class Engine:
         tokens = job.tokens = plan.tokens  # an end-of-document token inside the prompt opens a new document there
         L, commit_end, scratch_end = len(tokens), plan.commit_end, plan.scratch_end
         start = self.sessions.rollback(session, tokens[:commit_end])
-        while self.runner.fast_keys and start % BLOCK and (session.cache is None
-                                                             or self.runner.window_start(start) != session.window):
-            # The window would be re-encoded mid-block, where a cold start keeps the keys the fast weights made:
-            # back to a snapshot at a block start (the session keeps the latest), or to the empty document.
-            start = self.sessions.rollback(session, tokens[: start // BLOCK * BLOCK])
         usage, lambdas = Usage(prompt_tokens=L, cached_tokens=start, context_tokens=start), []
         task.usage = usage
         self.metrics.prompt_tokens.inc(L)
@@ -374,7 +354,7 @@ class Engine:
             usage.computed_tokens, usage.context_tokens = usage.computed_tokens + n, usage.context_tokens + n
             p += n
             if commit:
-                session.commit(tokens[:p], doc, self.config.snapshots, BLOCK if self.runner.fast_keys else 0)
+                session.commit(tokens[:p], doc, self.config.snapshots, self.sessions.block)
             yield n
         return doc
 

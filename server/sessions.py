@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import numbers
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -126,6 +127,25 @@ def plan_prompt(job: Job, chunk: int, eot_id: int) -> PromptPlan:
     return PromptPlan(tokens, commit_end, scratch_end)
 
 
+# The schedules that read a budget (``GateHistory.target``, model/gating.py): a session's
+# ``update_rate`` sets it; under the others a rate would change nothing, so it is refused.
+BUDGETED = ("random", "random_learned", "threshold", "learned_budget", "policy")
+
+
+def check_update_rate(rate, schedule: str, fixed_kind: str | None = None) -> None:
+    """Refuses an ``update_rate`` that is not a number in [0, 1], or that the server's ``schedule`` would not read
+    (``fixed_kind``: the checkpoint's fast weights, In-Place or LoRA, read no budget under any schedule)."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate <= 1.0:
+        raise RequestError("update_rate", f"must be a number in [0, 1] (the share of chunks whose fast weights "
+                                          f"update), got {rate!r}")
+    if fixed_kind is not None:
+        raise RequestError("update_rate", f"this checkpoint's {fixed_kind} fast weights follow the fixed "
+                                          f"schedule {schedule!r} and read no per-session budget: leave update_rate out")
+    if schedule not in BUDGETED:
+        raise RequestError("update_rate", f"the server's schedule {schedule!r} reads no budget: leave update_rate out, "
+                                          f"or serve a budgeted schedule (ponder serve --schedule {' / '.join(BUDGETED)})")
+
+
 RATES_KEPT = 1 << 14  # sessions per API key whose last given rate is remembered (the least recently given go first)
 INT_BYTES = 32  # a token id as a Python int, as allocated (ids below 257 are shared objects; counted all the same)
 ENTRY_BYTES = 128  # a session's key (a tuple) and its entry in the store's ordered dict
@@ -158,11 +178,18 @@ class SessionStore:
       default_rate: the budget of a session never given one (the schedule's ``rate``).
       trim_heap: called after an eviction dropped sessions (default ``ponder.runtime.HeapTrimmer``: their
         arrays' memory goes back to the kernel).
+      block: nonzero when the KV cache depends on the fast weights (In-Place, LoRA): a window re-encoded
+        by the base then matches a cold start only at a multiple of ``block`` (a window block's start), so
+        a rollback that would re-encode one elsewhere goes back to such a snapshot (each session keeps
+        its latest one) or to the empty document.
+      window_start: the document position of the window that encodes a position (with ``block``).
     """
 
     def __init__(self, chunk: int, eot_id: int, memory_bytes: float, snapshots: int, empty_doc: Callable[[float], Any],
                  state_bytes: Callable[[Any], int], metrics: ServerMetrics, default_rate: float,
-                 trim_heap: Callable[[], Any] | None = None):
+                 trim_heap: Callable[[], Any] | None = None, block: int = 0,
+                 window_start: Callable[[int], int] | None = None):
+        self.block, self.window_start = block, window_start
         self.trim_heap = trim_heap if trim_heap is not None else HeapTrimmer()
         self.chunk, self.eot_id, self.memory_bytes, self.snapshots = chunk, eot_id, memory_bytes, snapshots
         self.empty_doc, self.state_bytes, self.metrics, self.default_rate = empty_doc, state_bytes, metrics, default_rate
@@ -334,11 +361,19 @@ class SessionStore:
         self.metrics.session_bytes.set(self.bytes)
 
     def rollback(self, session: Session, tokens: list[int]) -> int:
-        """Rolls ``session`` back to its last snapshot at or before where ``tokens`` leaves its history.
+        """Rolls ``session`` back to its last snapshot at or before where ``tokens`` leaves its history
+        (with ``block``, to one where its cache holds the window or a window block starts).
 
         Returns:
           How many committed tokens remain (the prompt's tokens already computed).
         """
+        start = self._rollback(session, tokens)
+        while self.block and start % self.block and (session.cache is None
+                                                     or self.window_start(start) != session.window):
+            start = self._rollback(session, tokens[: start // self.block * self.block])
+        return start
+
+    def _rollback(self, session: Session, tokens: list[int]) -> int:
         shared = common_prefix(session.tokens, tokens)
         if shared >= len(session.tokens):
             return len(session.tokens)
