@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from ponder.model import quantize
 from ponder.model.config import GPTConfig
 from ponder.model.gpt2 import GPT
 from ponder.model.gpt2 import abstract_model as abstract_gpt
@@ -202,8 +203,10 @@ def abstract_model(config):
     return abstract_gpt(config)
 
 
-def load(directory: str | Path) -> tuple[GPT | TTTTransformerLM | InPlaceLM | LoRALM, Tokenizer]:
+def load(directory: str | Path, weights: str = "float32") -> tuple[GPT | TTTTransformerLM | InPlaceLM | LoRALM, Tokenizer]:
     """Validates and loads a checkpoint directory.
+
+    ``weights``: how the base's weights are held once loaded (``model.quantize.WEIGHTS``).
 
     Returns:
       ``(model, tokenizer)``: a ``GPT``, or a ``TTTTransformerLM`` (TTT), ``InPlaceLM`` (In-Place TTT) or ``LoRALM``.
@@ -211,6 +214,7 @@ def load(directory: str | Path) -> tuple[GPT | TTTTransformerLM | InPlaceLM | Lo
     Raises:
       CheckpointError: naming the missing, damaged or mismatched file or key.
     """
+    quantize.check_weights(weights)
     directory = Path(directory).absolute()
     _verify_files(directory)
     config = load_config(directory)
@@ -242,4 +246,4 @@ def load(directory: str | Path) -> tuple[GPT | TTTTransformerLM | InPlaceLM | Lo
         raise CheckpointError(f"cannot restore parameters from {state_dir}: {err}") from None
     restored = jax.tree.map(lambda value, want: value.astype(want.dtype), restored, wanted)
     nnx.replace_by_pure_dict(abstract_state, restored)
-    return nnx.merge(graphdef, abstract_state), tokenizer
+    return quantize.quantize_lm(nnx.merge(graphdef, abstract_state), weights), tokenizer

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ponder.model import quantize
 from ponder.model.config import GPTConfig
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -286,7 +287,10 @@ class GPT(nnx.Module):
     def logits(self, hidden, *, frozen: bool = False):
         """LM head: [B, T, D] -> [B, T, V] float32; ``frozen`` stops gradients to its weights."""
         B, T, D = hidden.shape
-        embedding = (self.wte if self.lm_head is None else self.lm_head).embedding[...]  # [V, D]
+        head = self.wte if self.lm_head is None else self.lm_head
+        if isinstance(head, quantize.Embed):  # stored in fewer bits for serving: frozen already
+            return head.logits(hidden)
+        embedding = head.embedding[...]  # [V, D]
         if frozen:
             embedding = jax.lax.stop_gradient(embedding)
         if B * T <= 64:

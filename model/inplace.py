@@ -177,6 +177,11 @@ class InPlaceLM(nnx.Module):
     def fast_blocks(self):
         return self.base.h[self.config.base.n_layer - self.config.inplace.layers:]
 
+    @property
+    def replaced_kernels(self):
+        """The base's linear layers whose kernels these fast weights replace (``model.quantize`` keeps them)."""
+        return [b.mlp.c_proj for b in self.fast_blocks]
+
     # --- State.
 
     def init_state(self, batch_size: int) -> InPlaceState:

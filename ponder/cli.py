@@ -21,6 +21,7 @@ from ponder.cli_train import add_train_commands
 from ponder.client.cli import COMMANDS as CLIENT_COMMANDS
 from ponder.client.cli import add_commands as add_client_commands
 from ponder.server.main import add_arguments as serve_arguments
+from ponder.server.main import add_weights_argument
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -30,7 +31,7 @@ def _generate(args: argparse.Namespace) -> None:
     from ponder.model.gpt2 import GPT
     from ponder.model.ttt_lm import TTTTransformerLM
 
-    model, tokenizer = checkpoint.load(args.checkpoint)
+    model, tokenizer = checkpoint.load(args.checkpoint, weights=args.weights)
     params = SamplingParams(
         max_new_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -103,7 +104,7 @@ def _eval(args: argparse.Namespace) -> None:
     from ponder.model.ttt_lm import TTTTransformerLM
     from ponder.train import evaluate
 
-    model, tokenizer = checkpoint.load(args.checkpoint)
+    model, tokenizer = checkpoint.load(args.checkpoint, weights=args.weights)
     if isinstance(model, (InPlaceLM, LoRALM)):
         return _eval_fast_weights(args, model)
     if not isinstance(model, TTTTransformerLM):
@@ -229,6 +230,7 @@ def _add_eval_command(commands) -> None:
     ev.add_argument("--lines-per-file", type=int, default=12,
                     help="line-completion targets per file, past its first window (0: skip)")
     ev.add_argument("--line-every", type=int, default=100, help="tokens between line-completion targets")
+    add_weights_argument(ev)
     ev.set_defaults(run=_eval)
 
 
@@ -263,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     gen.add_argument("--block", type=int, default=8, help="tokens per compiled decode call while streaming")
+    add_weights_argument(gen)
     gen.set_defaults(run=_generate)
 
     init = commands.add_parser("init", help="write an untrained checkpoint (a starting point for training)")

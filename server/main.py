@@ -29,6 +29,15 @@ if TYPE_CHECKING:
     from ponder.model.gating import Schedule
 
 
+def add_weights_argument(p: argparse.ArgumentParser) -> None:
+    """``--weights``: how the base's weights are held in memory (``model.quantize``)."""
+    from ponder.model.quantize import WEIGHTS
+
+    p.add_argument("--weights", default="float32", choices=WEIGHTS,
+                   help="store the base's kernels and token table in float32, bfloat16, or int8 with a scale per "
+                        "output (activations then quantized per token); fast weights stay float32")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The server's flags (``ponder serve`` adds the ``--schedule`` family beside them).
 
@@ -39,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ponder.server.service import Limits
 
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory (default: the bundled one)")
+    add_weights_argument(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0 for every interface); on a loopback address, HTTP answers "
                         "only the Host names localhost, 127.0.0.1 and [::1] (against DNS rebinding)")
@@ -97,7 +107,7 @@ def run(args, schedule: Schedule) -> None:
     from ponder.server.metrics import ServerMetrics
     from ponder.server.service import CompletionService, Limits
 
-    model, tokenizer = checkpoint.load(args.checkpoint)
+    model, tokenizer = checkpoint.load(args.checkpoint, weights=args.weights)
     if schedule.kind == "policy" and getattr(model, "policy", None) is None:
         raise ValueError(f"--schedule policy needs a checkpoint with an update policy; {args.checkpoint} has none "
                          "(add one with `ponder train policy`)")
