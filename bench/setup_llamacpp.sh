@@ -12,7 +12,7 @@ set -euo pipefail
 DIR="${1:-${PONDER_LLAMACPP_DIR:-$HOME/.cache/ponder-llamacpp}}"
 JOBS="${JOBS:-2}"
 NICE="${NICE:-15}"
-PIP="${PIP:-$(dirname "$0")/../.venv/bin/pip}"
+PIP="${PIP:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/pip}"
 mkdir -p "$DIR"
 cd "$DIR"
 if ! ls llama_cpp_python-*.tar.gz >/dev/null 2>&1; then

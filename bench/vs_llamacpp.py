@@ -11,10 +11,11 @@ named for it: ponder splits text as GPT-2 does.
 Then, all in one run on the same machine:
 
 * single-stream decode and prefill: ``llama-bench`` (tg, pp) on both GGUFs
-  against ``bench/decode.py`` on the same shape (ponder's base; decode is
-  end to end from a 32-token prompt, prefill 512 tokens);
-* served: ``ponder serve`` (``--schedule skip``, TTT off, and ``learned``)
-  and ``llama-server`` on the f32 GGUF with the same slots and context per
+  against ``bench/weights.py`` on the checkpoint's base with float32,
+  bfloat16 and int8 weights (TTT off; decode is end to end from a 32-token
+  prompt, prefill 512 tokens); int8 is compared with q8_0, the others with f32;
+* served: ``ponder serve`` (``--schedule skip``, TTT off, and ``learned``;
+  ``--served-weights`` formats) and ``llama-server`` on the f32 GGUF with the same slots and context per
   slot, under ``bench/serve_load.py``'s throughput load (1 stream, then N
   simultaneous streams of ``--max-tokens`` greedy tokens from
   ``--prompt-tokens``-token prompts): aggregate decode tokens/s, per-stream
@@ -81,16 +82,13 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int, prefill: int, decode: i
     return {"prefill_tok_s": pick("n_prompt"), "decode_tok_s": pick("n_gen")}
 
 
-def ponder_decode(checkpoint: str, work: Path, name: str, prefill: int) -> dict:
-    """``bench/decode.py`` on the checkpoint's shape (its base, TTT off)."""
-    base = json.loads((Path(checkpoint) / "config.json").read_text())["model"]
-    preset = {256: "tiny", 768: "gpt2", 1024: "gpt2-medium"}[base["n_embd"]]
-    out = work / f"{name}-decode.json"
-    subprocess.run([PY, str(HERE / "decode.py"), "--preset", preset, "--vocab-size", str(base["vocab_size"]),
-                    "--prefill-tokens", str(prefill), "--runs", "3", "--json", str(out)], check=True, cwd=HERE,
-                   stdout=subprocess.DEVNULL)
-    r = json.loads(out.read_text())
-    return {"prefill_tok_s": r["ours_prefill_tokens_per_s"], "decode_tok_s": r["ours_decode_tokens_per_s"]}
+def ponder_decode(checkpoint: str, work: Path, name: str, prefill: int, new_tokens: int) -> dict:
+    """``bench/weights.py`` on the checkpoint's base (TTT off): decode and prefill per weight format."""
+    out = work / f"{name}-weights.json"
+    subprocess.run([PY, str(HERE / "weights.py"), "--checkpoint", checkpoint, "--speed-only", "--new-tokens",
+                    str(new_tokens), "--prefill-tokens", str(prefill), "--runs", "3", "--json", str(out)], check=True,
+                   cwd=HERE, stdout=subprocess.DEVNULL)
+    return {f"ponder {weights}": r for weights, r in json.loads(out.read_text())["speed"].items()}
 
 
 class LlamaClient:
@@ -174,6 +172,7 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--schedules", default="skip,learned", help="ponder serve --schedule values to run")
+    parser.add_argument("--served-weights", default="float32", help="ponder serve --weights values to run")
     parser.add_argument("--no-serve", action="store_true", help="single-stream figures only")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -191,16 +190,16 @@ def main() -> None:
             gguf = to_gguf(checkpoint, src, work, name)
             r = results[name] = {"llama.cpp f32": llama_bench(bin_dir, gguf["f32"], args.threads, args.prefill_tokens, args.max_tokens),
                                  "llama.cpp q8_0": llama_bench(bin_dir, gguf["q8_0"], args.threads, args.prefill_tokens, args.max_tokens),
-                                 "ponder": ponder_decode(checkpoint, work, name, args.prefill_tokens)}
+                                 **ponder_decode(checkpoint, work, name, args.prefill_tokens, args.max_tokens)}
             if args.no_serve:
                 continue
             port = 18080
             for schedule in args.schedules.split(","):
-                command = ["ponder", "serve", "--checkpoint", checkpoint, "--port", str(port), "--grpc-port", "0",
-                           "--slots", str(args.slots), "--schedule", schedule]
-                command[0] = str(Path(PY).parent / "ponder")
-                r[f"ponder served {schedule}"] = serve_and_load(
-                    command, serve_load.AsyncClient(url=f"http://127.0.0.1:{port}", retries=0), args, streams)
+                for weights in args.served_weights.split(","):
+                    command = [str(Path(PY).parent / "ponder"), "serve", "--checkpoint", checkpoint, "--port", str(port),
+                               "--grpc-port", "0", "--slots", str(args.slots), "--schedule", schedule, "--weights", weights]
+                    r[f"ponder served {schedule} {weights}"] = serve_and_load(
+                        command, serve_load.AsyncClient(url=f"http://127.0.0.1:{port}", retries=0), args, streams)
             command = [str(bin_dir / "llama-server"), "-m", str(gguf["f32"]), "-t", str(args.threads), "--port", str(port),
                        "-np", str(args.slots), "-c", str(args.slots * 1024), "-cb"]
             r["llama.cpp served f32"] = serve_and_load(command, LlamaClient(f"http://127.0.0.1:{port}"), args, streams)
@@ -216,8 +215,10 @@ def print_table(results: dict, streams: list[int], args) -> None:
     print(f"| model | system | decode tok/s (tg{args.max_tokens}, 1 stream) | prefill tok/s ({args.prefill_tokens}) |")
     print("|---|---|---|---|")
     for name, r in results.items():
-        for system in ("ponder", "llama.cpp f32", "llama.cpp q8_0"):
-            ratio = lambda key: "" if system == "ponder" else f" (ponder {r['ponder'][key] / r[system][key]:.2f}x)"
+        # Each ponder format against llama.cpp's of the same bytes: float32 and bfloat16 against f32, int8 against q8_0.
+        for system in ("ponder float32", "ponder bfloat16", "ponder int8", "llama.cpp f32", "llama.cpp q8_0"):
+            other = {"ponder int8": "llama.cpp q8_0"}.get(system, "llama.cpp f32")
+            ratio = lambda key: f" ({r[system][key] / r[other][key]:.2f}x {other})" if system.startswith("ponder") else ""
             print(f"| {name} | {system} | {r[system]['decode_tok_s']:.1f}{ratio('decode_tok_s')} "
                   f"| {r[system]['prefill_tok_s']:.0f}{ratio('prefill_tok_s')} |")
     head = " | ".join(f"{n} stream{'s' * (n > 1)}: aggregate / per stream tok/s, TTFT p50" for n in [1, *streams])

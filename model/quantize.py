@@ -107,21 +107,27 @@ def product(x, w, w_scale=None, *, transposed: bool = False):
 
 
 class Linear(nnx.Module):
-    """A frozen ``nnx.Linear`` whose kernel is stored in ``weights``."""
+    """A frozen ``nnx.Linear`` whose kernel is stored in ``weights``, transposed: ``weight`` [out, in].
+
+    The products read it along its rows (the contracted dimension minor), which
+    XLA:CPU's int8 and bfloat16 kernels run 1.3-3x faster than the [in, out]
+    layout for a few rows (GPT-2's MLP down projection in int8: 1.2 ms against
+    4.0 for 12 layers, two rows).
+    """
 
     def __init__(self, linear: nnx.Linear, weights: str):
-        kernel = linear.kernel[...]  # [K, N]
+        weight = linear.kernel[...].T  # [N, K]
         if weights == "int8":
-            kernel, scale = quantize_int8(kernel, axis=0)  # [K, N], [1, N]
-            self.scale = nnx.Param(scale[0])
+            weight, scale = quantize_int8(weight, axis=1)  # [N, K], [N, 1]
+            self.scale = nnx.Param(scale[:, 0])
         else:
-            kernel, self.scale = kernel.astype(jnp.bfloat16), nnx.data(None)
-        self.kernel = nnx.Param(kernel)
+            weight, self.scale = weight.astype(jnp.bfloat16), nnx.data(None)
+        self.weight = nnx.Param(weight)
         self.bias = nnx.data(None) if linear.bias is None else nnx.Param(linear.bias[...])
         self.dtype = linear.dtype
 
     def __call__(self, x):
-        y = product(x, self.kernel[...], None if self.scale is None else self.scale[...])
+        y = product(x, self.weight[...], None if self.scale is None else self.scale[...], transposed=True)
         if self.bias is not None:
             y = y + self.bias[...]
         return y.astype(self.dtype)

@@ -83,7 +83,7 @@ def _linears(model: GPT):
 def test_what_is_stored_in_fewer_bits(weights):
     model = quantize.quantize_lm(GPT(BASE, rngs=nnx.Rngs(0)), weights)
     dtype = jnp.int8 if weights == "int8" else jnp.bfloat16
-    assert all(m.kernel[...].dtype == dtype for m in _linears(model)) and model.wte.embedding[...].dtype == dtype
+    assert all(m.weight[...].dtype == dtype for m in _linears(model)) and model.wte.embedding[...].dtype == dtype
     assert model.wpe.embedding[...].dtype == jnp.float32 and model.h[0].ln_1.scale[...].dtype == jnp.float32
     # In-Place TTT's fast W_down replaces its blocks' c_proj kernel: those stay as they were.
     inplace = InPlaceLM(InPlaceLMConfig(BASE, InPlaceConfig(layers=1, chunk=16), eot_id=0), rngs=nnx.Rngs(0))
