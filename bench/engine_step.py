@@ -18,7 +18,7 @@ reads a 512 MiB array (timed before the rounds), as if every byte came
 from DRAM. "8 × 1 row / 8 rows" is the throughput ratio the step allows
 before any serving cost.
 
-    python bench/engine_step.py [--checkpoint DIR] [--keys 128,256,512,768,1024] [--rows 1,8] [--runs 30] [--burst 8]
+    python bench/engine_step.py [--checkpoint DIR] [--weights int8] [--keys 128,256,512,768,1024] [--rows 1,8] [--runs 30] [--burst 8]
 """
 
 from __future__ import annotations
@@ -52,11 +52,12 @@ def main() -> None:
     parser.add_argument("--rows", default="1,8", help="rows stepped, comma-separated")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--burst", type=int, default=8, help="steps per turn")
+    parser.add_argument("--weights", default="float32", help="float32, bfloat16 or int8 (as ponder serve --weights)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
 
     config = EngineConfig(slots=args.slots)
-    runner = ModelRunner(load(args.checkpoint)[0], config.slots, config.max_new_tokens, config.schedule, ServerMetrics.create())
+    runner = ModelRunner(load(args.checkpoint, weights=args.weights)[0], config.slots, config.max_new_tokens, config.schedule, ServerMetrics.create())
     keys = [int(k) for k in args.keys.split(",")]
     rows = [int(r) for r in args.rows.split(",")]
     if set(rows) - {*runner.head_rows, args.slots}:

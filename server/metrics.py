@@ -72,6 +72,11 @@ class ServerMetrics:
         m.cancellations = Counter(p + "cancellations", "Requests cancelled, by reason.", ["reason"], registry=registry)
         m.compilations = Counter(p + "compilations", "XLA compilations by the engine (flat after warm-up).", registry=registry)
         m.slots = Gauge(p + "decode_slots", "Decode slots of the engine.", registry=registry)
+        m.memory = Gauge(
+            p + "memory_bytes",
+            "Memory by part: weights (the parameters as served), slots (the decode slots' KV caches and states), "
+            "warmup (resident growth while compiling: executables and their buffers).", ["part"], registry=registry,
+        )
         for outcome in ("ok", "client_error", "rejected", "cancelled", "deadline", "error"):
             m.requests.labels("completions", outcome)
         return m

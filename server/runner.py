@@ -40,7 +40,9 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import functools
+import gc
 import logging
+import os
 import threading
 import time
 import traceback
@@ -59,6 +61,7 @@ from ponder.model.inplace import SCHEDULES as FIXED_SCHEDULES
 from ponder.model.sampling import SamplerRows, Sampling, accept, ring, sample
 from ponder.model.ttt import TTTConfig
 from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
+from ponder.runtime import HeapTrimmer
 from ponder.server.metrics import ServerMetrics
 from ponder.server.types import Job
 
@@ -205,6 +208,15 @@ def _row(tokens: list[int], first_position: int, pad_to: int | None = None):
     return ids, (first_position + np.arange(n, dtype=np.int32))[None]
 
 
+def resident_bytes() -> int | None:
+    """The process's resident memory (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class ModelRunner:
     """Runs the model for the engine: the compiled calls and the decode slots' state.
 
@@ -272,6 +284,9 @@ class ModelRunner:
         """Allocates the empty document state and the decode slots (before ``warmup``)."""
         self._fresh_doc = self._place(initial_state(self.model, 1, self.schedule))
         self._slots = self.empty_slots()
+        self.metrics.memory.labels("weights").set(self.state_bytes(self.params))
+        head = [_first_rows(self._slots, n) for n in self.head_rows]
+        self.metrics.memory.labels("slots").set(self.state_bytes([self._slots, head]))
 
     def empty_doc(self, rate: float) -> DocState:
         """The state of an empty document whose budget (``GateHistory.target``) is ``rate`` (shared; never changed in place)."""
@@ -302,7 +317,9 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Compiles every shape the runner uses, on throwaway inputs."""
-        t0 = time.perf_counter()
+        gc.collect()  # what loading left (a checkpoint's float32 weights once stored in fewer bits) goes back first
+        HeapTrimmer(interval_s=0)()
+        t0, resident = time.perf_counter(), resident_bytes()
         C, W = self.chunk, self.W
         for n in PREFILL_CHUNKS:
             self.prefill(self._fresh_doc, self._new_cache(), [self.eot_id] * (n * C), 0, 0)
@@ -325,6 +342,9 @@ class ModelRunner:
         jax.block_until_ready(self._slots)
         self._slots = self.empty_slots()
         self._clips = []  # the throwaway inputs' updates are not the server's
+        HeapTrimmer(interval_s=0)()  # the throwaway inputs' buffers and the compilers' scratch go back
+        if resident is not None:
+            self.metrics.memory.labels("warmup").set(resident_bytes() - resident)
         log.info("warm-up: %d compilations in %.1f s", self.compilations, time.perf_counter() - t0)
 
     # --- Shapes and windows.

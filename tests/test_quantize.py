@@ -134,6 +134,9 @@ def test_served_tokens_equal_offline_generation(bundled, weights):
     engine = Engine(model, EngineConfig(slots=2, max_new_tokens=16, queue_size=4))
     engine.start()
     try:
+        # /metrics counts the weights as served (a quarter or half of float32's kernels and table).
+        served = engine.metrics.registry.get_sample_value("ponder_memory_bytes", {"part": "weights"})
+        assert served == sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model)))
         for n in (40, 300):
             prompt = tokens[:n].tolist()
             want = [t for piece in stream_ttt_tokens(model, prompt, SamplingParams(max_new_tokens=12),
