@@ -182,6 +182,7 @@ def main() -> None:
     if not (bin_dir / "llama-server").exists():
         raise SystemExit(f"no llama-server in {bin_dir}: run bench/setup_llamacpp.sh {llama} first")
     checkpoints = dict(c.split("=", 1) for c in (args.checkpoint or [f"tiny={ROOT / 'checkpoints' / 'default'}"]))
+    checkpoints = {name: str(Path(path).resolve()) for name, path in checkpoints.items()}  # the tools run elsewhere
     streams = [int(s) for s in args.streams.split(",")]
     results, load_start = {}, os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
