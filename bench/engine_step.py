@@ -79,7 +79,8 @@ def main() -> None:
         def run():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for _ in range(args.burst):
-                slots[k, r], tokens, *_ = _decode(runner.static, runner.schedule, runner.eot_id, k, runner.params, slots[k, r])
+                slots[k, r], tokens, *_ = _decode(runner.static, runner.schedule, runner.eot_id, k, 1, runner.params,
+                                                  slots[k, r])
             tokens.block_until_ready()
             faults[k, r].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
             slots[k, r] = dataclasses.replace(slots[k, r], position=busy_at(k, r))  # every turn reads the same keys

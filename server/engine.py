@@ -132,7 +132,7 @@ class _Running:
 class _Step:
     """A decode step started and not yet handed out: its outputs (arrays being computed) and the jobs it ran."""
 
-    tokens: object  # [S], or [1] for slot 0 alone
+    tokens: object  # [steps, S], or [steps, 1] for slot 0 alone
     lam: object  # like tokens
     count: object  # like tokens
     running: dict[int, _Running]  # slot -> job, when the step started
@@ -532,27 +532,31 @@ class Engine:
                 self._finish(slot, "deadline")
         previous, self._in_flight = self._in_flight, None
         if dispatch and self._running:
-            longest = max(r.window_end for r in self._running.values())  # window position after this step
-            tokens, lam, count = self.runner.decode(self._running.keys(), longest)
+            longest = max(r.window_end for r in self._running.values())  # window position after one step
+            # A lone stream takes several steps per call while nothing waits (tokens past its end are dropped).
+            alone = list(self._running) == [0] and not self._waiting and not self._prefilling
+            steps = self.runner.lone_steps if alone and longest + self.runner.lone_steps - 1 <= self.runner.W else 1
+            tokens, lam, count = self.runner.decode(self._running.keys(), longest + steps - 1, steps)
             for running in self._running.values():
-                running.window_end += 1
+                running.window_end += steps
             self._in_flight = _Step(tokens, lam, count, dict(self._running))
         if previous is not None:
             self._hand_out(previous)
 
     def _hand_out(self, step: _Step) -> None:
         """Emits a finished step's token to each job that was running then and still is."""
-        tokens, lam, count = (np.asarray(a) for a in (step.tokens, step.lam, step.count))
+        tokens, lam, count = (np.asarray(a) for a in (step.tokens, step.lam, step.count))  # [steps, slots]
         for slot, running in step.running.items():
-            if self._running.get(slot) is not running:
-                continue  # ended after the step started (or its slot went to another job)
-            if running.job.cancelled.is_set():
-                self._finish(slot, "cancelled")
-                continue
-            lambdas = []
-            if count[slot] % self.C == 0:  # the token fed closed a chunk
-                self._count_decoded_chunk(running.usage, lambdas, float(lam[slot]))
-            self._emit(slot, running, int(tokens[slot]), lambdas)
+            for i in range(len(tokens)):
+                if self._running.get(slot) is not running:
+                    break  # ended after the step started (or its slot went to another job)
+                if running.job.cancelled.is_set():
+                    self._finish(slot, "cancelled")
+                    break
+                lambdas = []
+                if count[i, slot] % self.C == 0:  # the token fed closed a chunk
+                    self._count_decoded_chunk(running.usage, lambdas, float(lam[i, slot]))
+                self._emit(slot, running, int(tokens[i, slot]), lambdas)
 
     def _loop(self) -> None:
         while True:

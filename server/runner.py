@@ -74,6 +74,9 @@ EXTEND_LENGTHS = (16, 32, 64)  # extend buckets, in tokens
 # 1.4 against 2.6 ms a step at tiny. Slots 0-3 (n = 4) were measured at 124M, 8 slots, 4 streams:
 # +2% aggregate tokens/s (noise) for +670 MiB resident (bench/README.md), so they step with the rest.
 HEAD_ROWS = (1,)
+# Tokens a lone stream decodes per call while no other request waits: the per-call cost (dispatch,
+# the engine's hand-out, waking the front end) is paid once for them (bench/README.md).
+LONE_STEPS = 4
 KEY_BUCKETS = (128, 256)  # attention may read only this many cache slots (then the whole window)
 # A bucket makes XLA copy the slice of every layer's cache it reads; past this many bytes the copy
 # costs more than reading every key in place (bench/README.md, "Head rows and key buckets at 124M").
@@ -174,8 +177,23 @@ def _first_rows(slots: Slots, n: int) -> Slots:
     return jax.tree.map(lambda x: x[:n], slots)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("slots",))
-def _decode(model: _Model, schedule, eot_id, attend_keys, params, slots: Slots):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnames=("slots",))
+def _decode(model: _Model, schedule, eot_id, attend_keys, steps, params, slots: Slots):
+    """``steps`` tokens for every row of ``slots``, one after the other (``_decode_one``).
+
+    Returns ``(slots, tokens, lam, count, capped updates)``, the per-row outputs
+    [steps, S]: several steps in one call save the call's fixed cost (dispatch,
+    the engine's hand-out), which a lone stream pays on every token.
+    """
+    def one(slots, _):
+        slots, token, lam, count, clips = _decode_one(model, schedule, eot_id, attend_keys, params, slots)
+        return slots, (token, lam, count, clips)
+
+    slots, (tokens, lam, count, clips) = jax.lax.scan(one, slots, length=steps)
+    return slots, tokens, lam, count, clips.sum()
+
+
+def _decode_one(model: _Model, schedule, eot_id, attend_keys, params, slots: Slots):
     """One token for every row of ``slots``: ``(slots, tokens [S], lam [S], count [S], capped updates)``.
 
     Attention reads the first ``attend_keys`` cache slots only (a bucket
@@ -275,6 +293,7 @@ class ModelRunner:
         # ``_slots`` are stale then.
         self._head: Slots | None = None
         self.head_rows = tuple(n for n in HEAD_ROWS if n < slots)
+        self.lone_steps = LONE_STEPS if 1 in self.head_rows else 1
         self._clips: list[jax.Array] = []  # capped-update counts of calls still running (booked at the next call)
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
@@ -336,7 +355,8 @@ class ModelRunner:
             self._head = _release(self._head, 0)
             self.insert(0, job, doc, cache, token, 0, length)
             for keys in self._key_buckets(n):
-                self._head, *_ = self._decode(keys, self._head)
+                for steps in {1, self.lone_steps if n == 1 else 1}:
+                    self._head, *_ = self._decode(keys, self._head, steps)
             self._merge_head()
         self._slots = _release(self._slots, 0)
         jax.block_until_ready(self._slots)
@@ -478,8 +498,9 @@ class ModelRunner:
         """Every slot idle, on fresh arrays (after a failed step)."""
         self._slots, self._head = self.empty_slots(), None
 
-    def _decode(self, attend_keys: int, slots: Slots):
-        slots, tokens, lam, count, clips = _decode(self.static, self.schedule, self.eot_id, attend_keys, self.params, slots)
+    def _decode(self, attend_keys: int, slots: Slots, steps: int = 1):
+        slots, tokens, lam, count, clips = _decode(self.static, self.schedule, self.eot_id, attend_keys, steps,
+                                                   self.params, slots)
         self._book_clips(clips)
         return slots, tokens, lam, count
 
@@ -488,17 +509,21 @@ class ModelRunner:
         if self._head is not None:
             self._slots, self._head = _insert(self._slots, self._head, 0), None
 
-    def decode(self, busy: collections.abc.Collection[int], window_end: int):
-        """Starts one decode step: every busy slot feeds its last token and samples the next.
+    def decode(self, busy: collections.abc.Collection[int], window_end: int, steps: int = 1):
+        """Starts ``steps`` decode steps: every busy slot feeds its last token and samples the next, in turn.
 
         Args:
           busy: the slots that hold a job.
-          window_end: the highest busy slot's window position after this step (the keys attention reads).
+          window_end: the highest busy slot's window position after these steps (the keys attention reads).
+          steps: 1, or ``lone_steps`` while only slot 0 is busy.
         Returns:
-          ``(tokens, lam, count)``, indexed by slot: the new tokens, and λ and the document's token
-          count of each state after the token fed (a count that is a multiple of ``chunk`` closed one).
+          ``(tokens, lam, count)``, each [steps, slots] (by step, then slot): the new tokens, and λ and
+          the document's token count of each state after the token fed (a count that is a multiple of
+          ``chunk`` closed one).
         """
         n = next((n for n in self.head_rows if max(busy) < n), None)  # jobs take the lowest free slot
+        if steps != 1 and n != 1:
+            raise ValueError(f"{steps} steps in one call are for slot 0 alone, not slots {sorted(busy)}")
         if n is None:
             self._merge_head()
             attend_keys = next(k for k in self._key_buckets(self.slots) if k >= window_end)
@@ -509,5 +534,5 @@ class ModelRunner:
         if self._head is None:
             self._head = _first_rows(self._slots, n)
         attend_keys = next(k for k in self._key_buckets(n) if k >= window_end)
-        self._head, tokens, lam, count = self._decode(attend_keys, self._head)
+        self._head, tokens, lam, count = self._decode(attend_keys, self._head, steps)
         return tokens, lam, count

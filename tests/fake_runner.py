@@ -26,6 +26,7 @@ tests without compiling anything:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -84,12 +85,14 @@ class FakeRunner:
     W = 1 << 30  # window positions: the window never moves, and every job fits in it
     fast_keys = False  # the cache never depends on the document state
     reads_budget = True  # states carry a per-session budget (``budgeted`` says whether the fake reads it)
+    lone_steps = 1  # tokens per call for slot 0 alone (a test may set more)
 
     def __init__(self, reply: list[int], slots: int, eot_id: int = 0, delay_s: float = 0.0, budgeted: bool = False):
         _check(len(set(reply)) == len(reply) and eot_id not in reply, "reply tokens must be distinct, without eot")
         self.reply, self.slots, self.eot_id, self.delay_s = list(reply), slots, eot_id, delay_s
         self.budgeted = budgeted
         self.prompt_delay_s = 0.0
+        self.steps_per_call = collections.Counter()  # decode calls by tokens per call
         self.compilations = 0
         self.serving_thread: threading.Thread | None = None
         self._open, self.held = threading.Event(), threading.Event()  # held: a call waits on a pause
@@ -186,14 +189,20 @@ class FakeRunner:
         self._token, self._count, self._active = [self.eot_id] * S, [0] * S, [False] * S
         self.targets = [0.0] * S  # the target of each slot's state (as last inserted)
 
-    def decode(self, busy, window_end: int):
+    def decode(self, busy, window_end: int, steps: int = 1):
         self._call(delay=True)
-        for slot in busy:
-            _check(self._active[slot], f"slot {slot} decodes without a job")
-            self._count[slot] += 1
-            self._token[slot] = self.next_token(self._token[slot])
-        lam = [self.chunk_lambda((count - 1) // CHUNK, target) for count, target in zip(self._count, self.targets)]
-        return np.array(self._token, np.int32), np.array(lam, np.float32), np.array(self._count, np.int32)
+        _check(steps == 1 or list(busy) == [0] and steps == self.lone_steps, f"{steps} steps for slots {list(busy)}")
+        self.steps_per_call[steps] += 1
+        tokens, lams, counts = [], [], []
+        for _ in range(steps):
+            for slot in busy:
+                _check(self._active[slot], f"slot {slot} decodes without a job")
+                self._count[slot] += 1
+                self._token[slot] = self.next_token(self._token[slot])
+            tokens.append(list(self._token))
+            lams.append([self.chunk_lambda((count - 1) // CHUNK, target) for count, target in zip(self._count, self.targets)])
+            counts.append(list(self._count))
+        return np.array(tokens, np.int32), np.array(lams, np.float32), np.array(counts, np.int32)
 
 
 class RecordingEngine(Engine):

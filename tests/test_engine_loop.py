@@ -21,9 +21,11 @@ from ponder.server.types import DoneEvent, Job, NotReady, QueueFull, RequestErro
 REPLY = [11, 12, 13]
 
 
-@pytest.fixture
-def engine():
+@pytest.fixture(params=[1, 3], ids=["one-step", "lone-steps-3"])
+def engine(request):
+    """The engine; a lone stream in slot 0 decodes 1 or 3 tokens per runner call."""
     engine = RecordingEngine(REPLY, slots=3, queue_size=4, max_new_tokens=32)
+    engine.runner.lone_steps = request.param
     yield engine
     engine.stop(drain_s=1)
 
@@ -57,6 +59,8 @@ def test_a_fresh_session_gets_the_reply_and_every_chunks_lambda(engine, prompt_t
     u = done.usage
     assert (done.finish_reason, u.prompt_tokens, u.cached_tokens, u.generated_tokens) == ("length", prompt_tokens, 0, 7)
     assert (u.chunks_updated, u.chunks_skipped, u.ttt_flops) == (closed, 0, FLOPS * closed)
+    steps = engine.runner.lone_steps  # a lone stream took that many tokens per call (none past its end)
+    assert engine.runner.steps_per_call[steps] >= 7 // steps and u.context_tokens == prompt_tokens + 6
 
 
 def test_a_warm_session_computes_only_what_changed(engine):
