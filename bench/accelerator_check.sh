@@ -3,7 +3,7 @@
 #
 #   bash bench/accelerator_check.sh [cuda12|tpu|cpu] [OUT_DIR]
 #
-# 1. Installs ponder with the test extras and JAX's build for the device (./.venv-accel).
+# 1. Installs ponder with the test extras and JAX's build for the device (into $VENV, default ./.venv-accel).
 # 2. Says which device JAX runs on; with cuda12 or tpu it stops if that is still the CPU.
 # 3. The parity tests: logits against Hugging Face GPT-2, TTT dual form against the primal,
 #    cached decoding against the full forward, bf16/int8 weights, sharded training against
@@ -18,8 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${1:-cuda12}
 case "$target" in cuda12 | tpu) extra=",$target" ;; cpu) extra="" ;; *) echo "usage: $0 [cuda12|tpu|cpu] [OUT_DIR]" >&2; exit 2 ;; esac
-venv=.venv-accel
-python3 -m venv "$venv"
+venv=${VENV:-.venv-accel}
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --upgrade pip
 "$venv/bin/pip" install --quiet -e ".[test$extra]"
 py="$venv/bin/python"
