@@ -197,7 +197,7 @@ class Engine:
 
         Raises:
           NotReady: before warm-up ends or while draining.
-          QueueFull: the waiting queue is at ``queue_size``.
+          QueueFull: ``queue_size`` jobs already wait beyond what the free slots will take.
           RequestError: the job cannot fit the limits.
         """
         if not self.ready or self.draining:
@@ -210,8 +210,11 @@ class Engine:
             check_update_rate(job.update_rate, self.config.schedule.kind,
                               None if self.runner.reads_budget else self.model.config.KIND)
         with self._lock:
-            if len(self._waiting) >= self.config.queue_size:
-                raise QueueFull(f"the queue is full ({len(self._waiting)} requests waiting, limit {self.config.queue_size})")
+            # Jobs the free slots will take are not waiting for one (a burst can arrive while the loop is in a call).
+            free = len(scheduler.free_slots(self.config.slots, self._running, {p.slot for p in self._prefilling}))
+            if len(self._waiting) - free >= self.config.queue_size:
+                raise QueueFull(f"the queue is full ({len(self._waiting) - free} requests waiting for a slot, "
+                                f"limit {self.config.queue_size})")
             if job.session_id is not None:
                 same = lambda other: other.api_key == job.api_key and other.session_id == job.session_id
                 for other in self._jobs():

@@ -204,6 +204,31 @@ def test_an_engine_stuck_in_a_model_call_still_ends_its_jobs(engine, monkeypatch
     assert not engine._thread.is_alive() and job.delivered() == []
 
 
+def test_a_burst_arriving_during_a_call_fills_the_free_slots_before_the_queue():
+    """The queue bounds jobs waiting for a slot: jobs that free slots will take count against it only once they don't fit."""
+    engine = RecordingEngine(REPLY, slots=3, queue_size=1, max_new_tokens=32, delay_s=0.05)  # 50 ms a step
+    try:
+        first = Job("", "first", None, doc(4), 30)
+        engine.submit(first)
+        assert isinstance(first.next_event(timeout=10), TokenEvent)  # decoding in slot 0
+        engine.runner.pause()
+        assert engine.runner.held.wait(5)  # the loop is inside a runner call
+        burst = [Job("", f"b{i}", None, doc(4, start=200 + 10 * i), 2) for i in range(3)]
+        for job in burst:  # two free slots and one place in the queue
+            engine.submit(job)
+        with pytest.raises(QueueFull, match="1 requests waiting for a slot, limit 1"):
+            engine.submit(Job("", "over", None, doc(4), 2))
+        engine.runner.resume()
+        for job in burst:
+            while not isinstance(event := job.next_event(timeout=10), DoneEvent):
+                pass
+            assert event.finish_reason == "length"
+    finally:
+        engine.runner.resume()
+        first.cancel()
+        engine.stop(drain_s=1)
+
+
 def test_refusals(engine):
     with pytest.raises(RequestError, match="max_tokens"):
         engine.submit(Job("", "s", None, doc(3), 33))
