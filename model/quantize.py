@@ -77,8 +77,8 @@ def _int8_product_fwd(x, w, w_scale, contract):
 
 
 def _int8_product_bwd(contract, saved, dy):
-    # y = x W' with W' = w scaled along its output dimension, so dx = (dy * scale) W'^T: the same
-    # int8 product contracting the other dimension of w.
+    # y = x (w * scale), the scale along w's output dimension, so dx = (dy * scale) w^T: the same
+    # int8 product, contracting w's other dimension.
     w, w_scale = saved
     dx = _int8_rows_dot(dy * w_scale.reshape(1, -1), w, jnp.ones((w.shape[contract],)), 1 - contract)
     return dx, np.zeros(w.shape, jax.dtypes.float0), jnp.zeros_like(w_scale)
