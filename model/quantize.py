@@ -90,20 +90,33 @@ _int8_product.defvjp(_int8_product_fwd, _int8_product_bwd)
 def product(x, w, w_scale=None, *, transposed: bool = False):
     """``x`` [..., K] times a stored matrix: [K, N], or [N, K] when ``transposed``; -> [..., N] float32.
 
-    ``w`` is float32, bfloat16 or int8 (then ``w_scale`` [N] holds its
-    scales). One row is computed as two (see the module docstring).
+    ``w`` is bfloat16, or int8 with its scales in ``w_scale`` [N]. One row is
+    computed as two (see the module docstring).
     """
     lead, K = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, K)
     M = rows.shape[0]
-    if M == 1 and w.dtype != jnp.float32:
+    if M == 1:
         rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
-    dims = (((1,), (1 if transposed else 0,)), ((), ()))
     if w.dtype == jnp.int8:
         y = _int8_product(rows.astype(jnp.float32), w, w_scale, 1 if transposed else 0)
     else:
+        dims = (((1,), (1 if transposed else 0,)), ((), ()))
         y = jax.lax.dot_general(rows.astype(w.dtype), w, dims, preferred_element_type=jnp.float32)
     return y[:M].reshape(*lead, -1)
+
+
+def _stored(matrix, weights: str):
+    """``matrix`` [N, K] as held in ``weights``: ``(values, scales)``, the scales [N] (int8) or None, as variables."""
+    if weights == "int8":
+        values, scale = quantize_int8(matrix, axis=1)  # [N, K], [N, 1]
+        return nnx.Param(values), nnx.Param(scale[:, 0])
+    return nnx.Param(matrix.astype(jnp.bfloat16)), nnx.data(None)
+
+
+def _times_rows(x, values, scale):
+    """``x`` [..., K] times the transpose of a ``_stored`` matrix [N, K] -> [..., N] float32."""
+    return product(x, values[...], None if scale is None else scale[...], transposed=True)
 
 
 class Linear(nnx.Module):
@@ -116,18 +129,12 @@ class Linear(nnx.Module):
     """
 
     def __init__(self, linear: nnx.Linear, weights: str):
-        weight = linear.kernel[...].T  # [N, K]
-        if weights == "int8":
-            weight, scale = quantize_int8(weight, axis=1)  # [N, K], [N, 1]
-            self.scale = nnx.Param(scale[:, 0])
-        else:
-            weight, self.scale = weight.astype(jnp.bfloat16), nnx.data(None)
-        self.weight = nnx.Param(weight)
+        self.weight, self.scale = _stored(linear.kernel[...].T, weights)
         self.bias = nnx.data(None) if linear.bias is None else nnx.Param(linear.bias[...])
         self.dtype = linear.dtype
 
     def __call__(self, x):
-        y = product(x, self.weight[...], None if self.scale is None else self.scale[...], transposed=True)
+        y = _times_rows(x, self.weight, self.scale)
         if self.bias is not None:
             y = y + self.bias[...]
         return y.astype(self.dtype)
@@ -137,13 +144,7 @@ class Embed(nnx.Module):
     """A frozen token table [V, D] stored in ``weights`` (int8: one scale per row); also the tied LM head."""
 
     def __init__(self, embed: nnx.Embed, weights: str):
-        table = embed.embedding[...]
-        if weights == "int8":
-            table, scale = quantize_int8(table, axis=1)  # [V, D], [V, 1]
-            self.scale = nnx.Param(scale[:, 0])
-        else:
-            table, self.scale = table.astype(jnp.bfloat16), nnx.data(None)
-        self.embedding = nnx.Param(table)
+        self.embedding, self.scale = _stored(embed.embedding[...], weights)
         self.dtype = embed.dtype
 
     def __call__(self, tokens):
@@ -154,7 +155,7 @@ class Embed(nnx.Module):
 
     def logits(self, hidden):
         """[..., D] -> [..., V] float32: ``hidden`` times the table's transpose."""
-        return product(hidden, self.embedding[...], None if self.scale is None else self.scale[...], transposed=True)
+        return _times_rows(hidden, self.embedding, self.scale)
 
 
 def quantize(model, weights: str, keep=()):

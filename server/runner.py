@@ -304,8 +304,9 @@ class ModelRunner:
         self._fresh_doc = self._place(initial_state(self.model, 1, self.schedule))
         self._slots = self.empty_slots()
         self.metrics.memory.labels("weights").set(self.state_bytes(self.params))
-        head = [_first_rows(self._slots, n) for n in self.head_rows]
-        self.metrics.memory.labels("slots").set(self.state_bytes([self._slots, head]))
+        head = jax.eval_shape(lambda slots: [_first_rows(slots, n) for n in self.head_rows], self._slots)  # no copy
+        head_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(head))
+        self.metrics.memory.labels("slots").set(self.state_bytes(self._slots) + head_bytes)
 
     def empty_doc(self, rate: float) -> DocState:
         """The state of an empty document whose budget (``GateHistory.target``) is ``rate`` (shared; never changed in place)."""

@@ -113,7 +113,7 @@ def test_quantized_decoding_equals_its_full_forward(weights):
 def bundled():
     models = {w: checkpoint.load(DEFAULT_CHECKPOINT, weights=w) for w in quantize.WEIGHTS}
     tokenizer = models["float32"][1]
-    source = (jax.__file__.rsplit("/", 1)[0] + "/_src/api.py")  # real code the model did not train on whole
+    source = jax.__file__.rsplit("/", 1)[0] + "/_src/api.py"  # a real Python file of 1,024 tokens or more
     tokens = np.asarray(tokenizer.encode_document(open(source).read())[:1024], np.int32)
     return {w: m for w, (m, _) in models.items()}, tokens
 
