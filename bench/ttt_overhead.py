@@ -18,7 +18,10 @@ chunks of 64; LoRA: adapters on Q, V and the MLP of every block of `tiny`,
 chunks of 16, one SGD step per chunk): prefill and decode at SKIP and
 UPDATE_1 against the same base timings, timed in the same rounds.
 
-    python bench/ttt_overhead.py [--prefill-tokens 1024] [--decode-tokens 256] [--kinds inplace,lora]
+``--preset gpt2`` runs all of it on a random base of GPT-2 small's shape
+(124M, vocab 8192) instead of `tiny`.
+
+    python bench/ttt_overhead.py [--prefill-tokens 1024] [--decode-tokens 256] [--kinds inplace,lora] [--preset gpt2]
 """
 
 from __future__ import annotations
@@ -85,13 +88,14 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--runs", type=int, default=11)
     parser.add_argument("--kinds", default="", help="comma-separated: inplace, lora (besides the TTT layer)")
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "gpt2"], help="the random base's shape")
     parser.add_argument("--json")
     args = parser.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     if set(kinds) - {"inplace", "lora"}:
         parser.error(f"--kinds takes inplace and lora, not {args.kinds}")
 
-    base_config = GPTConfig.tiny()
+    base_config = GPTConfig.tiny() if args.preset == "tiny" else GPTConfig.gpt2(vocab_size=8192)
     config = TTTLMConfig(base=base_config, ttt=TTTConfig(width=base_config.n_embd, n_head=4, mini_batch=16))
     lm = TTTTransformerLM(config, rngs=nnx.Rngs(0))
     T = args.prefill_tokens
@@ -161,6 +165,7 @@ def main() -> None:
     base_decode, ttt_decode, half_decode = decode["base"] / n, decode["update"] / n, decode["half"] / n
     half_decode_rate = float(update_half(state, tokens[:, :n], positions[:, :n]).chunk_updated.mean())
     results = {
+        "preset": args.preset,
         "prefill_tokens": T,
         "base_prefill_ms": 1e3 * base_prefill,
         "ttt_update1_prefill_ms": 1e3 * ttt_prefill,

@@ -284,6 +284,10 @@ class GPT(nnx.Module):
         return logits, hidden, None if cache is None else KVCache(tuple(new_k), tuple(new_v))
 
 
+    def head_rows(self, tokens):
+        """The LM head's rows of ``tokens`` [...]: [..., D], what each token's logit reads from the hidden state."""
+        return (self.wte if self.lm_head is None else self.lm_head)(tokens)
+
     def logits(self, hidden, *, frozen: bool = False):
         """LM head: [B, T, D] -> [B, T, V] float32; ``frozen`` stops gradients to its weights."""
         B, T, D = hidden.shape

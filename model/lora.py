@@ -12,9 +12,10 @@ and B ([r, out]) at zero, so a new document, and every document under SKIP,
 is exactly the base. This is dynamic evaluation restricted to a few thousand
 parameters per block: after a chunk of C tokens is read, UPDATE_k takes k
 optimizer steps on the adapters (plain gradient descent, or Adam with its
-moments kept per document), on the next-token cross-entropy of the
-predictions inside that chunk (token t+1 from tokens <= t, both in the
-chunk), with step size ``lr * lam``. Each step's change of a row's
+moments kept per document), on a loss of the predictions inside that chunk
+(token t+1 from tokens <= t, both in the chunk; ``LoRAConfig.objective``:
+the language model's cross-entropy, or a self-supervised target in the
+hidden space), with step size ``lr * lam``. Each step's change of a row's
 adapters is capped to a Frobenius norm (``clip``; capped steps are counted).
 
 Apply-then-update: chunk c is read with the adapters after chunks < c. The
@@ -26,9 +27,8 @@ and updates when its last token has been read) do the same arithmetic.
 
 Schedules: ``skip``, ``update`` (k = ``Schedule.steps``), ``fixed`` and
 ``random`` (``model.inplace.SCHEDULES``), or lam per chunk from
-``chunk_lambda``; a chunk no row updates does no update work. The objective
-is the language model's own loss; the learned gate is not wired to this
-kind yet.
+``chunk_lambda``; a chunk no row updates does no update work. The learned
+gate is not wired to this kind.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from ponder.model.inplace import extend_by_steps, schedule_lambda
 
 OPTIMIZERS = ("sgd", "adam")
 TARGETS = ("q", "v", "mlp")  # query, value, the MLP's up projection
+OBJECTIVES = ("lm", "ssl")
 
 
 def _direction(name: str) -> optax.GradientTransformation:
@@ -69,6 +70,11 @@ class LoRAConfig:
       optimizer: ``sgd`` (the gradient) or ``adam`` (Adam's normalised
         direction, moments kept per document and row; ``optax.scale_by_adam``).
       targets: the projections with adapters, among ``TARGETS``.
+      objective: what an update descends on the chunk just read: ``lm``, the next-token
+        cross-entropy (dynamic evaluation); ``ssl``, a self-supervised target that needs no
+        LM head: one minus the cosine between the top hidden state at t (after ``ln_f``) and
+        the LM head's row of token t + 1 (In-Place TTT's LM-aligned target with the next
+        token's embedding as V-hat: with tied weights that row is what the logit of t + 1 reads).
     """
 
     layers: int = 4
@@ -78,6 +84,7 @@ class LoRAConfig:
     clip: float = 0.5
     optimizer: str = "sgd"
     targets: tuple[str, ...] = ("q", "v", "mlp")
+    objective: str = "lm"
 
     def __post_init__(self):
         for name in ("layers", "rank", "chunk"):
@@ -90,6 +97,8 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.targets must be distinct names among {TARGETS}, got {self.targets!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"LoRAConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"LoRAConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.lr < 0 or self.clip < 0:
             raise ValueError(f"LoRAConfig.lr and .clip must be >= 0, got {self.lr!r}, {self.clip!r}")
 
@@ -179,18 +188,20 @@ class LoRALM(nnx.Module):
 
     def update_flops(self, steps: int = 1) -> float:
         """Matmul FLOPs one chunk's update adds: per step, the forward and backward (3x the forward)
-        of the chunk through the adapted blocks (24 D^2 a token, and the adapters) and the LM head.
+        of the chunk through the adapted blocks (24 D^2 a token, and the adapters) and, for ``lm``, the LM head.
         Attention over the earlier keys is left out."""
         c, base = self.config.lora, self.config.base
         D, out = base.n_embd, {"q": base.n_embd, "v": base.n_embd, "mlp": 4 * base.n_embd}
         adapters = sum(2 * c.rank * (D + out[name]) for name in c.targets)
-        forward = c.chunk * (c.layers * (24 * D * D + adapters) + 2 * D * base.vocab_size)
+        head = 2 * D * base.vocab_size if c.objective == "lm" else 0  # ssl's target needs no LM head
+        forward = c.chunk * (c.layers * (24 * D * D + adapters) + head)
         return float(steps * 3 * forward)
 
     # --- The network with adapters.
 
-    def _top(self, x, positions, cache: KVCache, adapters, attend_keys=None):
-        """The fast blocks on residual inputs ``x`` [B, T, D]: ``(logits [B, T, V], new cache layers)``."""
+    def _top(self, x, positions, cache: KVCache, adapters, attend_keys=None, head=True):
+        """The fast blocks on residual inputs ``x`` [B, T, D]: ``(logits [B, T, V], new cache layers)``,
+        or the final hidden states (after ``ln_f``, [B, T, D]) in place of the logits when not ``head``."""
         A, B = adapters
         targets = self.config.lora.targets
 
@@ -216,7 +227,8 @@ class LoRALM(nnx.Module):
             x = x + block.mlp.c_proj(jax.nn.gelu(up, approximate=True))
             new_k.append(k_l)
             new_v.append(v_l)
-        return self.base.logits(self.base.ln_f(x), frozen=True), (new_k, new_v)
+        hidden = self.base.ln_f(x)
+        return (self.base.logits(hidden, frozen=True) if head else hidden), (new_k, new_v)
 
     def _read(self, tokens, positions, cache: KVCache, state: LoRAState, attend_keys=None):
         """Reads T tokens with the current adapters: ``(logits, inputs of the first fast block, cache)``."""
@@ -240,11 +252,15 @@ class LoRALM(nnx.Module):
         x, tokens, positions = jax.lax.stop_gradient((state.inputs, state.tokens, state.positions))
         dtype = self.config.base.compute_dtype
 
-        def loss(adapters):
-            logits, _ = self._top(x.astype(dtype), positions, cache, adapters)
-            logits = logits[:, :-1]  # token t + 1 from tokens <= t, inside the chunk
-            nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
-            return nll.mean(-1).sum()  # rows' adapters are independent: each gets its own row's gradient
+        def loss(adapters):  # per row, summed: rows' adapters are independent, each gets its own row's gradient
+            out, _ = self._top(x.astype(dtype), positions, cache, adapters, head=cfg.objective == "lm")
+            out = out[:, :-1].astype(jnp.float32)  # token t + 1 from tokens <= t, inside the chunk
+            if cfg.objective == "lm":
+                nll = jax.nn.logsumexp(out, -1) - jnp.take_along_axis(out, tokens[:, 1:, None], -1)[..., 0]
+                return nll.mean(-1).sum()
+            target = jax.lax.stop_gradient(self.base.head_rows(tokens[:, 1:]).astype(jnp.float32))  # [B, C - 1, D]
+            norms = jnp.linalg.norm(out, axis=-1) * jnp.linalg.norm(target, axis=-1)
+            return (1.0 - jnp.sum(out * target, -1) / (norms + 1e-6)).mean(-1).sum()
 
         scale = lambda g: (cfg.lr * state.lam * rows).reshape(-1, *[1] * (g.ndim - 1))
         adapters, clipped, opt = (state.A, state.B), state.clipped, state.opt

@@ -173,7 +173,8 @@ def _train_fast_weights(args: argparse.Namespace, schedule) -> None:
             config = LoRALMConfig(base.config, LoRAConfig(
                 layers=args.lora_layers, rank=args.lora_rank,
                 chunk=args.chunk or LoRAConfig.chunk, lr=args.lora_lr, clip=cap(LoRAConfig.clip),
-                optimizer=args.lora_optimizer, targets=tuple(args.lora_targets.split(","))), eot_id=tokenizer.eot_id)
+                optimizer=args.lora_optimizer, targets=tuple(args.lora_targets.split(",")),
+                objective=args.lora_objective), eot_id=tokenizer.eot_id)
         model = cls(config, rngs=nnx.Rngs(args.seed), base=base)
     if args.seq_len > model.config.base.n_positions:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the base's context of {model.config.base.n_positions}")
@@ -233,7 +234,7 @@ def _train_plot(args: argparse.Namespace) -> None:
 def add_train_commands(commands) -> None:
     from ponder.model.gating import GateConfig
     from ponder.model.inplace import InPlaceConfig
-    from ponder.model.lora import OPTIMIZERS, LoRAConfig
+    from ponder.model.lora import OBJECTIVES, OPTIMIZERS, LoRAConfig
     from ponder.model.ttt import TTTConfig
     from ponder.model.ttt_lm import TTTLMConfig
     from ponder.train.policy import PolicyConfig
@@ -307,6 +308,9 @@ def add_train_commands(commands) -> None:
     ttt.add_argument("--lora-lr", type=float, default=LoRAConfig.lr, help="--fast-weights lora: step size (times lam)")
     ttt.add_argument("--lora-optimizer", default=LoRAConfig.optimizer, choices=OPTIMIZERS,
                      help="--fast-weights lora: the per-document optimizer")
+    ttt.add_argument("--lora-objective", default=LoRAConfig.objective, choices=OBJECTIVES,
+                     help="--fast-weights lora: what each update descends: lm, the chunk's next-token cross-entropy; "
+                          "ssl, the cosine distance of the top hidden state to the next token's embedding (no LM head)")
     ttt.add_argument("--lora-targets", default=",".join(LoRAConfig.targets),
                      help="--fast-weights lora: comma-separated projections with adapters, among q, v, mlp")
     ttt.add_argument("--ttt-kind", default=TTTConfig.kind, choices=["linear", "mlp"])

@@ -17,8 +17,9 @@ BASE = dataclasses.replace(GPTConfig.tiny(vocab_size=512), n_positions=256, n_em
 C = 16
 
 
-def make_model(clip=0.0, layers=2, lr=2.0, eot_id=None, targets=("q", "v", "mlp"), optimizer="sgd"):
-    lora = LoRAConfig(layers=layers, rank=4, chunk=C, lr=lr, clip=clip, targets=targets, optimizer=optimizer)
+def make_model(clip=0.0, layers=2, lr=2.0, eot_id=None, targets=("q", "v", "mlp"), optimizer="sgd", objective="lm"):
+    lora = LoRAConfig(layers=layers, rank=4, chunk=C, lr=lr, clip=clip, targets=targets, optimizer=optimizer,
+                      objective=objective)
     config = LoRALMConfig(BASE, lora, eot_id=eot_id)
     return LoRALM(config, rngs=nnx.Rngs(0))
 
@@ -40,7 +41,9 @@ def reference_logits(model, tokens, positions, lam, steps=1):
 
     One row at a time; chunk c is read with the merged weights after chunks < c
     (earlier chunks' keys kept in a cache as computed then), then ``steps``
-    SGD steps on the chunk's own next-token loss, each step's change capped.
+    SGD steps on the chunk's own loss (``objective``: next-token CE, or one minus
+    the cosine of the hidden state at t and wte's row of token t + 1), each
+    step's change capped.
     """
     cfg = model.config.lora
     graphdef, params = nnx.split(model.base)
@@ -57,14 +60,17 @@ def reference_logits(model, tokens, positions, lam, steps=1):
             block.attn.c_attn.kernel = nnx.Param(block.attn.c_attn.kernel[...] + jnp.concatenate([q, 0 * q, v], 1))
             if "mlp" in cfg.targets:
                 block.mlp.c_fc.kernel = nnx.Param(block.mlp.c_fc.kernel[...] + merged("mlp", l))
-        logits, _, cache = base(tok, pos, cache)
-        return logits, cache
+        logits, hidden, cache = base(tok, pos, cache)
+        return logits, cache, hidden
 
     @jax.jit
     @jax.grad
     def chunk_grad(adapters, tok, pos, cache):
-        logits = run(adapters, tok, pos, cache)[0][:, :-1]
-        return -jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, 1:, None], -1).mean()
+        logits, _, hidden = run(adapters, tok, pos, cache)
+        if cfg.objective == "lm":
+            return -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tok[:, 1:, None], -1).mean()
+        h, e = hidden[0, :-1], params["wte"]["embedding"][...][tok[0, 1:]]
+        return jnp.mean(1 - jnp.sum(h * e, -1) / (jnp.linalg.norm(h, axis=-1) * jnp.linalg.norm(e, axis=-1)))
 
     rows = []
     for b in range(tokens.shape[0]):
@@ -72,7 +78,7 @@ def reference_logits(model, tokens, positions, lam, steps=1):
         adapters, cache, out = (state.A[0], [b[0] for b in state.B]), KVCache.init(BASE, 1), []
         for c in range(tokens.shape[1] // C):
             tok, pos = tokens[b: b + 1, c * C:(c + 1) * C], positions[b: b + 1, c * C:(c + 1) * C]
-            logits, new_cache = run(adapters, tok, pos, cache)
+            logits, new_cache, _ = run(adapters, tok, pos, cache)
             out.append(logits[0])
             for _ in range(steps if lam[b, c] > 0 else 0):
                 change = jax.tree.map(lambda g: -cfg.lr * lam[b, c] * g, chunk_grad(adapters, tok, pos, cache))
@@ -97,11 +103,14 @@ def test_skip_is_the_base_and_reading_a_repeated_text_lowers_its_loss():
     assert nll(updated) < nll(skip) - 0.1, (nll(updated), nll(skip))
     adam = make_model(lr=0.03, optimizer="adam")  # Adam's moments are per row and document
     assert nll(forward(adam, tokens, positions).logits) < nll(skip) - 0.1
+    ssl = make_model(lr=2.0, objective="ssl")  # the hidden state pulled toward the next token's row of the head
+    assert nll(forward(ssl, tokens, positions).logits) < nll(skip) - 0.1
 
 
-@pytest.mark.parametrize("clip, steps, targets", [(0.0, 1, ("v", "q")), (0.05, 2, ("q", "v", "mlp"))])
-def test_chunked_forward_equals_merged_weight_reference(clip, steps, targets):
-    model = make_model(clip=clip, targets=targets)
+@pytest.mark.parametrize("clip, steps, targets, objective", [
+    (0.0, 1, ("v", "q"), "lm"), (0.05, 2, ("q", "v", "mlp"), "lm"), (0.05, 2, ("q", "v", "mlp"), "ssl")])
+def test_chunked_forward_equals_merged_weight_reference(clip, steps, targets, objective):
+    model = make_model(clip=clip, targets=targets, objective=objective)
     tokens, positions = tokens_of(2, 3 * C)
     lam = jnp.array([[1.0, 0.5, 1.0], [0.0, 1.0, 1.0]])
     out = forward(model, tokens, positions, Schedule("update", steps=steps), chunk_lambda=lam)
@@ -111,8 +120,9 @@ def test_chunked_forward_equals_merged_weight_reference(clip, steps, targets):
     assert int(out.state.count[0]) == 3 * C
 
 
-def test_decoding_token_by_token_equals_the_chunked_forward():
-    model = make_model(clip=0.05, optimizer="adam", lr=0.01)
+@pytest.mark.parametrize("objective", ["lm", "ssl"])
+def test_decoding_token_by_token_equals_the_chunked_forward(objective):
+    model = make_model(clip=0.05, optimizer="adam", lr=0.01, objective=objective)
     tokens, positions = tokens_of(2, 3 * C)
     schedule = Schedule("update", steps=2)
     full = forward(model, tokens, positions, schedule)
@@ -182,6 +192,8 @@ def test_end_of_text_resets_the_adapters_while_decoding():
 def test_bad_configs_are_named():
     with pytest.raises(ValueError, match="LoRAConfig.rank"):
         LoRAConfig(rank=0)
+    with pytest.raises(ValueError, match="LoRAConfig.objective"):
+        LoRAConfig(objective="mse")
     with pytest.raises(ValueError, match="LoRAConfig.layers"):
         LoRALMConfig(BASE, LoRAConfig(layers=3))
     with pytest.raises(ValueError, match="multiple of the LoRA chunk"):
