@@ -15,8 +15,9 @@ optimizer steps on the adapters (plain gradient descent, or Adam with its
 moments kept per document), on a loss of the predictions inside that chunk
 (token t+1 from tokens <= t, both in the chunk; ``LoRAConfig.objective``:
 the language model's cross-entropy, or a self-supervised target in the
-hidden space), with step size ``lr * lam``. Each step's change of a row's
-adapters is capped to a Frobenius norm (``clip``; capped steps are counted).
+hidden space), with step size ``lr``: each step's change of a row's
+adapters is capped to a Frobenius norm (``clip``; capped steps are
+counted), then scaled by ``lam``, which so sets a capped step's length too.
 
 Apply-then-update: chunk c is read with the adapters after chunks < c. The
 update's forward starts from the residual stream entering the first fast
@@ -65,7 +66,7 @@ class LoRAConfig:
       layers: how many of the base's top blocks have adapters (on Q and V).
       rank: r of each adapter.
       chunk: tokens per update (lam is chosen per chunk).
-      lr: step size of one step (times lam).
+      lr: step size of one step (its change is capped, then scaled by lam).
       clip: Frobenius-norm cap of one step's change of a row's adapters (0: none).
       optimizer: ``sgd`` (the gradient) or ``adam`` (Adam's normalised
         direction, moments kept per document and row; ``optax.scale_by_adam``).
@@ -262,18 +263,19 @@ class LoRALM(nnx.Module):
             norms = jnp.linalg.norm(out, axis=-1) * jnp.linalg.norm(target, axis=-1)
             return (1.0 - jnp.sum(out * target, -1) / (norms + 1e-6)).mean(-1).sum()
 
-        scale = lambda g: (cfg.lr * state.lam * rows).reshape(-1, *[1] * (g.ndim - 1))
+        per_row = lambda v, c: v.reshape(-1, *[1] * (c.ndim - 1))
         adapters, clipped, opt = (state.A, state.B), state.clipped, state.opt
         direction = jax.vmap(_direction(cfg.optimizer).update)
         for _ in range(steps):
             step, new_opt = direction(jax.grad(loss)(adapters), opt)
             opt = jax.tree.map(lambda new, old: select_rows(rows, new, old), new_opt, opt)
-            change = jax.tree.map(lambda g: -scale(g) * g, step)
+            change = jax.tree.map(lambda g: -cfg.lr * per_row(rows, g) * g, step)
             if cfg.clip:
                 norm = jnp.sqrt(sum(jnp.square(c).reshape(len(c), -1).sum(-1) for c in jax.tree.leaves(change)))  # [B]
                 shrink = jnp.minimum(1.0, cfg.clip / jnp.maximum(norm, 1e-30))
-                change = jax.tree.map(lambda c: c * shrink.reshape(-1, *[1] * (c.ndim - 1)), change)
+                change = jax.tree.map(lambda c: c * per_row(shrink, c), change)
                 clipped = clipped + (norm > cfg.clip).astype(jnp.int32)
+            change = jax.tree.map(lambda c: c * per_row(state.lam, c), change)  # lam scales the capped step
             adapters = jax.tree.map(jnp.add, adapters, change)
         return dataclasses.replace(state, A=adapters[0], B=adapters[1], opt=opt, clipped=clipped)
 

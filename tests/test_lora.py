@@ -43,7 +43,7 @@ def reference_logits(model, tokens, positions, lam, steps=1):
     (earlier chunks' keys kept in a cache as computed then), then ``steps``
     SGD steps on the chunk's own loss (``objective``: next-token CE, or one minus
     the cosine of the hidden state at t and wte's row of token t + 1), each
-    step's change capped.
+    step's change capped, then scaled by the chunk's lam.
     """
     cfg = model.config.lora
     graphdef, params = nnx.split(model.base)
@@ -81,10 +81,11 @@ def reference_logits(model, tokens, positions, lam, steps=1):
             logits, new_cache, _ = run(adapters, tok, pos, cache)
             out.append(logits[0])
             for _ in range(steps if lam[b, c] > 0 else 0):
-                change = jax.tree.map(lambda g: -cfg.lr * lam[b, c] * g, chunk_grad(adapters, tok, pos, cache))
+                change = jax.tree.map(lambda g: -cfg.lr * g, chunk_grad(adapters, tok, pos, cache))
                 norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(change)))
                 if cfg.clip and norm > cfg.clip:
                     change = jax.tree.map(lambda g: g * cfg.clip / norm, change)
+                change = jax.tree.map(lambda g: lam[b, c] * g, change)
                 adapters = jax.tree.map(jnp.add, adapters, change)
             cache = new_cache
         rows.append(jnp.concatenate(out))
