@@ -17,7 +17,7 @@ moments kept per document), on a loss of the predictions inside that chunk
 the language model's cross-entropy, or a self-supervised target in the
 hidden space), with step size ``lr``: each step's change of a row's
 adapters is capped to a Frobenius norm (``clip``; capped steps are
-counted), then scaled by ``lam``, which so sets a capped step's length too.
+counted), then scaled by ``lam`` (so lam sets a capped step's length too).
 
 Apply-then-update: chunk c is read with the adapters after chunks < c. The
 update's forward starts from the residual stream entering the first fast
