@@ -226,6 +226,29 @@ def test_pulse_training_and_eval_through_the_cli(tmp_path, tiny_corpus_and_base)
                             str(tmp_path / "eval"), "--window", "16", "--min-tokens", "64", "--max-tokens", "64",
                             "--max-documents", "2", "--rate", "0.5", "--lines-per-file", "0"]) == 0
     table = json.loads((tmp_path / "eval" / "eval-lora.json").read_text())
-    assert set(table) == {"SKIP", "UPDATE_1", "UPDATE_2", "UPDATE_4", "FIXED_1", "RANDOM@0.5", "ORACLE@0.5"}
+    assert set(table) == {"SKIP", "UPDATE_1", "UPDATE_2", "UPDATE_4", "FIXED_1", "RANDOM@0.5", "ORACLE@0.5", "VALUE@0.5"}
     assert table["ORACLE@0.5"]["updated"] == 0.5 and table["UPDATE_1"]["updated"] == 1.0  # 2 of each document's 4 chunks
+    assert table["VALUE@0.5"]["updated"] == 0.5
     assert table["SKIP"]["tokens"] == 2 * 63 and table["UPDATE_2"]["ce"] != table["SKIP"]["ce"]
+
+
+def test_update_value_is_the_window_loss_gradient_by_lam():
+    """train.evaluate.update_value: -d(window loss)/d(lam_c), against central differences of the chunked forward."""
+    from ponder.train.evaluate import update_value
+
+    model = make_model(lr=2.0)  # no cap: the loss is smooth in lam
+    tokens, positions = tokens_of(1, 3 * C)
+    value = update_value(model, np.asarray(tokens[0]), window=3 * C, at=0.5)
+
+    def loss(lam):
+        logits = forward(model, tokens, positions, chunk_lambda=jnp.asarray([lam], jnp.float32)).logits[0, :-1]
+        return float(-jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[0, 1:, None], -1).sum())
+
+    eps = 0.02
+    for c in range(3):
+        up, down = [0.5] * 3, [0.5] * 3
+        up[c] += eps
+        down[c] -= eps
+        central = -(loss(up) - loss(down)) / (2 * eps)
+        np.testing.assert_allclose(value[c], central, rtol=5e-3, atol=1e-3)
+    assert value[2] == 0.0 and value[0] > 0.1  # the last chunk's update reaches nothing in its window

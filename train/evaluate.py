@@ -39,6 +39,10 @@ chunks after it (those run with lam = 1 either way), and updates c iff that
 gain reaches a threshold tau, which bisection sets per document so that its
 update rate is within one chunk of r.
 
+For In-Place TTT and LoRA (``fast_weight_cross_entropy``) a third, VALUE,
+ranks chunks by ``update_value``: the drop in the rest of the window's loss
+per unit of the chunk's lam, one backward pass per window.
+
 RANDOM is noisy (a coin per chunk), so it runs with several seeds and its
 per-document mean is the reference: each budgeted row reports its CE minus
 RANDOM's at the same rate with a 95% paired bootstrap interval over documents
@@ -71,7 +75,7 @@ import scipy.stats
 from flax import nnx
 
 from ponder.model.doc_state import DocState
-from ponder.model.document import DocumentRun, chunk_size, run_document
+from ponder.model.document import DocumentRun, chunk_size, initial_state, run_document, window_forward
 from ponder.model.gating import Schedule
 from ponder.model.gpt2 import KVCache
 from ponder.model.ttt_lm import TTTTransformerLM
@@ -504,14 +508,46 @@ def write(table: dict, out_dir: str | Path) -> Path:
     return out
 
 
+def update_value(model, tokens: np.ndarray, window: int, at: float = 0.5) -> np.ndarray:
+    """[n_chunks] what updating each chunk is worth to the text after it: -d(CE summed over the rest of
+    its window)/d(lam of the chunk), at lam = ``at`` on every chunk (an In-Place TTT or LoRA model).
+
+    For these kinds an update's gain shows in the chunks after it (the adapters or fast weights every
+    later chunk reads), not in its own chunk's loss, which is what ``isolated_gain`` measures. One
+    backward pass per window; the state carries across windows as ``run_document`` carries it (along
+    lam = ``at``), and a chunk's value stops at its window's end. Reads the answers: a reference.
+    """
+    C = chunk_size(model)
+    graphdef, params = nnx.split(model)
+    schedule, state, values = Schedule("update"), initial_state(model, 1, Schedule("update")), []
+    for start in range(0, len(tokens), window):
+        piece = jnp.asarray(tokens[None, start : start + window], jnp.int32)
+        lam = jnp.full((1, piece.shape[1] // C), at, jnp.float32)
+        grad, state = _window_value(graphdef, params, piece, schedule, state, lam)
+        values.append(-np.asarray(grad[0]))
+    return np.concatenate(values)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _window_value(graphdef, params, tokens, schedule, state, chunk_lambda):
+    """d(summed next-token loss of the window)/d(chunk_lambda) [1, n], and the state after the window."""
+
+    def loss(lam):
+        logp, _, _, _, after = window_forward(graphdef, params, tokens, schedule, state, lam)
+        return -jnp.take_along_axis(logp[:-1], tokens[0, 1:, None], -1).sum(), after
+
+    return jax.grad(loss, has_aux=True)(chunk_lambda)
+
+
 def fast_weight_cross_entropy(model, documents: list[np.ndarray], window: int, schedules: dict[str, Schedule],
                               oracle_rates: tuple[float, ...] = ()) -> dict:
     """Token-weighted CE per schedule of an In-Place TTT or LoRA model (``model.inplace``, ``model.lora``).
 
     Each document runs window by window (``run_document``: positions restart in each window, the fast
-    weights carry across) and every token but a document's first is scored. ``ORACLE@r`` for each of
-    ``oracle_rates`` updates the top share r of each document's chunks by isolated gain (SKIP against
-    UPDATE_1, ``oracle_lambda``), an upper-bound reference that reads the answers.
+    weights carry across) and every token but a document's first is scored. For each of
+    ``oracle_rates`` r, two references that read the answers: ``ORACLE@r`` updates the top share r of
+    each document's chunks by isolated gain (SKIP against UPDATE_1, ``oracle_lambda``), ``VALUE@r``
+    by ``update_value``.
 
     Returns:
       ``{name: {"ce": nats/token, "tokens": scored tokens, "updated": share of chunks updated,
@@ -523,8 +559,11 @@ def fast_weight_cross_entropy(model, documents: list[np.ndarray], window: int, s
         skip = runs.get("SKIP") or one(Schedule("skip"))
         update = runs.get("UPDATE_1") or one(Schedule("update"))
         gains = [isolated_gain(s, u, chunk_size(model)) for s, u in zip(skip, update)]
+        values = [update_value(model, d, window) for d in documents]
         for rate in oracle_rates:
             runs[f"ORACLE@{rate:g}"] = [run_document(model, d, Schedule("skip"), window, oracle_lambda(g, rate))
                                         for d, g in zip(documents, gains)]
+            runs[f"VALUE@{rate:g}"] = [run_document(model, d, Schedule("skip"), window, oracle_lambda(v, rate))
+                                       for d, v in zip(documents, values)]
     return {name: {"ce": cross_entropy(rs), "tokens": sum(len(r.nll) for r in rs), "updated": update_rate(rs),
                    "clipped": sum(r.clipped for r in rs)} for name, rs in runs.items()}
