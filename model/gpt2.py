@@ -283,15 +283,19 @@ class GPT(nnx.Module):
         logits = self.logits(hidden) if compute_logits else None
         return logits, hidden, None if cache is None else KVCache(tuple(new_k), tuple(new_v))
 
+    @property
+    def head(self):
+        """The LM head's table: ``wte`` when tied, else ``lm_head``."""
+        return self.wte if self.lm_head is None else self.lm_head
 
     def head_rows(self, tokens):
         """The LM head's rows of ``tokens`` [...]: [..., D], what each token's logit reads from the hidden state."""
-        return (self.wte if self.lm_head is None else self.lm_head)(tokens)
+        return self.head(tokens)
 
     def logits(self, hidden, *, frozen: bool = False):
         """LM head: [B, T, D] -> [B, T, V] float32; ``frozen`` stops gradients to its weights."""
         B, T, D = hidden.shape
-        head = self.wte if self.lm_head is None else self.lm_head
+        head = self.head
         if isinstance(head, quantize.Embed):  # stored in fewer bits for serving: frozen already
             return head.logits(hidden)
         embedding = head.embedding[...]  # [V, D]

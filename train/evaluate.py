@@ -519,7 +519,8 @@ def update_value(model, tokens: np.ndarray, window: int, at: float = 0.5) -> np.
     """
     C = chunk_size(model)
     graphdef, params = nnx.split(model)
-    schedule, state, values = Schedule("update"), initial_state(model, 1, Schedule("update")), []
+    schedule = Schedule("update")
+    state, values = initial_state(model, 1, schedule), []
     for start in range(0, len(tokens), window):
         piece = jnp.asarray(tokens[None, start : start + window], jnp.int32)
         lam = jnp.full((1, piece.shape[1] // C), at, jnp.float32)
