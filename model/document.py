@@ -43,8 +43,8 @@ def chunk_size(model: FastWeightLM) -> int:
 
 
 def initial_state(model: FastWeightLM, rows: int, schedule: Schedule):
-    """The state of ``rows`` empty documents (a TTT layer's gate history starts at the schedule's budget)."""
-    return model.init_state(rows, schedule) if isinstance(model, TTTTransformerLM) else model.init_state(rows)
+    """The state of ``rows`` empty documents (a gate's history starts at the schedule's budget)."""
+    return model.init_state(rows) if isinstance(model, InPlaceLM) else model.init_state(rows, schedule)
 
 
 def clipped(state) -> jax.Array:

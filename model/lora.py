@@ -28,8 +28,9 @@ and updates when its last token has been read) do the same arithmetic.
 
 Schedules: ``skip``, ``update`` (k = ``Schedule.steps``), ``fixed`` and
 ``random`` (``model.inplace.SCHEDULES``), or lam per chunk from
-``chunk_lambda``; a chunk no row updates does no update work. The learned
-gate is not wired to this kind.
+``chunk_lambda``; a chunk no row updates does no update work. With a gate
+(``LoRALMConfig.gate``, fitted by ``ponder train gate``), ``learned`` and
+``learned_budget`` choose lam from the chunk just read (``model.read_gate``).
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ from flax import nnx
 
 from ponder.model.config import FastBlocksConfig, GPTConfig
 from ponder.model.fast_weights import select_rows
-from ponder.model.gating import Schedule
+from ponder.model.gating import GateConfig, GatingNetwork, Schedule
 from ponder.model.gpt2 import GPT, KVCache
 from ponder.model.inplace import extend_by_steps, schedule_lambda
+from ponder.model.read_gate import READ_FEATURES, READ_SCHEDULES, ReadState, chunk_read_stats, close_chunk, close_rows, \
+    init_read_state, observe
 
 OPTIMIZERS = ("sgd", "adam")
 TARGETS = ("q", "v", "mlp")  # query, value, the MLP's up projection
@@ -112,6 +115,20 @@ class LoRALMConfig(FastBlocksConfig):
     base: GPTConfig
     lora: LoRAConfig = LoRAConfig()
     eot_id: int | None = None  # a document starts with this token: decoding resets the adapters there
+    gate: GateConfig | None = None  # the read gate (``model.read_gate``); None: no learned schedule
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), **({} if self.gate is None else {"gate": dataclasses.asdict(self.gate)})}
+
+    @classmethod
+    def from_dict(cls, base: GPTConfig, data: dict):
+        config = super().from_dict(base, data)
+        return config if data.get("gate") is None else dataclasses.replace(config, gate=GateConfig(**data["gate"]))
+
+    @staticmethod
+    def read_gate(chunk: int, hidden: int = 16) -> GateConfig:
+        """The config of a read gate: a value gate over ``READ_FEATURES``."""
+        return GateConfig(chunk=chunk, hidden=hidden, features=len(READ_FEATURES), output="value")
 
 
 @jax.tree_util.register_dataclass
@@ -126,8 +143,9 @@ class LoRAState:
       tokens: [B, C] the open chunk's tokens; positions: [B, C] theirs.
       opt: the optimizer's state per row (``LoRAConfig.optimizer``; Adam's moments and step count).
       count: [B] tokens of the document seen so far.
-      lam: [B] lam of the open chunk.
+      lam: [B] lam of the open chunk (under a read schedule, of the chunk closed last).
       clipped: [B] steps capped so far.
+      read: what the read gate keeps (``model.read_gate.ReadState``; its budget, ``target``, is the session's).
     """
 
     A: jax.Array
@@ -139,6 +157,7 @@ class LoRAState:
     count: jax.Array
     lam: jax.Array
     clipped: jax.Array
+    read: ReadState
 
 
 @jax.tree_util.register_dataclass
@@ -148,6 +167,7 @@ class LoRAOutput:
     chunk_lambda: jax.Array  # [B, n_chunks]
     state: LoRAState
     cache: KVCache
+    features: jax.Array | None = None  # [B, n_chunks, len(READ_FEATURES)] of each chunk read, when asked for
 
 
 class LoRALM(nnx.Module):
@@ -157,6 +177,7 @@ class LoRALM(nnx.Module):
         cfg, D = config.lora, config.base.n_embd
         shape = (len(cfg.targets), cfg.layers, D, cfg.rank)
         self.A0 = nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) / D**0.5)
+        self.gate = nnx.data(None if config.gate is None else GatingNetwork(config.gate, rngs=rngs))
 
     @property
     def first(self) -> int:
@@ -165,8 +186,8 @@ class LoRALM(nnx.Module):
 
     # --- State.
 
-    def init_state(self, batch_size: int) -> LoRAState:
-        """The state at a document start: A at ``A0``, B zero (the base exactly)."""
+    def init_state(self, batch_size: int, schedule: Schedule = Schedule("update")) -> LoRAState:
+        """The state at a document start: A at ``A0``, B zero (the base exactly); the budget ``schedule.rate``."""
         n, cfg, D = batch_size, self.config.lora, self.config.base.n_embd
         A = jnp.broadcast_to(self.A0[...], (n, *self.A0.shape))
         out = {"q": D, "v": D, "mlp": 4 * D}
@@ -181,11 +202,20 @@ class LoRALM(nnx.Module):
             count=jnp.zeros((n,), jnp.int32),
             lam=jnp.zeros((n,), jnp.float32),
             clipped=jnp.zeros((n,), jnp.int32),
+            read=init_read_state(n, cfg.chunk, self.config.base.vocab_size, schedule.rate),
         )
 
     def reset(self, state: LoRAState, rows) -> LoRAState:
-        """Document boundary: rows where ``rows`` [B] is True go back to the start-of-document state."""
-        return jax.tree.map(lambda new, old: select_rows(rows, new, old), self.init_state(rows.shape[0]), state)
+        """Document boundary: rows where ``rows`` [B] is True go back to the start-of-document state
+        (keeping their budget: it belongs to the session)."""
+        fresh = self.with_target(self.init_state(rows.shape[0]), state.read.target)
+        return jax.tree.map(lambda new, old: select_rows(rows, new, old), fresh, state)
+
+    @staticmethod
+    def with_target(state: LoRAState, target) -> LoRAState:
+        """``state`` with each row's budget set to ``target`` [B] (a share of chunks to update)."""
+        read = dataclasses.replace(state.read, target=jnp.asarray(target, jnp.float32))
+        return dataclasses.replace(state, read=read)
 
     def update_flops(self, steps: int = 1) -> float:
         """Matmul FLOPs one chunk's update adds: per step, the forward and backward (3x the forward)
@@ -288,7 +318,7 @@ class LoRALM(nnx.Module):
 
     def __call__(
         self, tokens, positions, schedule: Schedule = Schedule("update"), segment_ids=None, *,
-        state: LoRAState | None = None, cache: KVCache | None = None, chunk_lambda=None,
+        state: LoRAState | None = None, cache: KVCache | None = None, chunk_lambda=None, features: bool = False,
     ) -> LoRAOutput:
         """Forward over whole chunks, one after the other, from a document start or from ``state``.
 
@@ -304,13 +334,16 @@ class LoRALM(nnx.Module):
           state: the document so far, on a chunk boundary (``count`` a multiple of the chunk).
           cache: the base's KV cache holding the positions before these; a fresh one when None.
           chunk_lambda: [B, n_chunks] lam per chunk, overriding the schedule.
+          features: also return each chunk's read features (``model.read_gate``; always computed
+            under a read schedule, which runs chunk by chunk).
         """
         B, T = tokens.shape
         C = self.config.lora.chunk
         if T % C:
             raise ValueError(f"sequence length {T} is not a multiple of the LoRA chunk size {C}")
         n = T // C
-        state = self.init_state(B) if state is None else state
+        state = self.init_state(B, schedule) if state is None else state
+        reads = features or schedule.kind in READ_SCHEDULES
         cache = KVCache.init(self.config.base, B) if cache is None else cache
         segments = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids
         opens = jnp.concatenate([jnp.zeros((B, 1), bool), segments[:, C::C] != segments[:, C - 1:-1:C]], 1)  # [B, n]
@@ -320,16 +353,25 @@ class LoRALM(nnx.Module):
             state, cache = carry
             tok, pos, open_, lam = xs
             state = self.reset(state, open_)
-            lam = schedule_lambda(schedule, state.count, C) if lam is None else lam.astype(jnp.float32)
+            if lam is None and schedule.kind not in READ_SCHEDULES:
+                lam = schedule_lambda(schedule, state.count, C)
             logits, inputs, cache = self._read(tok, pos, cache, state)
-            state = dataclasses.replace(state, inputs=inputs, tokens=tok, positions=pos, lam=lam, count=state.count + C)
+            count = state.count + C
+            feats = jnp.zeros((B, len(READ_FEATURES)), jnp.float32)
+            read = state.read
+            if reads:
+                nll, entropy = chunk_read_stats(logits, tok)
+                lam, feats, read = close_chunk(self.gate, schedule, read, nll, entropy, tok, count, lam)
+                read = dataclasses.replace(read, last=logits[:, -1].astype(jnp.float32))
+            lam = lam.astype(jnp.float32)
+            state = dataclasses.replace(state, inputs=inputs, tokens=tok, positions=pos, lam=lam, count=count, read=read)
             state = self._maybe_update(state, cache, jnp.ones((B,), bool), schedule.steps)
-            return (state, cache), (logits, lam)
+            return (state, cache), (logits, lam, feats)
 
         def chunked(state, cache, lams):
             xs = (by_chunk(tokens), by_chunk(positions), opens.T, None if lams is None else lams.T)
-            (state, cache), (logits, lam) = jax.lax.scan(chunk, (state, cache), xs)
-            return logits.swapaxes(0, 1).reshape(B, T, -1), lam.T, state, cache
+            (state, cache), (logits, lam, feats) = jax.lax.scan(chunk, (state, cache), xs)
+            return logits.swapaxes(0, 1).reshape(B, T, -1), lam.T, state, cache, feats.swapaxes(0, 1)
 
         def at_once(state, cache, lams):
             """No chunk updates, so the adapters stay as they are: one forward over all T tokens."""
@@ -337,16 +379,16 @@ class LoRALM(nnx.Module):
             last = slice(T - C, T)  # the buffers hold the last chunk, as the chunked form leaves them
             state = dataclasses.replace(state, inputs=inputs[:, last], tokens=tokens[:, last], positions=positions[:, last],
                                         lam=lams[:, -1], count=state.count + T)
-            return logits, lams, state, cache
+            return logits, lams, state, cache, jnp.zeros((B, n, len(READ_FEATURES)), jnp.float32)
 
-        if segment_ids is not None:  # adapters reset inside the call: chunk by chunk
-            logits, lam, state, cache = chunked(state, cache, chunk_lambda)
+        if segment_ids is not None or reads:  # adapters reset inside the call, or lam read from each chunk
+            logits, lam, state, cache, feats = chunked(state, cache, chunk_lambda)
         else:
             counts = state.count[:, None] + jnp.arange(n) * C  # [B, n] document position of each chunk
             lams = jax.vmap(lambda c: schedule_lambda(schedule, c, C), 1, 1)(counts) if chunk_lambda is None \
                 else chunk_lambda.astype(jnp.float32)
-            logits, lam, state, cache = jax.lax.cond(jnp.any(lams > 0), chunked, at_once, state, cache, lams)
-        return LoRAOutput(logits=logits, chunk_lambda=lam, state=state, cache=cache)
+            logits, lam, state, cache, feats = jax.lax.cond(jnp.any(lams > 0), chunked, at_once, state, cache, lams)
+        return LoRAOutput(logits=logits, chunk_lambda=lam, state=state, cache=cache, features=feats if reads else None)
 
     # --- One token.
 
@@ -357,7 +399,8 @@ class LoRALM(nnx.Module):
             state = self.reset(state, tokens == self.config.eot_id)
         C = self.config.lora.chunk
         at = state.count % C  # [B] this token's place in its chunk
-        lam = jnp.where(at == 0, schedule_lambda(schedule, state.count, C), state.lam)
+        reads = schedule.kind in READ_SCHEDULES
+        lam = state.lam if reads else jnp.where(at == 0, schedule_lambda(schedule, state.count, C), state.lam)
         logits, inputs, cache = self._read(tokens[:, None], positions[:, None], cache, state, attend_keys)
         here = (jnp.arange(C)[None] == at[:, None])  # [B, C]
         state = dataclasses.replace(
@@ -367,7 +410,12 @@ class LoRALM(nnx.Module):
             positions=jnp.where(here, positions[:, None], state.positions),
             count=state.count + 1, lam=lam,
         )
-        state = self._maybe_update(state, cache, at == C - 1, schedule.steps)
+        closes = at == C - 1
+        if reads:  # the chunk's last token: lam of its update from what the chunk's read said
+            read = observe(state.read, tokens, at, logits[:, 0])
+            chosen, read = close_rows(self.gate, schedule, read, state.tokens, state.count, closes)
+            state = dataclasses.replace(state, read=read, lam=jnp.where(closes, chosen, state.lam))
+        state = self._maybe_update(state, cache, closes, schedule.steps)
         return logits[:, 0], cache, state
 
     def extend(self, tokens, positions, length, cache: KVCache, state: LoRAState, schedule: Schedule = Schedule("update")):

@@ -45,8 +45,9 @@ def _generate(args: argparse.Namespace) -> None:
         seed=args.seed,
         stop=tuple(args.stop),
     )
-    # The TTT layer's own gate; In-Place and LoRA fast weights update on every chunk (no gate drives them).
-    schedule = Schedule() if isinstance(model, (GPT, TTTTransformerLM)) else Schedule("update")
+    # The learned gate where there is one (the TTT layer's; LoRA's once fitted); else every chunk updates.
+    gated = isinstance(model, (GPT, TTTTransformerLM)) or getattr(model, "gate", None) is not None
+    schedule = Schedule() if gated else Schedule("update")
     print(args.prompt, end="", flush=True)
     for piece in stream_text(model, tokenizer, tokenizer.encode_document(args.prompt), params, block=args.block,
                              schedule=schedule):
@@ -123,7 +124,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _eval_fast_weights(args: argparse.Namespace, model) -> None:
-    """``ponder eval`` of an In-Place TTT or LoRA checkpoint: CE of SKIP, UPDATE_k, FIXED_lam, and RANDOM and ORACLE at each rate.
+    """``ponder eval`` of an In-Place TTT or LoRA checkpoint: CE of SKIP, UPDATE_k, FIXED_lam, and RANDOM and ORACLE at each rate
+    (and LEARNED, and LEARNED_BUDGET at each rate, for a LoRA checkpoint with a read gate).
 
     UPDATE_2 and UPDATE_4 (optimizer steps per chunk) are LoRA's; an in-place update is one outer-product step.
     """
@@ -142,6 +144,9 @@ def _eval_fast_weights(args: argparse.Namespace, model) -> None:
     schedules = {"SKIP": Schedule("skip"), **{f"UPDATE_{k}": Schedule("update", steps=k) for k in steps},
                  f"FIXED_{args.fixed_lambda:g}": Schedule("fixed", value=args.fixed_lambda),
                  **{f"RANDOM@{r:g}": Schedule("random", rate=r) for r in rates}}
+    if getattr(model, "gate", None) is not None:
+        schedules |= {"LEARNED": Schedule("learned"),
+                      **{f"LEARNED_BUDGET@{r:g}": Schedule("learned_budget", rate=r) for r in rates}}
     table = evaluate.fast_weight_cross_entropy(model, docs, args.window, schedules, rates)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"eval-{kind}.json").write_text(json.dumps(table, indent=1) + "\n")

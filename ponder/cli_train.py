@@ -206,6 +206,8 @@ def _train_gate(args: argparse.Namespace) -> None:
     from ponder.train.stages import ValueGateStage
 
     _join_processes(args)
+    if _fast_weight_kind(args.init_from) == "lora":
+        return _train_read_gate(args)
     model, tokenizer = _trained_ttt(args)
     config = model.config
     gate = GateConfig(chunk=config.gate.chunk, hidden=args.gate_hidden)
@@ -213,6 +215,38 @@ def _train_gate(args: argparse.Namespace) -> None:
     model.gate = GatingNetwork(gate, rngs=nnx.Rngs(args.seed))
     stage = ValueGateStage(seq_len=args.seq_len, chunk=gate.chunk, window=args.window, rates=(args.min_rate, args.max_rate))
     _train_run(args, stage, model, tokenizer)
+
+
+def _fast_weight_kind(path: Path) -> str | None:
+    """The fast-weight kind of a checkpoint (``ttt``, ``inplace``, ``lora``), None for a base checkpoint."""
+    from ponder.model import checkpoint
+    from ponder.model.config import GPTConfig
+
+    config = checkpoint.load_config(path)
+    return None if isinstance(config, GPTConfig) else getattr(config, "KIND", "ttt")
+
+
+def _train_read_gate(args: argparse.Namespace) -> None:
+    """``ponder train gate`` of a LoRA checkpoint: a fresh read gate (``model.read_gate``), regressed on
+    what updating each chunk is worth (``train.stages.ReadGateStage``); the adapters' ``A0`` stays."""
+    from flax import nnx
+
+    from ponder.model import checkpoint
+    from ponder.model.gating import GatingNetwork
+    from ponder.model.lora import LoRALMConfig
+    from ponder.train.stages import ReadGateStage
+
+    _check_corpus(args.corpus)
+    model, tokenizer = checkpoint.load(args.init_from)
+    config, context = model.config, model.config.base.n_positions
+    if args.seq_len > context:
+        print(f"--seq-len {args.seq_len} is longer than the base's context: LoRA reads rows of {context} tokens",
+              file=sys.stderr)
+        args.seq_len = context
+    model.config = dataclasses.replace(config, gate=LoRALMConfig.read_gate(config.lora.chunk, args.gate_hidden))
+    model.gate = GatingNetwork(model.config.gate, rngs=nnx.Rngs(args.seed))
+    model.gate.out.bias[...] = 0.0 * model.gate.out.bias[...]  # the worth is small: the fit starts at 0
+    _train_run(args, ReadGateStage(seq_len=args.seq_len, chunk=config.lora.chunk), model, tokenizer)
 
 
 def _train_policy(args: argparse.Namespace) -> None:
@@ -328,9 +362,10 @@ def add_train_commands(commands) -> None:
     ttt.add_argument("--gamma", type=float, default=TTTStage.gamma, help="weight of mean(lam), the compute penalty")
     ttt.set_defaults(run=_train_ttt)
 
-    gate = stages.add_parser("gate", help="stage 2b: a fresh value gate for a trained TTT layer (the layer stays frozen)")
+    gate = stages.add_parser("gate", help="stage 2b: a fresh value gate for a trained TTT layer or LoRA checkpoint "
+                                          "(the fast weights' slow parameters stay frozen)")
     common(gate, TrainConfig.ttt(seq_len=2048, batch_size=2, lr=1e-3, warmup=20))
-    gate.add_argument("--init-from", type=Path, required=True, help="the TTT checkpoint whose gate to replace")
+    gate.add_argument("--init-from", type=Path, required=True, help="the TTT or LoRA checkpoint whose gate to replace")
     gate.add_argument("--window", type=int, default=1024,
                       help="base attention window in tokens (rows longer than it run window by window)")
     gate.add_argument("--gate-hidden", type=int, default=GateConfig.hidden, help="width of the gating MLP")

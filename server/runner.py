@@ -13,8 +13,9 @@ them in sessions and hands them back.
 
 Three kinds of fast weights are served: the TTT layer on top of the base,
 In-Place TTT and LoRA (docs/design.md, "Other fast weights: In-Place TTT and LoRA").
-The last two follow the schedules ``model.inplace.SCHEDULES`` (no learned
-gate, so no per-session budget) and change the top blocks' keys and values,
+The last two follow the schedules ``model.inplace.SCHEDULES``, and LoRA with
+a fitted read gate also ``learned`` and ``learned_budget`` (whose per-session
+budget it reads, ``model.read_gate``); both change the top blocks' keys and values,
 so their KV cache depends on the document's fast weights
 (``ModelRunner.fast_keys``).
 
@@ -58,6 +59,8 @@ from ponder.model.document import chunk_size, chunk_work, clipped, initial_state
 from ponder.model.gating import Schedule
 from ponder.model.gpt2 import GPT, KVCache
 from ponder.model.inplace import SCHEDULES as FIXED_SCHEDULES
+from ponder.model.lora import LoRALM
+from ponder.model.read_gate import READ_SCHEDULES
 from ponder.model.sampling import SamplerRows, Sampling, accept, ring, sample
 from ponder.model.ttt import TTTConfig
 from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
@@ -248,7 +251,7 @@ class ModelRunner:
       chunk: tokens per chunk (C) of the fast weights: prompts are committed in whole chunks.
       fast_keys: the top blocks' keys and values depend on the document's fast weights (In-Place,
         LoRA), so a window re-encoded by the base is exact only at a block start (``BLOCK``).
-      reads_budget: the document state carries a per-session budget (the TTT layer's gate).
+      reads_budget: the document state carries a per-session budget (the TTT layer's gate, LoRA's under ``learned_budget``).
       eot_id: the end-of-document token.
       chunk_flops: update FLOPs of one chunk closed while decoding.
       compilations: XLA compilations of the process since this runner was made.
@@ -259,9 +262,12 @@ class ModelRunner:
                  metrics: ServerMetrics):
         model = as_served_model(model)
         is_ttt = isinstance(model, TTTTransformerLM)
-        if not is_ttt and schedule.kind not in FIXED_SCHEDULES:
-            raise ValueError(f"{model.config.KIND} fast weights follow the schedules {', '.join(FIXED_SCHEDULES)} (the "
-                             f"learned gate is not wired to them), not {schedule.kind!r}: serve with --schedule update")
+        gated = isinstance(model, LoRALM) and model.gate is not None and schedule.kind in READ_SCHEDULES
+        if not is_ttt and schedule.kind not in FIXED_SCHEDULES and not gated:
+            more = " (and learned / learned_budget once `ponder train gate` has fitted its gate)" \
+                if isinstance(model, LoRALM) else ""
+            raise ValueError(f"{model.config.KIND} fast weights follow the schedules {', '.join(FIXED_SCHEDULES)}{more}, "
+                             f"not {schedule.kind!r}: serve with --schedule update")
         self.model, self.slots, self.max_new_tokens, self.schedule = model, slots, max_new_tokens, schedule
         self.metrics = metrics
         graphdef, params = nnx.split(model)
@@ -274,7 +280,7 @@ class ModelRunner:
         self.static, self.params = _Model(graphdef, treedef), leaves
         self.base_config = model.config.base
         self.chunk = chunk_size(model)
-        self.fast_keys, self.reads_budget = not is_ttt, is_ttt
+        self.fast_keys, self.reads_budget = not is_ttt, is_ttt or (gated and schedule.kind == "learned_budget")
         self.W = self.base_config.n_positions
         if BLOCK % self.chunk or self.W - max_new_tokens - BLOCK < 0:
             raise ValueError(

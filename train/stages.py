@@ -21,6 +21,9 @@
   gating network is frozen; the gate (``GateConfig.output = "value"``)
   learns to predict, from the features of the chunk before, what updating a
   chunk is worth: its CE gain in nats/token (docs/design.md, "Gating").
+* ``ReadGateStage`` (``ponder train gate`` of a LoRA checkpoint): only the
+  read gate (``model.read_gate``) trains, on what updating each chunk is
+  worth to the tokens after it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from ponder.model.gating import Schedule
@@ -228,6 +232,70 @@ class ValueGateStage(TTTStage):
         base = _gpt_flops_per_token(model.base.config, min(self.seq_len, self.window or self.seq_len)) / 3
         ttt = sum(2 * 4 * D * D + layer.update_flops(self.chunk) / self.chunk for layer in model.ttt)
         return 3 * (base + ttt + 2 * D * V)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadGateStage:
+    """Regression of LoRA's read gate on what updating each chunk is worth (``ponder train gate``).
+
+    Each row is read with lam = ``at`` on every chunk, the read features
+    (``model.read_gate``) computed along. A chunk's worth is
+    -d(summed next-token loss of the rest of its document piece)/d(lam of the
+    chunk) (``train.evaluate.update_value``'s measure, one backward pass),
+    divided by the scored tokens after the chunk in the piece, in millinats per
+    later token: what the update does for each token it reaches, whatever the
+    row leaves of the document. Chunks with fewer than ``min_after`` scored
+    tokens after them in their piece are left out (their measure is cut short
+    by the row's end). The loss is the Huber loss of ``gate.score`` (quadratic
+    within ``delta`` millinats, linear beyond): the worth has heavy tails (a
+    few chunks worth a hundred times the typical one), which a squared error
+    would fit at the expense of ranking the rest, and ranking is what a budget reads.
+    """
+
+    seq_len: int
+    chunk: int
+    at: float = 0.5
+    min_after: int = 128
+    delta: float = 1.0
+    name: str = "gate"
+    validation: str = "value_loss"
+    trainable: object = nnx.All(nnx.Param, nnx.PathContains("gate"))
+
+    @property
+    def align(self) -> int:
+        return self.chunk
+
+    def loss(self, model, batch: Batch):
+        B, T = batch.tokens.shape
+        n, C = T // self.chunk, self.chunk
+        scored = jnp.pad(loss_mask(batch.segment_ids, batch.real), ((0, 0), (1, 0))).astype(jnp.float32)  # [B, T]: token t
+
+        def summed_loss(lam):
+            out = model(batch.tokens, batch.positions, Schedule("update"), segment_ids=batch.segment_ids,
+                        chunk_lambda=lam, features=True)
+            logits = out.logits[:, :-1].astype(jnp.float32)
+            nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch.tokens[:, 1:, None], -1)[..., 0]
+            return (nll * scored[:, 1:]).sum(), out.features
+
+        grad, features = jax.grad(summed_loss, has_aux=True)(jnp.full((B, n), self.at, jnp.float32))
+        piece = batch.segment_ids[:, ::C]  # [B, n] each chunk's piece (pieces start on chunk boundaries)
+        later = (jnp.arange(T)[None, None] >= (jnp.arange(n)[:, None] + 1) * C)[None]  # [1, n, T]
+        after = (later & (batch.segment_ids[:, None] == piece[..., None])) * scored[:, None]  # [B, n, T]
+        after = after.sum(-1)
+        worth = jax.lax.stop_gradient(-1e3 * grad / jnp.maximum(after, 1.0))  # [B, n] millinats per later token
+        score = model.gate.score(jax.lax.stop_gradient(features).reshape(B * n, -1)).reshape(B, n)
+        kept = (after >= self.min_after).astype(jnp.float32)
+        count = jnp.maximum(kept.sum(), 1.0)
+        loss = (optax.losses.huber_loss(score, worth, delta=self.delta) * kept).sum() / count
+        centred = lambda a: (a - (a * kept).sum() / count) * kept
+        correlation = (centred(score) * centred(worth)).sum() / jnp.sqrt(
+            jnp.square(centred(score)).sum() * jnp.square(centred(worth)).sum() + 1e-12)
+        return loss, {"value_loss": loss, "mean_worth": (worth * kept).sum() / count,
+                      "score_worth_correlation": correlation, "chunks": kept.sum()}
+
+    def tokens_flops(self, model) -> float:
+        # A LoRA stage-2 step's work (a forward through the updates and its backward); the gate is negligible.
+        return LoRAStage(self.seq_len, self.chunk).tokens_flops(model)
 
 
 def _chunk_losses(logits, batch: Batch, chunk: int):
