@@ -29,8 +29,9 @@ chunk's pending update (``InPlaceState.acc`` and ``z_last``).
 
 Schedules: lam per chunk comes from ``skip``, ``update``, ``fixed`` or
 ``random`` (``Schedule``), or from ``chunk_lambda``; a chunk with lam = 0
-does no update work when no row of the batch updates it. The learned gate
-(which reads chunk features) is not wired to this kind yet.
+does no update work when no row of the batch updates it. No gate drives
+this kind: a lam chosen from chunk c's read (as LoRA's read gate does) would
+depend on every earlier lam, so the deltas could not be computed at once.
 """
 
 from __future__ import annotations

@@ -246,7 +246,8 @@ def _train_read_gate(args: argparse.Namespace) -> None:
     model.config = dataclasses.replace(config, gate=LoRALMConfig.read_gate(config.lora.chunk, args.gate_hidden))
     model.gate = GatingNetwork(model.config.gate, rngs=nnx.Rngs(args.seed))
     model.gate.out.bias[...] = 0.0 * model.gate.out.bias[...]  # the worth is small: the fit starts at 0
-    _train_run(args, ReadGateStage(seq_len=args.seq_len, chunk=config.lora.chunk), model, tokenizer)
+    stage = ReadGateStage(seq_len=args.seq_len, chunk=config.lora.chunk, min_after=args.min_after)
+    _train_run(args, stage, model, tokenizer)
 
 
 def _train_policy(args: argparse.Namespace) -> None:
@@ -272,7 +273,7 @@ def add_train_commands(commands) -> None:
     from ponder.model.ttt import TTTConfig
     from ponder.model.ttt_lm import TTTLMConfig
     from ponder.train.policy import PolicyConfig
-    from ponder.train.stages import TTTStage, ValueGateStage
+    from ponder.train.stages import ReadGateStage, TTTStage, ValueGateStage
     from ponder.train.trainer import TrainConfig
 
     train = commands.add_parser("train", help="build a corpus, train the base model or the TTT layer, plot a run")
@@ -372,6 +373,8 @@ def add_train_commands(commands) -> None:
     gate.add_argument("--min-rate", type=float, default=ValueGateStage.rates[0],
                       help="the random behaviour's update rate is drawn per row between --min-rate and --max-rate")
     gate.add_argument("--max-rate", type=float, default=ValueGateStage.rates[1])
+    gate.add_argument("--min-after", type=int, default=ReadGateStage.min_after,
+                      help="LoRA: a chunk counts when its piece has at least this many scored tokens after it")
     gate.set_defaults(run=_train_gate)
 
     policy = stages.add_parser("policy", help="stage 2c: the update policy (PPO-Lagrangian) for a trained TTT layer")

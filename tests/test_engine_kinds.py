@@ -4,7 +4,9 @@ Each kind runs on a small random model whose updates are live and capped
 often: the served tokens equal the model's own token-by-token decoding, a
 session reused across extensions, edits and window moves equals a cold
 start, capped updates reach the metrics, and what these kinds cannot do (a
-learned gate, a per-session budget) is refused by name.
+learned gate, a per-session budget, without LoRA's read gate) is refused by
+name. LoRA with a read gate is served under ``learned_budget`` with each
+session's budget.
 """
 
 import dataclasses
@@ -30,9 +32,13 @@ MAX_NEW = 64
 EVENT_TIMEOUT_S = 300  # a guard against a hang (a first compilation on a loaded machine), not a speed limit
 
 
-def lora_model():
-    config = LoRALMConfig(BASE, LoRAConfig(layers=2, rank=4, chunk=C, lr=2.0, clip=0.05), eot_id=0)
-    return LoRALM(config, rngs=nnx.Rngs(0))
+def lora_model(gate=False):
+    config = LoRALMConfig(BASE, LoRAConfig(layers=2, rank=4, chunk=C, lr=2.0, clip=0.05), eot_id=0,
+                          gate=LoRALMConfig.read_gate(C) if gate else None)
+    model = LoRALM(config, rngs=nnx.Rngs(0))
+    if gate:  # a score that varies from chunk to chunk
+        model.gate.out.kernel[...] = jax.random.normal(jax.random.key(1), model.gate.out.kernel.shape)
+    return model
 
 
 def inplace_model():
@@ -60,9 +66,9 @@ def _doc(n, seed=0):
     return [0, *np.resize(pattern, n - 1).tolist()]
 
 
-def _run(engine, tokens, session, max_new=8):
+def _run(engine, tokens, session, max_new=8, update_rate=None):
     """Submits a greedy job and collects ``(tokens, chunk lambdas, done event)``."""
-    job = Job("", session, None, list(tokens), max_new)
+    job = Job("", session, None, list(tokens), max_new, update_rate=update_rate)
     engine.submit(job)
     out, lambdas = [], []
     while not isinstance(event := job.next_event(timeout=EVENT_TIMEOUT_S), DoneEvent):
@@ -71,10 +77,10 @@ def _run(engine, tokens, session, max_new=8):
     return out, lambdas, event
 
 
-def _greedy_by_steps(model, prompt, n):
+def _greedy_by_steps(model, prompt, n, schedule=Schedule("update")):
     """The model's own decoding: every token through ``step`` from a fresh state, then ``n`` greedy tokens."""
-    step = nnx.jit(lambda m, t, p, c, s: m.step(t, p, c, s, Schedule("update")))
-    cache, state, out = KVCache.init(BASE, 1), model.init_state(1), []
+    step = nnx.jit(lambda m, t, p, c, s: m.step(t, p, c, s, schedule))
+    cache, state, out = KVCache.init(BASE, 1), model.init_state(1, schedule), []
     tokens = list(prompt)
     for position in range(len(prompt) + n - 1):
         logits, cache, state = step(model, jnp.asarray([tokens[position]]), jnp.asarray([position]), cache, state)
@@ -133,8 +139,42 @@ def test_a_budget_and_the_learned_gate_are_refused_by_name(served):
     model, engine = served
     with pytest.raises(RequestError, match=f"update_rate.*{model.config.KIND} fast weights"):
         engine.submit(Job("", "budget", None, [0, 1, 2], 4, update_rate=0.5))
-    with pytest.raises(ValueError, match="learned gate is not wired.*--schedule update"):
+    with pytest.raises(ValueError, match="follow the schedules.*not 'learned': serve with --schedule update"):
         Engine(model, EngineConfig(slots=1, max_new_tokens=MAX_NEW))
+
+
+@pytest.fixture(scope="module")
+def gated():
+    model = lora_model(gate=True)
+    engine = Engine(model, EngineConfig(slots=2, max_new_tokens=MAX_NEW, queue_size=4, snapshots=4,
+                                        schedule=Schedule("learned_budget", rate=0.5)))
+    engine.start()
+    yield model, engine
+    engine.stop(drain_s=1)
+
+
+def test_a_gated_lora_serves_its_own_decoding_under_each_sessions_budget(gated):
+    model, engine = gated
+    prompt = _doc(70, seed=3)
+    chosen = {}
+    for rate in (0.0, 0.5, 1.0):
+        got, lambdas, _ = _run(engine, prompt, session=f"gated-{rate}", max_new=20, update_rate=rate)
+        assert got == _greedy_by_steps(model, prompt, 20, Schedule("learned_budget", rate=rate)), rate
+        chosen[rate] = lambdas
+    assert set(chosen[0.0]) == {0.0} and set(chosen[1.0]) == {1.0} and set(chosen[0.5]) == {0.0, 1.0}
+
+
+def test_a_gated_sessions_reuse_equals_a_cold_start(gated):
+    _, engine = gated
+    doc = _doc(600, seed=2)
+    steps = [doc[:40], doc[:41], doc[:100], doc[:90] + [7, 8, 9], doc[:300], doc[:600]]
+    for i, prompt in enumerate(steps):
+        warm, _, _ = _run(engine, prompt, session="gated-reuse", update_rate=0.3)
+        cold, _, _ = _run(engine, prompt, session=f"gated-cold-{i}", update_rate=0.3)
+        assert warm == cold, f"step {i} ({len(prompt)} tokens)"
+        warm_doc, cold_doc = (engine.sessions.get("", name).doc for name in ("gated-reuse", f"gated-cold-{i}"))
+        for a, b in zip(jax.tree.leaves(warm_doc), jax.tree.leaves(cold_doc)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"step {i}")
 
 
 def test_the_lambda_viewer_shows_each_kind(served, bundled_tokenizer):

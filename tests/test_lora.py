@@ -231,6 +231,21 @@ def test_pulse_training_and_eval_through_the_cli(tmp_path, tiny_corpus_and_base)
     assert table["VALUE@0.5"]["updated"] == 0.5
     assert table["SKIP"]["tokens"] == 2 * 63 and table["UPDATE_2"]["ce"] != table["SKIP"]["ce"]
 
+    # `ponder train gate`: a read gate regressed on what each chunk's update is worth; A0 stays.
+    assert ponder_cli.main(["train", "gate", "--init-from", str(run / "final"), "--corpus", str(data), "--run-dir",
+                            str(tmp_path / "gate"), "--steps", "2", "--batch-size", "1", "--seq-len", "64",
+                            "--min-after", "16", "--lr", "0.01", "--warmup", "1", "--eval-every", "2",
+                            "--eval-batches", "1", "--no-progress"]) == 0
+    gated, _ = checkpoint.load(tmp_path / "gate" / "final")
+    np.testing.assert_array_equal(gated.A0[...], model.A0[...])
+    fresh_gate = LoRALM(gated.config, rngs=nnx.Rngs(0), base=base).gate  # the run's seed; its bias set to 0
+    assert not np.allclose(gated.gate.hidden.kernel[...], fresh_gate.hidden.kernel[...])  # the gate trained
+    assert ponder_cli.main(["eval", "--checkpoint", str(tmp_path / "gate" / "final"), "--corpus", str(data), "--out",
+                            str(tmp_path / "eval-gated"), "--window", "16", "--min-tokens", "64", "--max-tokens", "64",
+                            "--max-documents", "2", "--rate", "0.5", "--lines-per-file", "0"]) == 0
+    table = json.loads((tmp_path / "eval-gated" / "eval-lora.json").read_text())
+    assert {"LEARNED", "LEARNED_BUDGET@0.5"} <= set(table) and 0 < table["LEARNED_BUDGET@0.5"]["updated"] < 1
+
 
 def test_update_value_is_the_window_loss_gradient_by_lam():
     """train.evaluate.update_value: -d(window loss)/d(lam_c), against central differences of the chunked forward."""

@@ -247,9 +247,12 @@ class ReadGateStage:
     row leaves of the document. Chunks with fewer than ``min_after`` scored
     tokens after them in their piece are left out (their measure is cut short
     by the row's end). The loss is the Huber loss of ``gate.score`` (quadratic
-    within ``delta`` millinats, linear beyond): the worth has heavy tails (a
-    few chunks worth a hundred times the typical one), which a squared error
-    would fit at the expense of ranking the rest, and ranking is what a budget reads.
+    within ``delta`` millinats, linear beyond: the worth has heavy tails, a
+    few chunks worth a hundred times the typical one), plus the same loss of
+    both measured from their mean over the chunks of the same piece: a
+    budget ranks a document's chunks against each other, and the worth's
+    level varies far more from document to document than within one, which a
+    plain fit would spend itself on.
     """
 
     seq_len: int
@@ -279,19 +282,22 @@ class ReadGateStage:
 
         grad, features = jax.grad(summed_loss, has_aux=True)(jnp.full((B, n), self.at, jnp.float32))
         piece = batch.segment_ids[:, ::C]  # [B, n] each chunk's piece (pieces start on chunk boundaries)
-        later = (jnp.arange(T)[None, None] >= (jnp.arange(n)[:, None] + 1) * C)[None]  # [1, n, T]
+        later = jnp.arange(T)[None, None] >= (jnp.arange(n)[:, None] + 1) * C  # [1, n, T]
         after = (later & (batch.segment_ids[:, None] == piece[..., None])) * scored[:, None]  # [B, n, T]
         after = after.sum(-1)
         worth = jax.lax.stop_gradient(-1e3 * grad / jnp.maximum(after, 1.0))  # [B, n] millinats per later token
         score = model.gate.score(jax.lax.stop_gradient(features).reshape(B * n, -1)).reshape(B, n)
         kept = (after >= self.min_after).astype(jnp.float32)
         count = jnp.maximum(kept.sum(), 1.0)
-        loss = (optax.losses.huber_loss(score, worth, delta=self.delta) * kept).sum() / count
-        centred = lambda a: (a - (a * kept).sum() / count) * kept
+        same = (piece[:, :, None] == piece[:, None, :]) * kept[:, None, :]  # [B, n, n] kept chunks of the same piece
+        within = lambda a: a - (same * a[:, None, :]).sum(-1) / jnp.maximum(same.sum(-1), 1.0)
+        huber = lambda a, b: (optax.losses.huber_loss(a, b, delta=self.delta) * kept).sum() / count
+        loss = huber(score, worth) + huber(within(score), within(worth))
+        centred = lambda a: within(a) * kept
         correlation = (centred(score) * centred(worth)).sum() / jnp.sqrt(
             jnp.square(centred(score)).sum() * jnp.square(centred(worth)).sum() + 1e-12)
         return loss, {"value_loss": loss, "mean_worth": (worth * kept).sum() / count,
-                      "score_worth_correlation": correlation, "chunks": kept.sum()}
+                      "correlation_within_pieces": correlation, "chunks": kept.sum()}
 
     def tokens_flops(self, model) -> float:
         # A LoRA stage-2 step's work (a forward through the updates and its backward); the gate is negligible.
