@@ -16,7 +16,9 @@ Medians after warm-up, same process.
 weights, with their default configs (In-Place TTT: the top block's W_down,
 chunks of 64; LoRA: adapters on Q, V and the MLP of every block of `tiny`,
 chunks of 16, one SGD step per chunk): prefill and decode at SKIP and
-UPDATE_1 against the same base timings, timed in the same rounds.
+UPDATE_1 against the same base timings, timed in the same rounds; LoRA also
+under its read gate (random weights) at a 50% budget, which scores every
+token of a chunk read (the in-chunk loss and entropy over the vocabulary).
 
 ``--preset gpt2`` runs all of it on a random base of GPT-2 small's shape
 (124M, vocab 8192) instead of `tiny`.
@@ -48,6 +50,7 @@ from ponder.model.ttt_lm import TTTLMConfig, TTTTransformerLM
 
 HALF = Schedule("random", rate=0.5, seed=0)  # every other chunk on average, skipped chunks skip for real
 GATED = Schedule("threshold", rate=0.5)  # a gate that reads the chunk features (base CE/entropy, TTT losses)
+BUDGET = Schedule("learned_budget", rate=0.5)  # LoRA's read gate (model.read_gate) at a 50% budget
 
 
 class FastWeights:
@@ -60,10 +63,15 @@ class FastWeights:
             # W_target starts at zero (every update would be zero work of the same cost); make it non-zero anyway.
             self.model.W_target[...] = jnp.full(self.model.W_target.shape, 1e-3)
         else:
-            config = LoRALMConfig(base.config, LoRAConfig(layers=min(LoRAConfig.layers, base.config.n_layer)))
+            lora = LoRAConfig(layers=min(LoRAConfig.layers, base.config.n_layer))
+            config = LoRALMConfig(base.config, lora, gate=LoRALMConfig.read_gate(lora.chunk))
             self.model = LoRALM(config, rngs=nnx.Rngs(0), base=base)
+            # A read gate whose score varies from chunk to chunk (an untrained one scores every chunk alike).
+            self.model.gate.out.kernel[...] = jax.random.normal(jax.random.key(1), self.model.gate.out.kernel.shape)
         self.graphdef, self.state = nnx.split(self.model)
         self.schedules = {"skip": Schedule("skip"), "update": Schedule("update")}
+        if kind == "lora":
+            self.schedules["budget"] = BUDGET
         self.forward = {name: jax.jit(lambda s, t, p, sch=sch: nnx.merge(self.graphdef, s)(t, p, sch).logits)
                         for name, sch in self.schedules.items()}
         self.step = {name: jax.jit(lambda s, *a, sch=sch: nnx.merge(self.graphdef, s).step(*a, sch), donate_argnums=(3, 4))
@@ -74,7 +82,7 @@ class FastWeights:
 
     def decode(self, name, tokens, positions):
         def run():
-            cache, doc = KVCache.init(self.model.config.base, 1, 512), self.model.init_state(1)
+            cache, doc = KVCache.init(self.model.config.base, 1, 512), self.model.init_state(1, self.schedules[name])
             for i in range(tokens.shape[1]):
                 logits, cache, doc = self.step[name](self.state, tokens[:, i], positions[:, i], cache, doc)
             logits.block_until_ready()
@@ -119,7 +127,7 @@ def main() -> None:
             "half": lambda: update_half(state, tokens, positions).logits.block_until_ready(),
             "gated": lambda: update_gated(state, tokens, positions).logits.block_until_ready(),
             **{f"{kind}:{name}": other.prefill(name, tokens, positions)
-               for kind, other in others.items() for name in ("skip", "update")},
+               for kind, other in others.items() for name in other.schedules},
         },
         args.runs,
     )
@@ -156,7 +164,7 @@ def main() -> None:
             "half": ttt_decoder(HALF),
             "gated": ttt_decoder(GATED),
             **{f"{kind}:{name}": other.decode(name, tokens[:, :n], positions[:, :n])
-               for kind, other in others.items() for name in ("skip", "update")},
+               for kind, other in others.items() for name in other.schedules},
         },
         args.runs,
     )
@@ -197,7 +205,7 @@ def main() -> None:
           f"threshold gate ({100 * gated_decode_rate:.0f}%) {results['ttt_gated_decode_ms_per_token']:.2f} ms -> "
           f"{results['decode_ratio_gated']:.2f}x")
     for kind in kinds:
-        for name in ("skip", "update"):
+        for name in others[kind].schedules:
             key = f"{kind}:{name}"
             results[f"{kind}_{name}_prefill_ratio"] = prefill[key] / base_prefill
             results[f"{kind}_{name}_decode_ms_per_token"] = 1e3 * decode[key] / n
@@ -207,6 +215,9 @@ def main() -> None:
               f"{results[f'{kind}_skip_decode_ms_per_token']:.2f} ms -> {results[f'{kind}_skip_decode_ratio']:.2f}x, "
               f"UPDATE_1 {results[f'{kind}_update_decode_ms_per_token']:.2f} ms -> "
               f"{results[f'{kind}_update_decode_ratio']:.2f}x the base")
+        if "budget" in others[kind].schedules:
+            print(f"{kind} under its read gate at a 50% budget: prefill {results[f'{kind}_budget_prefill_ratio']:.2f}x, "
+                  f"decode {results[f'{kind}_budget_decode_ratio']:.2f}x the base")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
