@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from ponder.model.config import GPTConfig
+from ponder.model.document import initial_state
 from ponder.model.gating import Schedule
 from ponder.model.generate import SamplingParams, stream_ttt_tokens
 from ponder.model.gpt2 import KVCache
@@ -80,7 +81,7 @@ def _run(engine, tokens, session, max_new=8, update_rate=None):
 def _greedy_by_steps(model, prompt, n, schedule=Schedule("update")):
     """The model's own decoding: every token through ``step`` from a fresh state, then ``n`` greedy tokens."""
     step = nnx.jit(lambda m, t, p, c, s: m.step(t, p, c, s, schedule))
-    cache, state, out = KVCache.init(BASE, 1), model.init_state(1, schedule), []
+    cache, state, out = KVCache.init(BASE, 1), initial_state(model, 1, schedule), []
     tokens = list(prompt)
     for position in range(len(prompt) + n - 1):
         logits, cache, state = step(model, jnp.asarray([tokens[position]]), jnp.asarray([position]), cache, state)
