@@ -120,12 +120,9 @@ def close_chunk(gate: GatingNetwork | None, schedule: Schedule, read: ReadState,
     features = read_features(read.features, stats, end)
     C = tokens.shape[1]
     index = end // C - 1  # [B] the chunk's number in the document
-    if gate is None:
-        score = jnp.zeros(end.shape, jnp.float32)
-        if given is None:
-            raise ValueError(f"schedule {schedule.kind!r} needs a gate: this checkpoint has none (fit one with `ponder train gate`)")
-    else:
-        score = gate.score(features)
+    if gate is None and given is None:
+        raise ValueError(f"schedule {schedule.kind!r} needs a gate: this checkpoint has none (fit one with `ponder train gate`)")
+    score = jnp.zeros(end.shape, jnp.float32) if gate is None else gate.score(features)
     if given is not None:
         lam = given.astype(jnp.float32)
     elif schedule.kind == "learned":

@@ -215,9 +215,7 @@ class ValueGateStage(TTTStage):
         real = (weight > 0).astype(jnp.float32)
         loss = (jnp.square(score - gain) * real).sum() / jnp.maximum(real.sum(), 1.0)
         centred = lambda a: (a - (a * real).sum() / jnp.maximum(real.sum(), 1.0)) * real
-        correlation = (centred(score) * centred(gain)).sum() / jnp.sqrt(
-            jnp.square(centred(score)).sum() * jnp.square(centred(gain)).sum() + 1e-12
-        )
+        correlation = _correlation(centred(score), centred(gain))
         return loss, {
             "value_loss": loss,
             "ce": (updated_ce * weight).sum() / jnp.maximum(weight.sum(), 1.0),
@@ -293,15 +291,18 @@ class ReadGateStage:
         within = lambda a: a - (same * a[:, None, :]).sum(-1) / jnp.maximum(same.sum(-1), 1.0)
         huber = lambda a, b: (optax.losses.huber_loss(a, b, delta=self.delta) * kept).sum() / count
         loss = huber(score, worth) + huber(within(score), within(worth))
-        centred = lambda a: within(a) * kept
-        correlation = (centred(score) * centred(worth)).sum() / jnp.sqrt(
-            jnp.square(centred(score)).sum() * jnp.square(centred(worth)).sum() + 1e-12)
+        correlation = _correlation(within(score) * kept, within(worth) * kept)
         return loss, {"value_loss": loss, "mean_worth": (worth * kept).sum() / count,
                       "correlation_within_pieces": correlation, "chunks": kept.sum()}
 
     def tokens_flops(self, model) -> float:
         # A LoRA stage-2 step's work (a forward through the updates and its backward); the gate is negligible.
         return LoRAStage(self.seq_len, self.chunk).tokens_flops(model)
+
+
+def _correlation(x, y):
+    """Pearson correlation of two arrays already centred (and masked where they do not count)."""
+    return (x * y).sum() / jnp.sqrt(jnp.square(x).sum() * jnp.square(y).sum() + 1e-12)
 
 
 def _chunk_losses(logits, batch: Batch, chunk: int):
